@@ -1,0 +1,260 @@
+"""Plan and run enhancements: source region → tiles → engine → blended rows → sink, with provenance.
+
+This is the one workflow every front end calls (CLI, QuPath, OMERO scripts, scheduled jobs):
+:func:`plan` turns a selection into :class:`WorkItem` s with idempotency keys, and :func:`run_item`
+executes one, streaming rows so memory is bounded by a band of tiles, never by the region.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .engine.base import Engine
+from .errors import RegionError
+from .prompts import Task
+from .provenance import Provenance, idempotency_key
+from .sinks.base import OutputRef, OutputSpec, Sink
+from .sources.base import Annotation, ImageHandle, Region
+from .tiling import RowBlender, TileGrid, tile_seed
+
+log = logging.getLogger(__name__)
+
+#: progress(done_tiles, total_tiles) — the CLI passes a rich progress bar's update here
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of work: a region at a level, optionally the annotation it came from."""
+
+    level: int
+    region: Region
+    task: Task
+    seed: int = 0
+    annotation: Annotation | None = field(default=None, compare=False)
+
+    @property
+    def label(self) -> str:
+        if self.annotation is not None:
+            ident = self.annotation.name or self.annotation.id or "annotation"
+            cls = f"{self.annotation.class_name}: " if self.annotation.class_name else ""
+            return f"{cls}{ident}"
+        r = self.region
+        return f"level {self.level} ({r.x},{r.y},{r.width},{r.height})"
+
+
+@dataclass
+class EnhanceResult:
+    """The outcome of one work item: where the result is and how it was made."""
+
+    item: WorkItem
+    output: OutputRef
+    skipped: bool  # True when an identical earlier result was found and nothing was recomputed
+
+    @property
+    def provenance(self) -> Provenance:
+        return self.output.provenance
+
+
+def plan(handle: ImageHandle, task: Task, *, level: int = 0, region: Region | None = None,
+         annotations: Sequence[Annotation] | None = None, seed: int = 0) -> list[WorkItem]:
+    """Work items for the whole level, one region, or the bounding box of each annotation."""
+    if not 0 <= level < len(handle.levels):
+        raise RegionError(f"level {level} does not exist in {handle.name}",
+                          f"choose a level from 0 to {len(handle.levels) - 1}")
+    if annotations is not None:
+        items = []
+        lv = handle.levels[level]
+        for ann in annotations:
+            box = ann.bounds_region(lv.downsample)
+            x0, y0 = max(0, box.x), max(0, box.y)
+            x1, y1 = min(lv.width, box.x + box.width), min(lv.height, box.y + box.height)
+            if x1 <= x0 or y1 <= y0:
+                raise RegionError(f"annotation {ann.name or ann.id} lies outside {handle.name}",
+                                  "check that the annotations belong to this image")
+            items.append(WorkItem(level, Region(x0, y0, x1 - x0, y1 - y0), task, seed, ann))
+        return items
+    region = region or handle.full_region(level)
+    handle.check_region(level, region)
+    return [WorkItem(level, region, task, seed)]
+
+
+def source_record(handle: ImageHandle, item: WorkItem) -> dict[str, Any]:
+    """The provenance ``source`` block of one work item."""
+    rec: dict[str, Any] = {
+        "system": handle.system,
+        "uri": handle.uri,
+        "name": handle.name,
+        "fingerprint": handle.fingerprint(),
+        "level": item.level,
+        "downsample": handle.levels[item.level].downsample,
+        "region": list(item.region.as_tuple()),
+        "mpp": list(handle.level_mpp(item.level)) if handle.mpp else None,
+        "channels": handle.channel_names,
+        "dtype": str(np.dtype(handle.dtype)),
+    }
+    extra_id = getattr(handle, "source_id", None)
+    if extra_id is not None:
+        rec["id"] = extra_id
+    if item.annotation is not None:
+        ann = item.annotation
+        rec["annotation"] = {"id": ann.id, "name": ann.name, "class": ann.class_name, "source": ann.source,
+                             "wkt": ann.geometry.wkt if ann.geometry is not None else None}
+    return rec
+
+
+def output_name(handle: ImageHandle, task: Task, item: WorkItem) -> str:
+    """``<image> [lpfm sr×2]``, with the annotation named when there is one."""
+    suffix = f" {item.annotation.class_name or ''} {item.annotation.name or item.annotation.id or ''}".rstrip() \
+        if item.annotation is not None else ""
+    return f"{handle.name}{suffix} [lpfm {task.label}]"
+
+
+def key_for(handle: ImageHandle, item: WorkItem, engine: Engine, tiling: dict[str, int]) -> str:
+    identity = {"system": handle.system, "fingerprint": handle.fingerprint()}
+    region = {"level": item.level, "region": list(item.region.as_tuple()),
+              "annotation": item.annotation.id if item.annotation is not None else None}
+    return idempotency_key(identity, region, item.task.to_dict(), {**engine.describe(), "tiling": tiling},
+                           item.seed)
+
+
+def _max_value(dtype: np.dtype) -> float:
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        return float(np.iinfo(dtype).max)
+    return 1.0
+
+
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """Pixels of any integer type → float32 in [0, 1] (floats are passed through)."""
+    if pixels.dtype.kind == "f":
+        return pixels.astype(np.float32, copy=False)
+    return pixels.astype(np.float32) / _max_value(pixels.dtype)
+
+
+def from_float(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 in [0, 1] → ``dtype`` with rounding and clipping."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return pixels.astype(dtype)
+    m = _max_value(dtype)
+    return np.clip(np.floor(pixels * m + 0.5), 0, m).astype(dtype)
+
+
+def _overview(handle: ImageHandle, item: WorkItem, max_pixels: int = 2048 * 2048) -> np.ndarray:
+    """The region read at a coarse enough level to hold at most ``max_pixels`` (for engine.prepare)."""
+    lv0 = handle.levels[item.level]
+    r = item.region
+    target = max(1.0, (r.width * r.height / max_pixels) ** 0.5)
+    abs_ds = lv0.downsample * target
+    level = max(item.level, handle.best_level_for_downsample(abs_ds))
+    f = lv0.downsample / handle.levels[level].downsample
+    lv = handle.levels[level]
+    x, y = int(r.x * f), int(r.y * f)
+    w = max(1, min(lv.width - x, round(r.width * f)))
+    h = max(1, min(lv.height - y, round(r.height * f)))
+    img = to_float(handle.read_region(level, x, y, w, h))
+    step = max(1, int(np.ceil((w * h / max_pixels) ** 0.5)))
+    return img[::step, ::step]
+
+
+def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *, tile_size: int | None = None,
+             overlap: int | None = None, force: bool = False, samples_uncertainty: bool = False,
+             progress: ProgressFn | None = None) -> EnhanceResult:
+    """Enhance one work item into ``sink``; skip it when an identical result already exists."""
+    task = item.task
+    engine.check(task, handle.channel_names)
+    tile = tile_size or engine.tile_size
+    ovl = engine.overlap if overlap is None else overlap
+    if not 0 <= ovl < tile:
+        raise RegionError(f"overlap {ovl} must be smaller than the tile size {tile}", "lower --overlap")
+    tiling = {"tile": tile, "overlap": ovl}
+    key = key_for(handle, item, engine, tiling)
+    name = output_name(handle, task, item)
+    if not force:
+        found = sink.find(key, name)
+        if found is not None:
+            log.info("skipping %s: already done as %s", item.label, found.uri)
+            return EnhanceResult(item, found, skipped=True)
+
+    channels_out = engine.output_channels(task, handle.channel_names)
+    same_kind = len(channels_out) == len(handle.channel_names)
+    out_dtype = np.dtype(handle.dtype) if same_kind else np.dtype(np.uint8)
+    mpp_in = handle.level_mpp(item.level)
+    mpp_out = (mpp_in[0] / task.scale, mpp_in[1] / task.scale) if mpp_in else None
+    s = task.scale
+    spec = OutputSpec(name=name, width=item.region.width * s, height=item.region.height * s,
+                      channel_names=channels_out, dtype=out_dtype, mpp=mpp_out, uncertainty=samples_uncertainty)
+    source = source_record(handle, item)
+
+    t_start = time.perf_counter()
+    engine.prepare(task, _overview(handle, item))
+    grid = TileGrid(item.region.width, item.region.height, tile, ovl)
+    blender = RowBlender(grid, s, len(channels_out))
+    in_hash, out_hash = hashlib.sha256(), hashlib.sha256()
+    engine_seconds = 0.0
+    done = 0
+    total = len(grid)
+    r = item.region
+
+    def read_band(row: int) -> np.ndarray:
+        return handle.read_region(item.level, r.x, r.y + grid.ys[row], r.width, grid.tile_height)
+
+    hashed_to = 0  # input rows already hashed (region coordinates)
+    with sink.open(spec, key, source) as writer, ThreadPoolExecutor(1, thread_name_prefix="lpfm-read") as pool:
+        future = pool.submit(read_band, 0)
+        for row in range(grid.n_rows):
+            band = future.result()
+            if row + 1 < grid.n_rows:
+                future = pool.submit(read_band, row + 1)  # prefetch the next band while the engine runs
+            y = grid.ys[row]
+            if y + band.shape[0] > hashed_to:
+                in_hash.update(np.ascontiguousarray(band[hashed_to - y :]).tobytes())
+                hashed_to = y + band.shape[0]
+            fband = to_float(band)
+            tiles = grid.row(row)
+            bs = max(1, engine.batch_size)
+            for b in range(0, len(tiles), bs):
+                batch = tiles[b : b + bs]
+                stack = np.stack([fband[:, t.x : t.x + t.width] for t in batch])
+                seeds = [tile_seed(item.seed, item.level, r.x + t.x, r.y + t.y) for t in batch]
+                t0 = time.perf_counter()
+                result = engine.process(stack, task, seeds)
+                engine_seconds += time.perf_counter() - t0
+                for i, t in enumerate(batch):
+                    unc = result.uncertainty[i] if result.uncertainty is not None else None
+                    blender.add(t, result.pixels[i], unc)
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
+            rows, unc_rows = blender.release(row)
+            out_rows = from_float(rows, out_dtype)
+            out_hash.update(np.ascontiguousarray(out_rows).tobytes())
+            if samples_uncertainty and unc_rows is None:
+                unc_rows = np.zeros(rows.shape[:2] + (1,), np.float32)
+            writer.write_rows(out_rows, unc_rows if samples_uncertainty else None)
+        total_seconds = time.perf_counter() - t_start
+        prov = Provenance(
+            source=source,
+            prompt=task.prompt,
+            task=task.to_dict(),
+            engine=engine.describe(),
+            seed=item.seed,
+            idempotency_key=key,
+            tiling={**tiling, "scale": s, "tiles": total},
+            output={"name": name, "shape": [spec.height, spec.width, len(channels_out)],
+                    "dtype": str(out_dtype), "channels": channels_out, "mpp": list(mpp_out) if mpp_out else None},
+            input_sha256=in_hash.hexdigest(),
+            output_sha256=out_hash.hexdigest(),
+            durations={"total_s": round(total_seconds, 4), "engine_s": round(engine_seconds, 4)},
+        )
+        ref = writer.commit(prov)
+    return EnhanceResult(item, ref, skipped=False)

@@ -1,0 +1,124 @@
+"""The provenance record that travels with every output.
+
+One :class:`Provenance` is serialised to JSON (sidecar), into OME-XML (a MapAnnotation), as OMERO
+key-value pairs and as QuPath entry metadata. :func:`idempotency_key` hashes what determines the
+pixels, so re-running the same plan is recognised and skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any
+
+from ._version import __version__
+
+SCHEMA = "lpfm-toolkit/provenance/v1"
+NAMESPACE = "lpfm-toolkit/provenance"
+
+# Keys whose values must never be written anywhere (defence in depth: nothing should put them here).
+_SECRET_WORDS = ("password", "passwd", "secret", "session_key", "sessionkey", "token")
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def idempotency_key(source: dict[str, Any], region: dict[str, Any], task: dict[str, Any],
+                    engine: dict[str, Any], seed: int) -> str:
+    """sha256 over what determines the output: source identity, region, task, model + sampler, seed.
+
+    The raw prompt text is left out: "sr x2" and "super-resolve by 2" are the same work.
+    """
+    task = {k: v for k, v in task.items() if k != "prompt"}
+    payload = {"source": source, "region": region, "task": task, "engine": engine, "seed": seed}
+    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+
+
+def package_versions(names: tuple[str, ...] = ("numpy", "tifffile", "scikit-image", "torch", "diffusers",
+                                                "openslide-python", "omero-py", "paquo")) -> dict[str, str]:
+    """Installed versions of the packages that can influence pixels (absent ones are omitted)."""
+    out = {"lpfm-toolkit": __version__, "python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def scrub(obj: Any) -> Any:
+    """Drop any key that names a secret, recursively."""
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items() if not any(w in str(k).lower() for w in _SECRET_WORDS)}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+@dataclass
+class Provenance:
+    """Everything needed to trace and reproduce one output."""
+
+    source: dict[str, Any]  # system, uri, name, fingerprint, level, region [x,y,w,h], annotation, mpp
+    prompt: str
+    task: dict[str, Any]
+    engine: dict[str, Any]  # name, model, model_sha256, method, sampler, steps, samples, device, dtype
+    seed: int
+    idempotency_key: str
+    tiling: dict[str, Any] = field(default_factory=dict)  # tile, overlap, scale
+    output: dict[str, Any] = field(default_factory=dict)  # uri, shape, dtype, mpp, levels, channels
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+    durations: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=package_versions)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return scrub(asdict(self))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Provenance:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> Provenance:
+        return cls.from_dict(json.loads(text))
+
+    def summary(self) -> dict[str, str]:
+        """Flat string key-value pairs for OMERO MapAnnotations, OME MapAnnotations and QuPath metadata."""
+        region = self.source.get("region")
+        pairs = {
+            "lpfm.schema": self.schema,
+            "lpfm.version": self.versions.get("lpfm-toolkit", ""),
+            "lpfm.created": self.created,
+            "lpfm.source.system": str(self.source.get("system", "")),
+            "lpfm.source.uri": str(self.source.get("uri", "")),
+            "lpfm.source.id": str(self.source.get("id", "")),
+            "lpfm.source.level": str(self.source.get("level", "")),
+            "lpfm.source.region": ",".join(str(v) for v in region) if region else "",
+            "lpfm.source.annotation": str(self.source.get("annotation") or ""),
+            "lpfm.prompt": self.prompt,
+            "lpfm.task": self.task.get("kind", ""),
+            "lpfm.task.scale": str(self.task.get("scale", 1)),
+            "lpfm.engine": str(self.engine.get("name", "")),
+            "lpfm.model": str(self.engine.get("model") or ""),
+            "lpfm.model.sha256": str(self.engine.get("model_sha256") or ""),
+            "lpfm.sampler": str(self.engine.get("sampler") or self.engine.get("method") or ""),
+            "lpfm.steps": str(self.engine.get("steps", "")),
+            "lpfm.device": str(self.engine.get("device", "")),
+            "lpfm.seed": str(self.seed),
+            "lpfm.input.sha256": self.input_sha256 or "",
+            "lpfm.output.sha256": self.output_sha256 or "",
+            "lpfm.idempotency_key": self.idempotency_key,
+        }
+        return {k: v for k, v in pairs.items() if v != ""}

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from .engine.base import Engine
-from .errors import RegionError
-from .prompts import Task
-from .provenance import Provenance, idempotency_key
-from .sinks.base import OutputRef, OutputSpec, Sink
-from .sources.base import Annotation, ImageHandle, Region
-from .tiling import RowBlender, TileGrid, tile_seed
+from lpfm_toolkit.engine.base import Engine
+from lpfm_toolkit.errors import RegionError
+from lpfm_toolkit.prompts import Task
+from lpfm_toolkit.provenance import Provenance, idempotency_key
+from lpfm_toolkit.sinks.base import OutputRef, OutputSpec, Sink
+from lpfm_toolkit.sources.base import Annotation, ImageHandle, Region
+from lpfm_toolkit.tiling import RowBlender, TileGrid, tile_seed
 
 log = logging.getLogger(__name__)
 

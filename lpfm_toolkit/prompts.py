@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PromptError
+from lpfm_toolkit.errors import PromptError
 
 
 class TaskKind(str, enum.Enum):

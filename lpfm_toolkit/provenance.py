@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
-from ._version import __version__
+from lpfm_toolkit._version import __version__
 
 SCHEMA = "lpfm-toolkit/provenance/v1"
 NAMESPACE = "lpfm-toolkit/provenance"

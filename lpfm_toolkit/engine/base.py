@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TaskNotSupportedError
-from ..prompts import Task, TaskKind
+from lpfm_toolkit.errors import TaskNotSupportedError
+from lpfm_toolkit.prompts import Task, TaskKind
 
 
 @dataclass

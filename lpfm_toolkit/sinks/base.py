@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..provenance import Provenance
+from lpfm_toolkit.provenance import Provenance
 
 
 @dataclass(frozen=True)

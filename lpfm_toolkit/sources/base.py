@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RegionError
+from lpfm_toolkit.errors import RegionError
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class ImageHandle(abc.ABC):
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """A small view of the whole image read from the coarsest level that is large enough."""
-        from ..imageops import resize  # local: keeps handles free of scikit-image at import
+        from lpfm_toolkit.imageops import resize  # local: keeps handles free of scikit-image at import
 
         level = len(self.levels) - 1
         for i, lv in enumerate(self.levels):

@@ -1,1 +1,57 @@
-"""engine."""
+"""Engines: the classical baselines (no weights), the learned LPFM model, and an identity engine for tests.
+
+``get_engine(name, **options)`` is the one entry point; importing this package imports no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lpfm_toolkit.engine.base import Engine, EngineOutput, IdentityEngine
+from lpfm_toolkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "lpfm", "classical", "identity")
+
+
+def default_engine_name() -> str:
+    """``lpfm`` when the shipped default bundle is installed, else ``classical``."""
+    try:
+        from lpfm_toolkit.engine.lpfm import default_bundle_available
+    except ImportError:
+        return "classical"
+    return "lpfm" if default_bundle_available() else "classical"
+
+
+def get_engine(name: str = "auto", *, method: str | None = None, model: str | None = None,
+               device: str | None = None, steps: int | None = None, samples: int = 1,
+               trust_pickle: bool = False) -> Engine:
+    """An engine by name. ``auto`` means the learned model when ``model`` is given or the default bundle is there."""
+    if name == "auto":
+        name = "lpfm" if model else default_engine_name()
+    if name == "classical":
+        from lpfm_toolkit.engine.classical import ClassicalEngine
+
+        return ClassicalEngine(method=method)
+    if name == "identity":
+        return IdentityEngine()
+    if name == "lpfm":
+        try:
+            from lpfm_toolkit.engine.lpfm import LpfmEngine
+        except ImportError as exc:
+            from lpfm_toolkit.errors import MissingDependencyError
+
+            raise MissingDependencyError(f"the lpfm engine could not be loaded ({exc})",
+                                         "install torch and diffusers, or use --engine classical") from exc
+        return LpfmEngine.from_options(model=model, device=device, steps=steps, samples=samples,
+                                       trust_pickle=trust_pickle)
+    raise ConfigError(f"unknown engine {name!r}", f"use one of {', '.join(ENGINES)}")
+
+
+def engine_options_summary(engine: Engine) -> dict[str, Any]:
+    return engine.describe()
+
+
+__all__ = ["Engine", "EngineOutput", "IdentityEngine", "get_engine", "default_engine_name", "ENGINES"]

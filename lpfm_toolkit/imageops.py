@@ -1,0 +1,32 @@
+"""Small pixel operations shared by sources, sinks and engines (pure functions, numpy in/out)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def resize(img: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndarray:
+    """Resize ``(H, W[, C])`` to ``shape`` (H, W) with anti-aliasing, keeping the dtype."""
+    from skimage.transform import resize as _resize
+
+    out_shape = shape + img.shape[2:]
+    out = _resize(img, out_shape, order=order, anti_aliasing=order > 0 and shape[0] < img.shape[0],
+                  preserve_range=True)
+    if img.dtype.kind in "ui":
+        info = np.iinfo(img.dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(img.dtype)
+    return out.astype(img.dtype)
+
+
+def downsample2(img: np.ndarray) -> np.ndarray:
+    """Halve ``(H, W, C)`` by 2×2 mean (odd edges: the last row/column is averaged with itself)."""
+    h, w = img.shape[:2]
+    if h % 2:
+        img = np.concatenate([img, img[-1:]], axis=0)
+    if w % 2:
+        img = np.concatenate([img, img[:, -1:]], axis=1)
+    f = img.astype(np.float32)
+    out = 0.25 * (f[0::2, 0::2] + f[1::2, 0::2] + f[0::2, 1::2] + f[1::2, 1::2])
+    if img.dtype.kind in "ui":
+        return np.floor(out + 0.5).astype(img.dtype)
+    return out.astype(img.dtype)

@@ -1,0 +1,321 @@
+"""Local slides and images: OpenSlide (SVS, NDPI, MRXS, SCN, …), tifffile (OME-TIFF, plain TIFF), Pillow.
+
+All readers give the same :class:`~lpfm_toolkit.sources.base.ImageHandle` API. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lpfm_toolkit.errors import CorruptImageError, SlideNotFoundError, UnsupportedFormatError
+from lpfm_toolkit.sources.base import ImageHandle, Level
+
+log = logging.getLogger(__name__)
+
+OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff"}
+TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".tf2"}
+PILLOW_SUFFIXES = {".png", ".jpg", ".jpeg"}
+SUPPORTED = "SVS, NDPI, MRXS, SCN, BIF, OME-TIFF, TIFF, PNG, JPEG"
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 over the file's size, first and last MiB: cheap, and stable when the file is moved."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(-(1 << 20), 2)
+            h.update(fh.read(1 << 20))
+    return f"file-sha256-ends:{h.hexdigest()}"
+
+
+class _FileHandle(ImageHandle):
+    system = "file"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def uri(self) -> str:
+        return str(self.path.resolve())
+
+    @property
+    def name(self) -> str:
+        name = self.path.name
+        for suffix in (".ome.tiff", ".ome.tif"):
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return self.path.stem
+
+    def fingerprint(self) -> str:
+        return file_fingerprint(self.path)
+
+
+class OpenSlideHandle(_FileHandle):
+    """A slide read through OpenSlide (RGB, uint8; transparent areas composited on white)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import openslide
+
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise UnsupportedFormatError(f"{path.name} is not a format OpenSlide reads", f"supported: {SUPPORTED}") \
+                from exc
+        except openslide.OpenSlideError as exc:
+            raise CorruptImageError(f"{path.name} could not be opened: {exc}", "the file may be truncated or damaged; "
+                                    "copy it again from its source") from exc
+        self._levels = [Level(int(w), int(h), float(ds)) for (w, h), ds in
+                        zip(self._slide.level_dimensions, self._slide.level_downsamples)]
+        props = self._slide.properties
+        try:
+            self._mpp: tuple[float, float] | None = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
+        except (KeyError, ValueError):
+            self._mpp = None
+        self.vendor = props.get("openslide.vendor", "")
+
+    @property
+    def levels(self) -> list[Level]:
+        return self._levels
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    @property
+    def channel_names(self) -> list[str]:
+        return ["R", "G", "B"]
+
+    @property
+    def mpp(self) -> tuple[float, float] | None:
+        return self._mpp
+
+    def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        import openslide
+
+        ds = self._levels[level].downsample
+        try:
+            rgba = np.asarray(self._slide.read_region((round(x * ds), round(y * ds)), level, (width, height)))
+        except openslide.OpenSlideError as exc:
+            raise CorruptImageError(f"reading {self.path.name} failed: {exc}",
+                                    "the file may be truncated or damaged; copy it again from its source") from exc
+        alpha = rgba[:, :, 3:4].astype(np.uint16)
+        rgb = rgba[:, :, :3].astype(np.uint16)
+        # OpenSlide returns premultiplied RGBA; transparent (no tissue scanned) becomes white.
+        return (rgb + (255 - alpha)).clip(0, 255).astype(np.uint8)
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["reader"] = "openslide"
+        out["vendor"] = self.vendor
+        return out
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class TiffHandle(_FileHandle):
+    """OME-TIFF (pyramids in SubIFDs), plain tiled or stripped TIFF; 8/16-bit, RGB or multi-channel."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import tifffile
+        import zarr
+
+        try:
+            self._tif = tifffile.TiffFile(str(path))
+            series = self._tif.series[0]
+            self._axes = series.axes
+            self._zarr = [zarr.open(lv.aszarr(), mode="r") for lv in series.levels]
+        except (tifffile.TiffFileError, ValueError, IndexError, OSError) as exc:
+            raise CorruptImageError(f"{path.name} is not a readable TIFF: {exc}",
+                                    "the file may be truncated or damaged; copy it again from its source") from exc
+        shapes = [lv.shape for lv in series.levels]
+        yi, xi = self._axes.index("Y"), self._axes.index("X")
+        w0, h0 = shapes[0][xi], shapes[0][yi]
+        self._levels = [Level(int(s[xi]), int(s[yi]), float(w0 / s[xi])) for s in shapes]
+        self._dtype = np.dtype(series.dtype)
+        self._channels = self._channel_names(series)
+        self._mpp = self._read_mpp()
+
+    def _channel_names(self, series: Any) -> list[str]:
+        axes, shape = self._axes, series.shape
+        if "S" in axes and shape[axes.index("S")] in (3, 4) and self._tif.pages[0].photometric in (2, 6):
+            n_extra = shape[axes.index("C")] if "C" in axes else 1
+            if n_extra == 1:
+                return ["R", "G", "B"]
+        n = 1
+        for ax in "CS":
+            if ax in axes:
+                n *= shape[axes.index(ax)]
+        names = self._ome_channel_names()
+        if names and len(names) == n:
+            return names
+        return [f"C{i}" for i in range(n)]
+
+    def _ome_channel_names(self) -> list[str]:
+        xml = self._tif.ome_metadata
+        if not xml:
+            return []
+        names = re.findall(r"<(?:\w+:)?Channel\b[^>]*?\bName=\"([^\"]*)\"", xml)
+        return names
+
+    def _read_mpp(self) -> tuple[float, float] | None:
+        xml = self._tif.ome_metadata
+        if xml:
+            mx = re.search(r"PhysicalSizeX=\"([0-9.eE+-]+)\"", xml)
+            my = re.search(r"PhysicalSizeY=\"([0-9.eE+-]+)\"", xml)
+            ux = re.search(r"PhysicalSizeXUnit=\"([^\"]+)\"", xml)
+            if mx:
+                factor = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(ux.group(1) if ux else "µm", 1.0)
+                x = float(mx.group(1)) * factor
+                y = float(my.group(1)) * factor if my else x
+                return (x, y)
+        page = self._tif.pages[0]
+        try:
+            unit = page.tags["ResolutionUnit"].value
+            xres = page.tags["XResolution"].value
+            yres = page.tags["YResolution"].value
+        except KeyError:
+            return None
+        per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit))
+        if not per_unit or not xres[0] or not yres[0]:
+            return None
+        return (per_unit * xres[1] / xres[0], per_unit * yres[1] / yres[0])
+
+    @property
+    def levels(self) -> list[Level]:
+        return self._levels
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def channel_names(self) -> list[str]:
+        return self._channels
+
+    @property
+    def mpp(self) -> tuple[float, float] | None:
+        return self._mpp
+
+    def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        index: list[Any] = []
+        for ax in self._axes:
+            if ax == "Y":
+                index.append(slice(y, y + height))
+            elif ax == "X":
+                index.append(slice(x, x + width))
+            elif ax in "CS":
+                index.append(slice(None))
+            else:
+                index.append(0)  # first T/Z/… plane
+        try:
+            arr = np.asarray(self._zarr[level][tuple(index)])
+        except Exception as exc:  # decoders raise many types on damaged data
+            raise CorruptImageError(f"reading {self.path.name} failed: {exc}",
+                                    "the file may be truncated or damaged; copy it again from its source") from exc
+        kept = [ax for ax in self._axes if ax in "YXCS"]
+        order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax in "CS"]
+        arr = arr.transpose(order)
+        h, w = arr.shape[:2]
+        arr = arr.reshape(h, w, -1)
+        if len(self._channels) == 3 and arr.shape[2] == 4:
+            arr = arr[:, :, :3]  # RGBA → RGB
+        return np.ascontiguousarray(arr)
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["reader"] = "tifffile"
+        out["axes"] = self._axes
+        out["ome"] = bool(self._tif.is_ome)
+        return out
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+class PillowHandle(_FileHandle):
+    """A PNG or JPEG crop (one level). Pixel size is unknown unless given."""
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        super().__init__(path)
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+                mode = im.mode
+                if mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr"):
+                    im = im.convert("RGB")
+                elif mode == "I;16":
+                    pass
+                elif mode not in ("RGB", "L"):
+                    im = im.convert("RGB")
+                self._pixels = np.asarray(im)
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise CorruptImageError(f"{path.name} is not a readable image: {exc}",
+                                    "the file may be truncated or damaged; export it again") from exc
+        if self._pixels.ndim == 2:
+            self._pixels = self._pixels[:, :, None]
+        self._mpp = (mpp, mpp) if mpp else None
+
+    @property
+    def levels(self) -> list[Level]:
+        h, w = self._pixels.shape[:2]
+        return [Level(w, h, 1.0)]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._pixels.dtype
+
+    @property
+    def channel_names(self) -> list[str]:
+        return ["R", "G", "B"] if self._pixels.shape[2] == 3 else [f"C{i}" for i in range(self._pixels.shape[2])]
+
+    @property
+    def mpp(self) -> tuple[float, float] | None:
+        return self._mpp
+
+    def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._pixels[y : y + height, x : x + width]
+
+
+def open_local(path: str | Path, mpp: float | None = None) -> ImageHandle:
+    """Open a local slide or image, choosing the reader by content and suffix."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SlideNotFoundError(f"{p} does not exist", "check the path (and that the drive is mounted)")
+    if p.is_dir():
+        raise UnsupportedFormatError(f"{p} is a folder", "give the slide file itself (for MRXS, the .mrxs file)")
+    if p.stat().st_size == 0:
+        raise CorruptImageError(f"{p.name} is empty (0 bytes)", "copy it again from its source")
+    name = p.name.lower()
+    suffix = p.suffix.lower()
+    if suffix in PILLOW_SUFFIXES:
+        return PillowHandle(p, mpp)
+    if name.endswith((".ome.tif", ".ome.tiff", ".ome.btf")):
+        return TiffHandle(p)
+    if suffix in OPENSLIDE_SUFFIXES or suffix not in TIFF_SUFFIXES:
+        import openslide
+
+        vendor = openslide.OpenSlide.detect_format(str(p))
+        if vendor is not None and vendor != "generic-tiff":
+            return OpenSlideHandle(p)
+    if suffix in TIFF_SUFFIXES or _looks_like_tiff(p):
+        return TiffHandle(p)
+    raise UnsupportedFormatError(f"{p.name}: format not recognised", f"supported: {SUPPORTED}")
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    return head[:2] in (b"II", b"MM")

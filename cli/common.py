@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lpfm_toolkit.errors import LpfmError
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,16 +66,25 @@ def handle_errors(func: F) -> F:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar; yields ``update(done, total)``. Silent when stdout is not a terminal and CI is set."""
+    """A rich progress bar on stderr, shown from the first update; yields ``update(done, total)``."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, transient=False) as prog:
-        task_id = prog.add_task(description, total=total)
+    prog = Progress(*columns, console=err_console, transient=False)
+    task_id = prog.add_task(description, total=total)
+    started = False
 
-        def update(done: int, tot: int) -> None:
-            prog.update(task_id, completed=done, total=tot)
+    def update(done: int, tot: int) -> None:
+        nonlocal started
+        if not started:
+            prog.start()
+            started = True
+        prog.update(task_id, completed=done, total=tot)
 
+    try:
         yield update
+    finally:
+        if started:
+            prog.stop()
 
 
 def setup_logging(verbose: int, debug: bool) -> None:

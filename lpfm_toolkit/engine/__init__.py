@@ -55,3 +55,21 @@ def engine_options_summary(engine: Engine) -> dict[str, Any]:
 
 
 __all__ = ["Engine", "EngineOutput", "IdentityEngine", "get_engine", "default_engine_name", "ENGINES"]
+
+
+def engine_from_description(desc: dict[str, Any]) -> Engine:
+    """Rebuild the engine recorded in a provenance record (for ``lpfm reproduce``)."""
+    name = desc.get("name")
+    if name == "classical":
+        from lpfm_toolkit.engine.classical import ClassicalEngine
+
+        method = desc.get("method")
+        return ClassicalEngine(method=None if method in (None, "default") else method,
+                               psf_sigma=desc.get("psf_sigma", 1.5), rl_iterations=desc.get("rl_iterations", 20),
+                               wiener_balance=desc.get("wiener_balance", 0.05))
+    if name == "identity":
+        return IdentityEngine()
+    if name == "lpfm":
+        return get_engine("lpfm", model=desc.get("model_path") or desc.get("model"), steps=desc.get("steps"),
+                          samples=int(desc.get("samples", 1)), device=None)
+    raise ConfigError(f"provenance names an unknown engine {name!r}", "it was made by a newer or foreign tool")

@@ -21,8 +21,8 @@ from lpfm_toolkit.engine.taskcodes import NUM_TASKS
 class RestorerConfig:
     in_channels: int = 3
     out_channels: int = 3
-    channels: list[int] = field(default_factory=lambda: [32, 64, 96])
-    blocks: list[int] = field(default_factory=lambda: [1, 1, 2])  # per level; the last level is the bottleneck
+    channels: list[int] = field(default_factory=lambda: [24, 48, 96, 160])
+    blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 2])  # per level; the last level is the bottleneck
     num_tasks: int = NUM_TASKS
     cond_dim: int = 64
     extra_cond_dim: int = 0  # size of extra conditioning features (0 = task only)

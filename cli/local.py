@@ -1,0 +1,222 @@
+"""Commands over local slides: info, enhance, demo, provenance show, reproduce."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+from lpfm_toolkit.cli.common import console, handle_errors, progress_bar
+from rich.table import Table
+
+from lpfm_toolkit.config import load_settings
+from lpfm_toolkit.errors import SlideNotFoundError
+
+SAMPLE = Path(__file__).resolve().parents[1] / "lpfm_toolkit" / "data" / "cmu_small_region.svs"
+DEMO_REGION = "900,1200,512,512"
+
+
+def sample_slide_path() -> Path:
+    """The bundled CC0 sample slide, wherever the package is installed."""
+    from importlib import resources
+
+    path = Path(str(resources.files("lpfm_toolkit") / "data" / "cmu_small_region.svs"))
+    if not path.exists():
+        raise SlideNotFoundError("the bundled sample slide is missing", "reinstall lpfm-toolkit")
+    return path
+
+
+def engine_options(func: Any) -> Any:
+    """Options shared by every command that runs an engine."""
+    opts = [
+        click.option("--engine", type=click.Choice(["auto", "lpfm", "classical", "identity"]), default=None,
+                     help="auto: the default model bundle if installed, else classical."),
+        click.option("--method", default=None, help="Classical method (bicubic, lanczos, richardson_lucy, wiener, "
+                     "nlm, tv, wavelet, macenko, beer_lambert)."),
+        click.option("--model", default=None, help="Model bundle name or folder (engine lpfm)."),
+        click.option("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)."),
+        click.option("--steps", type=int, default=None, help="Diffusion steps (0: restorer only)."),
+        click.option("--samples", type=int, default=None, help="Stochastic samples per tile; >1 writes uncertainty."),
+        click.option("--trust-pickle", is_flag=True, help="Allow pickled (.pt/.ckpt) weights. Only for files you trust."),
+        click.option("--seed", type=int, default=None, help="Global seed (per-tile seeds derive from it)."),
+        click.option("--tile", "tile_size", type=int, default=None, help="Tile size in input pixels (default 256)."),
+        click.option("--overlap", type=int, default=None, help="Tile overlap in input pixels (default 32)."),
+        click.option("--compression", type=click.Choice(["auto", "jpeg", "zlib", "zstd", "lzw", "none"]),
+                     default=None, help="auto: JPEG for 8-bit RGB, zlib otherwise."),
+        click.option("--force", is_flag=True, help="Redo work even if an identical result exists."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def build_engine(settings: Any, trust_pickle: bool = False) -> Any:
+    from lpfm_toolkit.engine import get_engine
+
+    return get_engine(settings.engine, method=settings.method, model=settings.model, device=settings.device,
+                      steps=settings.steps, samples=settings.samples, trust_pickle=trust_pickle)
+
+
+def settings_from_flags(**flags: Any) -> Any:
+    return load_settings().replace(**flags)
+
+
+def run_local(slide: Path, prompt: str, level: int, region_text: str | None, out: str | None, settings: Any,
+              force: bool, trust_pickle: bool, mpp: float | None = None) -> Any:
+    """Open, plan and run one local enhancement with a progress bar; returns the EnhanceResult."""
+    from lpfm_toolkit.pipeline import plan, run_item
+    from lpfm_toolkit.prompts import parse_prompt
+    from lpfm_toolkit.sinks.ometiff import OmeTiffSink
+    from lpfm_toolkit.sources import Region, open_image
+
+    task = parse_prompt(prompt)
+    region = Region.parse(region_text) if region_text else None
+    out = out or settings.output_dir
+    if out.endswith((".ome.tiff", ".ome.tif")):
+        sink = OmeTiffSink(path=out, compression=settings.compression, tile=settings.tiff_tile, overwrite=force)
+    else:
+        sink = OmeTiffSink(out, compression=settings.compression, tile=settings.tiff_tile)
+    engine = build_engine(settings, trust_pickle)
+    with open_image(slide, mpp=mpp) as handle:
+        item = plan(handle, task, level=level, region=region, seed=settings.seed)[0]
+        with progress_bar(f"{task.label} · {handle.name}") as update:
+            return run_item(handle, item, engine, sink, tile_size=settings.tile_size, overlap=settings.overlap,
+                            force=force, samples_uncertainty=settings.samples > 1, progress=update)
+
+
+def report(result: Any) -> None:
+    out = result.output
+    prov = result.provenance
+    if result.skipped:
+        console.print(f"already done: {out.uri} (same source, region, task, model and seed; --force redoes it)")
+        return
+    shape = prov.output.get("shape", [])
+    mpp = prov.output.get("mpp")
+    levels = prov.output.get("levels") or []
+    mpp_text = f", {mpp[0]:.4g} µm/px" if mpp else ""
+    console.print(f"wrote {out.uri}  ({shape[1]}×{shape[0]}, {len(levels)} levels{mpp_text}, "
+                  f"{prov.durations.get('total_s', 0):.1f} s)")
+    console.print(f"provenance: {out.extra.get('sidecar')}")
+    if out.extra.get("uncertainty"):
+        console.print(f"uncertainty: {out.extra['uncertainty']}")
+
+
+@click.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("--mpp", type=float, default=None, help="Pixel size in µm for images that do not record it (PNG/JPEG).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def info(slide: Path, mpp: float | None, as_json: bool) -> None:
+    """Show levels, pixel size and channels of SLIDE."""
+    from lpfm_toolkit.sources import open_image
+
+    with open_image(slide, mpp=mpp) as handle:
+        desc = handle.describe()
+    if as_json:
+        console.print_json(json.dumps(desc))
+        return
+    table = Table(title=f"{desc['name']}  ({desc.get('reader', desc['system'])}{' · ' + desc['vendor'] if desc.get('vendor') else ''})")
+    for col in ("level", "width", "height", "downsample", "µm/px"):
+        table.add_column(col, justify="right")
+    for i, lv in enumerate(desc["levels"]):
+        mpp_l = f"{desc['mpp'][0] * lv['downsample']:.4g}" if desc["mpp"] else "unknown"
+        table.add_row(str(i), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.3g}", mpp_l)
+    console.print(table)
+    console.print(f"channels: {', '.join(desc['channels'])}   dtype: {desc['dtype']}")
+
+
+@click.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True, help='What to do, e.g. "sr x2", "denoise", "AF -> H&E".')
+@click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to read.")
+@click.option("--region", "region_text", default=None, help="x,y,width,height in pixels of the level (default: all).")
+@click.option("--out", default=None, help="Output folder, or a file name ending in .ome.tiff (default: lpfm-out/).")
+@click.option("--mpp", type=float, default=None, help="Pixel size in µm for images that do not record it.")
+@engine_options
+@handle_errors
+def enhance(slide: Path, prompt: str, level: int, region_text: str | None, out: str | None, mpp: float | None,
+            force: bool, trust_pickle: bool, **flags: Any) -> None:
+    """Enhance or virtually stain SLIDE by PROMPT into a new pyramidal OME-TIFF (the original is untouched)."""
+    settings = settings_from_flags(**flags)
+    report(run_local(slide, prompt, level, region_text, out, settings, force, trust_pickle, mpp))
+
+
+@click.command()
+@click.option("-p", "--prompt", default="sr x2", show_default=True)
+@click.option("--region", "region_text", default=DEMO_REGION, show_default=True)
+@click.option("--out", default=None, help="Output folder (default: lpfm-out/).")
+@engine_options
+@handle_errors
+def demo(prompt: str, region_text: str, out: str | None, force: bool, trust_pickle: bool, **flags: Any) -> None:
+    """Enhance a region of the bundled CC0 sample slide (CMU-1 cut, Aperio SVS) and say where it went."""
+    settings = settings_from_flags(**flags)
+    slide = sample_slide_path()
+    console.print(f"sample slide: {slide.name} (CC0, OpenSlide CMU-1 cut), region {region_text}, prompt {prompt!r}")
+    report(run_local(slide, prompt, 0, region_text, out, settings, force, trust_pickle))
+
+
+@click.group()
+def provenance() -> None:
+    """Read the provenance of an lpfm output."""
+
+
+@provenance.command("show")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the full JSON record.")
+@handle_errors
+def provenance_show(output: Path, as_json: bool) -> None:
+    """Print the provenance of OUTPUT (an .ome.tiff, or its .lpfm.json sidecar)."""
+    from lpfm_toolkit.sinks.ometiff import read_provenance
+
+    prov = read_provenance(output)
+    if as_json:
+        console.print_json(prov.to_json())
+        return
+    table = Table(title=f"provenance of {output.name}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for k, v in prov.summary().items():
+        table.add_row(k, v)
+    table.add_row("lpfm.durations", ", ".join(f"{k}={v}" for k, v in prov.durations.items()))
+    console.print(table)
+
+
+@click.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--trust-pickle", is_flag=True)
+@handle_errors
+def reproduce(output: Path, trust_pickle: bool) -> None:
+    """Re-run OUTPUT from its provenance and compare the pixels (exit 1 if they differ)."""
+    import sys
+
+    from lpfm_toolkit.engine import engine_from_description
+    from lpfm_toolkit.pipeline import WorkItem, run_item
+    from lpfm_toolkit.prompts import Task
+    from lpfm_toolkit.sinks.ometiff import OmeTiffSink, read_provenance
+    from lpfm_toolkit.sources import Region, open_image
+    from lpfm_toolkit.sources.local import file_fingerprint
+
+    prov = read_provenance(output)
+    src = prov.source
+    if src.get("system") != "file":
+        raise SlideNotFoundError(f"the source of {output.name} is on {src.get('system')}",
+                                 "reproduce it with the matching command (lpfm qupath / lpfm omero)")
+    path = Path(src["uri"])
+    if not path.exists():
+        raise SlideNotFoundError(f"the source {path} is gone", "restore it to that path to reproduce")
+    if file_fingerprint(path) != src.get("fingerprint"):
+        console.print(f"warning: {path.name} has changed since the output was made", style="yellow")
+    engine = engine_from_description(prov.engine)
+    item = WorkItem(int(src["level"]), Region(*src["region"]), Task.from_dict(prov.task), int(prov.seed))
+    with tempfile.TemporaryDirectory(prefix="lpfm-reproduce-") as tmp, open_image(path) as handle:
+        with progress_bar(f"reproducing {output.name}") as update:
+            result = run_item(handle, item, engine, OmeTiffSink(tmp), tile_size=prov.tiling.get("tile"),
+                              overlap=prov.tiling.get("overlap"), force=True, progress=update)
+    same = result.provenance.output_sha256 == prov.output_sha256
+    console.print(f"recorded output sha256 {prov.output_sha256}")
+    console.print(f"reproduced          {result.provenance.output_sha256}")
+    console.print("identical pixels" if same else "pixels DIFFER", style="green" if same else "bold red")
+    if not same:
+        sys.exit(1)

@@ -140,7 +140,7 @@ class TiffHandle(_FileHandle):
                                     "the file may be truncated or damaged; copy it again from its source") from exc
         shapes = [lv.shape for lv in series.levels]
         yi, xi = self._axes.index("Y"), self._axes.index("X")
-        w0, h0 = shapes[0][xi], shapes[0][yi]
+        w0 = shapes[0][xi]
         self._levels = [Level(int(s[xi]), int(s[yi]), float(w0 / s[xi])) for s in shapes]
         self._dtype = np.dtype(series.dtype)
         self._channels = self._channel_names(series)

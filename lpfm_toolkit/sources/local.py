@@ -134,7 +134,7 @@ class TiffHandle(_FileHandle):
             self._tif = tifffile.TiffFile(str(path))
             series = self._tif.series[0]
             self._axes = series.axes
-            self._zarr = [zarr.open(lv.aszarr(), mode="r") for lv in series.levels]
+            self._zarr = [zarr.open(series.aszarr(level=i), mode="r") for i in range(len(series.levels))]
         except (tifffile.TiffFileError, ValueError, IndexError, OSError) as exc:
             raise CorruptImageError(f"{path.name} is not a readable TIFF: {exc}",
                                     "the file may be truncated or damaged; copy it again from its source") from exc

@@ -1,0 +1,84 @@
+"""The StainEncoder: a small CNN trained contrastively to be invariant to stain colour.
+
+Two views of a tile under different HED-space stain jitter (haematoxylin/eosin/DAB concentrations scaled
+and shifted, the colour-deconvolution analogue of re-staining) must map together (InfoNCE, SimCLR).
+Its pooled features condition the refiner, as LPFM's stain-invariant encoder conditions its diffusion model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Ruifrok & Johnston's H, E, DAB optical-density vectors (rows), as in scikit-image's rgb2hed.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+
+
+@dataclass
+class EncoderConfig:
+    in_channels: int = 3
+    channels: list[int] = field(default_factory=lambda: [32, 64, 96, 128])
+    feature_dim: int = 128
+    projection_dim: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StainEncoder(nn.Module):
+    """Strided CNN → global average pool → ``feature_dim`` features; ``project`` is the contrastive head."""
+
+    def __init__(self, config: EncoderConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.config = config or EncoderConfig(**kwargs)
+        c = self.config
+        layers: list[nn.Module] = []
+        prev = c.in_channels
+        for ch in c.channels:
+            layers += [nn.Conv2d(prev, ch, 3, stride=2, padding=1), nn.GroupNorm(min(8, ch), ch), nn.GELU()]
+            prev = ch
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(prev, c.feature_dim)
+        self.head = nn.Sequential(nn.Linear(c.feature_dim, c.feature_dim), nn.GELU(),
+                                  nn.Linear(c.feature_dim, c.projection_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (N, feature_dim) of tiles (N, C, H, W) in [0, 1]."""
+        h = self.body(x * 2 - 1).mean(dim=(-2, -1))
+        return self.out(h)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(features), dim=-1)
+
+
+def rgb_to_hed(rgb: torch.Tensor) -> torch.Tensor:
+    """Colour deconvolution of (N, 3, H, W) RGB in [0, 1] into H, E, DAB optical densities."""
+    od = -torch.log(rgb.clamp(1e-6, 1).double())
+    return torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB.to(rgb.device)).to(rgb.dtype)
+
+
+def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
+    od = torch.einsum("nchw,cd->ndhw", hed.double(), _RGB_FROM_HED.to(hed.device))
+    return torch.exp(-od).clamp(0, 1).to(hed.dtype)
+
+
+def hed_jitter(rgb: torch.Tensor, generator: torch.Generator | None = None, sigma: float = 0.25,
+               bias: float = 0.05) -> torch.Tensor:
+    """Re-stain each tile: per-tile H/E/DAB densities scaled by 1±``sigma`` and shifted by ±``bias``."""
+    n = rgb.shape[0]
+    alpha = 1 + (torch.rand((n, 3, 1, 1), generator=generator) * 2 - 1) * sigma
+    beta = (torch.rand((n, 3, 1, 1), generator=generator) * 2 - 1) * bias
+    return hed_to_rgb(rgb_to_hed(rgb) * alpha.to(rgb) + beta.to(rgb))
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """Symmetric InfoNCE (NT-Xent) between two batches of normalised embeddings."""
+    logits = z1 @ z2.T / temperature
+    target = torch.arange(len(z1), device=z1.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

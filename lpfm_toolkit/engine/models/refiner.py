@@ -1,0 +1,94 @@
+"""The Refiner: a diffusers ``UNet2DModel`` that samples the residual detail the restorer could not recover.
+
+Residual formulation (ResShift-like): the diffusion variable is ``(clean − restored) · residual_scale``;
+the UNet sees it concatenated with the restored tile, and a class embedding made of the task embedding plus
+a projection of the stain encoder's features. The network predicts the clean residual (``sample``
+prediction), which keeps few-step DDIM / DPM-Solver sampling accurate. Step maths live in diffusers'
+schedulers; the sampling loop lives in :mod:`lpfm_toolkit.engine.lpfm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpfm_toolkit.engine.taskcodes import NUM_TASKS
+
+SCHEDULERS = ("ddim", "dpm")
+
+
+@dataclass
+class RefinerConfig:
+    channels: int = 3
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    num_tasks: int = NUM_TASKS
+    feature_dim: int = 128
+    residual_scale: float = 5.0
+    num_train_timesteps: int = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Refiner(nn.Module):
+    """``forward(noisy, t, restored, task, features)`` → predicted scaled residual."""
+
+    def __init__(self, config: RefinerConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.config = config or RefinerConfig(**kwargs)
+        c = self.config
+        n = len(c.block_out_channels)
+        self.unet = UNet2DModel(
+            sample_size=64,
+            in_channels=2 * c.channels,
+            out_channels=c.channels,
+            block_out_channels=tuple(c.block_out_channels),
+            down_block_types=("DownBlock2D",) * n,
+            up_block_types=("UpBlock2D",) * n,
+            layers_per_block=c.layers_per_block,
+            norm_num_groups=c.norm_num_groups,
+            add_attention=False,
+            class_embed_type="identity",
+        )
+        embed_dim = c.block_out_channels[0] * 4
+        self.task_embed = nn.Embedding(c.num_tasks, embed_dim)
+        self.feature_proj = nn.Linear(c.feature_dim, embed_dim)
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def to_latent(self, residual: torch.Tensor) -> torch.Tensor:
+        return residual * self.config.residual_scale
+
+    def from_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent / self.config.residual_scale
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, restored: torch.Tensor, task: torch.Tensor,
+                features: torch.Tensor) -> torch.Tensor:
+        emb = self.task_embed(task) + self.feature_proj(features)
+        if t.ndim == 0:
+            t = t.expand(noisy.shape[0])
+        x = torch.cat([noisy, restored * 2 - 1], dim=1)
+        return self.unet(x, t, class_labels=emb.to(x.dtype)).sample
+
+
+def make_scheduler(kind: str, num_train_timesteps: int = 1000) -> Any:
+    """A diffusers scheduler for sample-prediction residual diffusion: ``ddim`` or ``dpm`` (DPM-Solver++)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    common = {"num_train_timesteps": num_train_timesteps, "beta_schedule": "squaredcos_cap_v2",
+              "prediction_type": "sample", "timestep_spacing": "trailing"}
+    if kind == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+    if kind == "dpm":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                           lower_order_final=True)
+    raise ValueError(f"sampler {kind!r} is not supported; use one of {SCHEDULERS}")

@@ -1,0 +1,448 @@
+"""Training: degraded/clean pairs from clean slides → stain encoder, restorer, refiner → a model bundle.
+
+Each stage checkpoints to ``work_dir/<stage>/checkpoint.safetensors`` (weights, optimiser moments, step)
+and resumes from it; batches are drawn from a generator seeded by ``(seed, step)`` so a resumed run sees
+the same data as an uninterrupted one. Losses go to ``work_dir/<stage>/log.jsonl``.
+
+The held-out part of every training image is a band of rows at the bottom (``holdout`` of its height):
+no crop used for training touches it, and evaluation reads only from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lpfm_toolkit.engine import degrade
+from lpfm_toolkit.engine.models.encoder import StainEncoder, hed_jitter, info_nce
+from lpfm_toolkit.engine.models.refiner import Refiner, make_scheduler
+from lpfm_toolkit.engine.models.restorer import Restorer
+from lpfm_toolkit.engine.taskcodes import TASK_NAMES
+from lpfm_toolkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: progress(stage, step, total_steps, latest values)
+TrainProgress = Callable[[str, int, int, dict[str, float]], None]
+
+SAMPLE_SLIDE = Path(__file__).resolve().parents[1] / "data" / "cmu_small_region.svs"
+STAGES = ("encoder", "restorer", "refiner")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (saved into the bundle's model card)."""
+
+    images: list[str] = field(default_factory=lambda: [str(SAMPLE_SLIDE)])
+    holdout: float = 0.2  # bottom fraction of each image's rows kept for validation
+    crop: int = 64
+    batch: int = 16
+    seed: int = 0
+    lr: float = 5e-4
+    encoder_steps: int = 300
+    restorer_steps: int = 3000
+    refiner_steps: int = 1500
+    checkpoint_every: int = 100
+    validate_every: int = 250
+    task_weights: dict[str, float] = field(default_factory=lambda: {
+        "sr2": 1.0, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5})
+    restorer: dict[str, Any] = field(default_factory=dict)
+    encoder: dict[str, Any] = field(default_factory=dict)
+    refiner: dict[str, Any] = field(default_factory=dict)
+    pairs: str | None = None  # folder of registered source/target pairs for virtual staining
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RECIPES: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(),
+    # a seconds-long run that exercises every stage (tests, smoke checks)
+    "smoke": TrainConfig(crop=32, batch=4, encoder_steps=4, restorer_steps=6, refiner_steps=4, checkpoint_every=3,
+                         validate_every=3, restorer={"channels": [8, 16], "blocks": [1, 1]},
+                         encoder={"channels": [8, 16], "feature_dim": 16, "projection_dim": 8},
+                         refiner={"block_out_channels": [16, 16], "norm_num_groups": 8}),
+}
+
+
+def recipe(name: str, **overrides: Any) -> TrainConfig:
+    """A named recipe with fields replaced by ``overrides`` (``None`` values are ignored)."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}", f"choose one of: {', '.join(RECIPES)}")
+    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class TileBank:
+    """Clean RGB pixels of the training images, split into a training part and a held-out band."""
+
+    def __init__(self, images: Sequence[np.ndarray], holdout: float) -> None:
+        if not images:
+            raise ConfigError("no training images")
+        self.train: list[np.ndarray] = []
+        self.val: list[np.ndarray] = []
+        for im in images:
+            cut = int(round(im.shape[0] * (1 - holdout)))
+            self.train.append(im[:cut])
+            if holdout > 0:
+                self.val.append(im[cut:])
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str | Path], holdout: float) -> TileBank:
+        return cls([read_rgb(p) for p in expand_paths(paths)], holdout)
+
+    def crops(self, n: int, size: int, rng: np.random.Generator, split: str = "train",
+              augment: bool = True) -> torch.Tensor:
+        """``n`` random tissue crops (N, 3, size, size) in [0, 1]; background crops are mostly rejected."""
+        pool = self.train if split == "train" else self.val
+        pool = [im for im in pool if im.shape[0] >= size and im.shape[1] >= size]
+        if not pool:
+            raise ConfigError(f"no {split} image is at least {size}×{size} pixels")
+        out = np.empty((n, size, size, 3), np.float32)
+        for i in range(n):
+            for attempt in range(20):
+                im = pool[int(rng.integers(len(pool)))]
+                y = int(rng.integers(im.shape[0] - size + 1))
+                x = int(rng.integers(im.shape[1] - size + 1))
+                crop = im[y : y + size, x : x + size]
+                if is_tissue(crop) or attempt == 19:
+                    break
+            if augment:
+                crop = np.rot90(crop, int(rng.integers(4)))
+                if rng.integers(2):
+                    crop = crop[:, ::-1]
+            out[i] = crop
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def is_tissue(crop: np.ndarray) -> bool:
+    """True when at least a fifth of the crop is stained (not glass background)."""
+    chroma = crop.max(axis=-1) - crop.min(axis=-1)
+    return bool(((chroma > 0.08) | (crop.mean(axis=-1) < 0.75)).mean() > 0.2)
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and the image files inside any folder."""
+    suffixes = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".png", ".jpg", ".jpeg", ".scn", ".vms", ".bif"}
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in suffixes))
+        else:
+            out.append(p)
+    if not out:
+        raise ConfigError(f"no images found in {', '.join(map(str, paths))}")
+    return out
+
+
+def read_rgb(path: str | Path, max_pixels: int = 64_000_000) -> np.ndarray:
+    """The full-resolution RGB pixels of an image as float32 (H, W, 3) in [0, 1]."""
+    from lpfm_toolkit.sources import open_image
+
+    with open_image(path) as handle:
+        lv = handle.levels[0]
+        if lv.width * lv.height > max_pixels:
+            raise ConfigError(f"{path} has {lv.width}×{lv.height} pixels at level 0",
+                              "crop tissue regions into smaller files, or pass a folder of tiles")
+        px = handle.read_region(0, 0, 0, lv.width, lv.height)
+    px = np.asarray(px)
+    if px.ndim == 2:
+        px = np.repeat(px[..., None], 3, axis=-1)
+    scale = float(np.iinfo(px.dtype).max) if np.issubdtype(px.dtype, np.integer) else 1.0
+    return np.ascontiguousarray(px[..., :3], dtype=np.float32) / scale
+
+
+def batch_rng(seed: int, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+    """Generators for one batch, fixed by (seed, step) so resumed runs see the same data."""
+    ss = np.random.SeedSequence([seed, step, stream])
+    g = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF))
+    return np.random.default_rng(ss), g
+
+
+def degraded_pairs(clean: torch.Tensor, tasks: Sequence[str], g: torch.Generator) -> torch.Tensor:
+    """Network inputs for ``clean`` under each sample's task (SR inputs are bicubic-upsampled back)."""
+    out = torch.empty_like(clean)
+    size = clean.shape[-2:]
+    for i, name in enumerate(tasks):
+        low = degrade.random_degradation(name, g).apply(clean[i : i + 1], g)
+        out[i] = degrade.upsample(low, size=size)[0] if low.shape[-2:] != size else low[0]
+    return out
+
+
+def validation_set(bank: TileBank, config: TrainConfig, n: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed held-out crops per task: name → (network input, clean)."""
+    out = {}
+    rng, g = batch_rng(config.seed, 0, stream=99)
+    clean = bank.crops(n, max(config.crop, 64), rng, split="val" if bank.val else "train", augment=False)
+    for name in config.task_weights:
+        out[name] = (degraded_pairs(clean, [name] * n, g), clean)
+    return out
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(F.mse_loss(a.clamp(0, 1), b))
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    meta: dict[str, Any]) -> None:
+    """Weights and Adam moments in safetensors (no pickle), written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{i}.{key}"] = value.detach().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "meta": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore weights and optimiser moments; returns the step to continue from."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        step = int(f.metadata()["step"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        state = {key.split(".", 2)[2]: v for key, v in tensors.items() if key.startswith(f"optim.{i}.")}
+        if state:
+            optimizer.state[p] = state
+    return step
+
+
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _cosine(step: int, total: int, lr: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 1e-2 * lr + (1 - 1e-2) * lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], total: int,
+          config: TrainConfig, work_dir: Path, step_fn: Callable[[int], dict[str, float]],
+          validate: Callable[[], dict[str, float]] | None, progress: TrainProgress | None,
+          resume: bool) -> torch.nn.Module:
+    """The shared loop: lr schedule, checkpoints, resume, logs, progress."""
+    stage_dir = work_dir / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = stage_dir / "checkpoint.safetensors"
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    step = load_checkpoint(ckpt, model, optimizer) if resume and ckpt.exists() else 0
+    if step:
+        log.info("%s: resuming at step %d", stage, step)
+    logfile = stage_dir / "log.jsonl"
+    t0 = time.monotonic()
+    values: dict[str, float] = {}
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine(step, total, config.lr)
+        model.train()
+        values = step_fn(step)
+        loss = values.pop("_loss_tensor")  # type: ignore[arg-type]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[union-attr]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        record = {"step": step, "time_s": round(time.monotonic() - t0, 2), **values}
+        if validate is not None and (step % config.validate_every == 0 or step == total):
+            model.eval()
+            with torch.no_grad():
+                record.update({f"val_{k}": v for k, v in validate().items()})
+            values.update({k: v for k, v in record.items() if k.startswith("val_")})
+        _append_log(logfile, record)
+        if step % config.checkpoint_every == 0 or step == total:
+            save_checkpoint(ckpt, model, optimizer, step, {"stage": stage})
+        if progress is not None:
+            progress(stage, step, total, values)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def _sample_tasks(config: TrainConfig, rng: np.random.Generator, n: int) -> list[str]:
+    names = list(config.task_weights)
+    w = np.array([config.task_weights[k] for k in names], dtype=np.float64)
+    return [names[i] for i in rng.choice(len(names), size=n, p=w / w.sum())]
+
+
+def train_restorer(bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None,
+                   resume: bool = True) -> Restorer:
+    """L1 regression of clean tiles from degraded ones, all tasks in every batch."""
+    torch.manual_seed(config.seed)
+    model = Restorer(**config.restorer)
+    codes = {name: TASK_NAMES.index(name) for name in config.task_weights}
+    val = validation_set(bank, config)
+
+    def step_fn(step: int) -> dict[str, float]:
+        rng, g = batch_rng(config.seed, step, stream=1)
+        clean = bank.crops(config.batch, config.crop, rng)
+        tasks = _sample_tasks(config, rng, config.batch)
+        inputs = degraded_pairs(clean, tasks, g)
+        out = model(inputs, torch.tensor([codes[t] for t in tasks]))
+        loss = F.l1_loss(out, clean)
+        return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
+
+    def validate() -> dict[str, float]:
+        scores = {}
+        for name, (inputs, clean) in val.items():
+            out = model(inputs, torch.full((len(inputs),), codes[name]))
+            scores[f"{name}_psnr"] = round(psnr(out, clean), 3)
+            scores[f"{name}_input_psnr"] = round(psnr(inputs, clean), 3)
+        return scores
+
+    _loop("restorer", model, list(model.parameters()), config.restorer_steps, config, work_dir, step_fn,
+          validate, progress, resume)
+    _save_component(work_dir / "restorer", model)
+    return model
+
+
+def train_encoder(bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None,
+                  resume: bool = True) -> StainEncoder:
+    """SimCLR/InfoNCE: two HED-jittered views of each crop map together, other crops apart."""
+    torch.manual_seed(config.seed + 1)
+    model = StainEncoder(**config.encoder)
+
+    def step_fn(step: int) -> dict[str, float]:
+        rng, g = batch_rng(config.seed, step, stream=2)
+        clean = bank.crops(max(config.batch, 8), config.crop, rng)
+        z1 = model.project(model(hed_jitter(clean, g)))
+        z2 = model.project(model(hed_jitter(clean, g)))
+        loss = info_nce(z1, z2)
+        return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
+
+    _loop("encoder", model, list(model.parameters()), config.encoder_steps, config, work_dir, step_fn, None,
+          progress, resume)
+    _save_component(work_dir / "encoder", model)
+    return model
+
+
+def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer: Restorer, encoder: StainEncoder,
+                  progress: TrainProgress | None = None, resume: bool = True) -> Refiner:
+    """Denoising diffusion on the residual clean − restored, conditioned on the restored tile and task."""
+    torch.manual_seed(config.seed + 2)
+    refiner_cfg = {"feature_dim": encoder.config.feature_dim, **config.refiner}
+    model = Refiner(**refiner_cfg)
+    scheduler = make_scheduler("ddim", model.config.num_train_timesteps)
+    alphas = scheduler.alphas_cumprod
+    codes = {name: TASK_NAMES.index(name) for name in config.task_weights}
+    restorer.eval().requires_grad_(False)
+    encoder.eval().requires_grad_(False)
+
+    def step_fn(step: int) -> dict[str, float]:
+        rng, g = batch_rng(config.seed, step, stream=3)
+        clean = bank.crops(config.batch, config.crop, rng)
+        tasks = _sample_tasks(config, rng, config.batch)
+        task_ids = torch.tensor([codes[t] for t in tasks])
+        inputs = degraded_pairs(clean, tasks, g)
+        with torch.no_grad():
+            restored = restorer(inputs, task_ids).clamp(0, 1)
+            feats = encoder(inputs)
+        target = model.to_latent(clean - restored)
+        t = torch.randint(0, model.config.num_train_timesteps, (len(clean),), generator=g)
+        noise = torch.randn(target.shape, generator=g)
+        a = alphas[t].float().view(-1, 1, 1, 1)
+        noisy = a.sqrt() * target + (1 - a).sqrt() * noise
+        pred = model(noisy, t, restored, task_ids, feats)
+        loss = F.mse_loss(pred, target)
+        return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
+
+    _loop("refiner", model, list(model.parameters()), config.refiner_steps, config, work_dir, step_fn, None,
+          progress, resume)
+    _save_component(work_dir / "refiner", model)
+    return model
+
+
+def _save_component(folder: Path, model: torch.nn.Module) -> None:
+    from lpfm_toolkit.engine.bundle import save_component
+
+    save_component(folder / "final", model)
+
+
+def _load_final(work_dir: Path, stage: str) -> torch.nn.Module:
+    from lpfm_toolkit.engine.bundle import load_component
+
+    folder = work_dir / stage / "final"
+    if not folder.exists():
+        raise ConfigError(f"stage {stage!r} has not finished in {work_dir}", f"run it first: --stages {stage}")
+    return load_component(folder, stage)
+
+
+def train(config: TrainConfig, work_dir: str | Path, out: str | Path | None = None,
+          stages: Sequence[str] = STAGES, progress: TrainProgress | None = None, resume: bool = True,
+          name: str = "lpfm-custom") -> Path | None:
+    """Run the chosen stages, then (when all components exist) write a bundle to ``out``."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown stages {sorted(unknown)}", f"choose from {', '.join(STAGES)}")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    bank = TileBank.from_paths(config.images, config.holdout)
+    timings: dict[str, float] = {}
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        t0 = time.monotonic()
+        if stage == "encoder":
+            train_encoder(bank, config, work_dir, progress, resume)
+        elif stage == "restorer":
+            train_restorer(bank, config, work_dir, progress, resume)
+        else:
+            restorer = _load_final(work_dir, "restorer")
+            encoder = _load_final(work_dir, "encoder")
+            train_refiner(bank, config, work_dir, restorer, encoder, progress, resume)  # type: ignore[arg-type]
+        timings[stage] = time.monotonic() - t0
+        _record_timing(work_dir, stage, timings[stage])
+    if out is None or not all((work_dir / s / "final").exists() for s in STAGES):
+        return None
+    return export_bundle(work_dir, out, name=name)
+
+
+def _record_timing(work_dir: Path, stage: str, seconds: float) -> None:
+    path = work_dir / "timings.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[stage] = data.get(stage, 0.0) + round(seconds, 1)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def export_bundle(work_dir: str | Path, out: str | Path, name: str, metrics: dict[str, Any] | None = None,
+                  card_notes: str = "") -> Path:
+    """Package the finished components of ``work_dir`` as a bundle folder with a model card."""
+    from lpfm_toolkit.engine.bundle import write_bundle
+
+    work_dir = Path(work_dir)
+    config = json.loads((work_dir / "config.json").read_text())
+    timings_path = work_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    components = {stage: _load_final(work_dir, stage) for stage in STAGES}
+    return write_bundle(out, name=name, components=components, training=config, timings=timings,
+                        metrics=metrics, notes=card_notes)

@@ -1,0 +1,162 @@
+"""The OME-TIFF sink: pyramid in SubIFDs, pixel size, OME-XML validity, provenance, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import tiffslide
+from ome_types import from_xml
+
+from lpfm_toolkit.engine.base import EngineOutput, IdentityEngine
+from lpfm_toolkit.errors import OutputExistsError
+from lpfm_toolkit.pipeline import plan, run_item
+from lpfm_toolkit.prompts import Task, TaskKind, parse_prompt
+from lpfm_toolkit.provenance import NAMESPACE
+from lpfm_toolkit.sinks.ometiff import OmeTiffSink, n_pyramid_levels, read_provenance
+from lpfm_toolkit.sources import Region, open_image
+
+
+def _run(sample_slide: Path, out: Path, prompt: str = "sr x2", region: Region = Region(500, 700, 600, 400),
+         engine=None, **kw):
+    with open_image(sample_slide) as h:
+        item = plan(h, parse_prompt(prompt), region=region)[0]
+        return run_item(h, item, engine or IdentityEngine(), OmeTiffSink(out, **kw), tile_size=128, overlap=16)
+
+
+def test_pyramid_levels_size_and_pixel_size(sample_slide: Path, tmp_path: Path) -> None:
+    res = _run(sample_slide, tmp_path, compression="zlib", tile=256)
+    path = Path(res.output.uri)
+    assert path.name.endswith(".ome.tiff")
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome
+        series = tif.series[0]
+        # halved until the coarsest level fits one 256 px tile
+        assert [lv.shape for lv in series.levels] == [(800, 1200, 3), (400, 600, 3), (200, 300, 3), (100, 150, 3)]
+        assert len(tif.pages) == 1  # reduced levels live in SubIFDs, not as top-level pages
+        assert tif.pages[0].is_tiled and tif.pages[0].tilewidth == 256
+        full = series.asarray()
+    with open_image(sample_slide) as h:
+        expected = h.read_region(0, 500, 700, 600, 400).repeat(2, 0).repeat(2, 1)
+    np.testing.assert_array_equal(full, expected)  # zlib is lossless
+    slide = tiffslide.TiffSlide(path)
+    assert slide.level_dimensions == ((1200, 800), (600, 400), (300, 200), (150, 100))
+    assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.499 / 2)
+    with open_image(path) as back:
+        assert back.mpp == pytest.approx((0.2495, 0.2495))
+        assert len(back.levels) == 4
+
+
+def test_ome_xml_validates_and_carries_provenance(sample_slide: Path, tmp_path: Path) -> None:
+    res = _run(sample_slide, tmp_path, compression="jpeg")
+    path = Path(res.output.uri)
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.ome_metadata
+        assert tif.pages[0].compression == 7  # JPEG
+    ome = from_xml(xml, validate=True)
+    pixels = ome.images[0].pixels
+    assert (pixels.size_x, pixels.size_y, pixels.size_c) == (1200, 800, 3)
+    assert pixels.physical_size_x == pytest.approx(0.2495)
+    (map_ann,) = ome.structured_annotations.map_annotations
+    assert map_ann.namespace == NAMESPACE
+    kv = {m.k: m.value for m in map_ann.value.ms}
+    assert kv["lpfm.task"] == "super_resolution" and kv["lpfm.task.scale"] == "2"
+    assert kv["lpfm.idempotency_key"] == res.provenance.idempotency_key
+    sidecar = json.loads(Path(res.output.extra["sidecar"]).read_text())
+    assert sidecar["idempotency_key"] == res.provenance.idempotency_key
+    assert sidecar["source"]["region"] == [500, 700, 600, 400]
+    assert sidecar["output"]["uri"] == str(path.resolve())
+    # provenance readable from the TIFF alone once the sidecar is gone
+    Path(res.output.extra["sidecar"]).unlink()
+    assert read_provenance(path).idempotency_key == res.provenance.idempotency_key
+
+
+def test_rerun_is_skipped_and_force_recomputes(sample_slide: Path, tmp_path: Path) -> None:
+    first = _run(sample_slide, tmp_path)
+    again = _run(sample_slide, tmp_path)
+    assert again.skipped and again.output.uri == first.output.uri
+    assert len(list(tmp_path.glob("*.ome.tiff"))) == 1
+    other_seedless_task = _run(sample_slide, tmp_path, prompt="super-resolve by 2")  # same work, other words
+    assert other_seedless_task.skipped
+
+
+def test_explicit_path_refuses_foreign_file(sample_slide: Path, tmp_path: Path) -> None:
+    target = tmp_path / "result.ome.tiff"
+    with open_image(sample_slide) as h:
+        item = plan(h, Task(TaskKind.DENOISE), region=Region(0, 0, 200, 200))[0]
+        run_item(h, item, IdentityEngine(), OmeTiffSink(path=target))
+        item2 = plan(h, Task(TaskKind.DENOISE), region=Region(10, 0, 200, 200))[0]
+        with pytest.raises(OutputExistsError, match="different run"):
+            run_item(h, item2, IdentityEngine(), OmeTiffSink(path=target))
+        run_item(h, item2, IdentityEngine(), OmeTiffSink(path=target, overwrite=True), force=True)
+    assert read_provenance(target).source["region"] == [10, 0, 200, 200]
+
+
+def test_interrupted_run_leaves_nothing(sample_slide: Path, tmp_path: Path) -> None:
+    class Boom(IdentityEngine):
+        calls = 0
+
+        def process(self, tiles, task, seeds):  # type: ignore[override]
+            Boom.calls += 1
+            if Boom.calls == 5:
+                raise KeyboardInterrupt
+            return super().process(tiles, task, seeds)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(sample_slide, tmp_path, engine=Boom())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_never_writes_over_the_original(sample_slide: Path, tmp_path: Path) -> None:
+    img = np.zeros((64, 64, 3), np.uint8)
+    src = tmp_path / "orig.ome.tiff"
+    tifffile.imwrite(src, img, ome=True, photometric="rgb")
+    before = src.read_bytes()
+    with open_image(src) as h:
+        item = plan(h, Task(TaskKind.DENOISE))[0]
+        with pytest.raises(OutputExistsError, match="original"):
+            run_item(h, item, IdentityEngine(), OmeTiffSink(path=src, overwrite=True), force=True)
+    assert src.read_bytes() == before
+
+
+def test_multichannel_16bit_and_uncertainty(tmp_path: Path) -> None:
+    from lpfm_toolkit.sinks.base import OutputSpec
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 65535, (300, 500, 2), dtype=np.uint16)
+    unc = rng.random((300, 500, 1), dtype=np.float32)
+    spec = OutputSpec("fluo", 500, 300, ["DAPI", "FITC"], np.dtype(np.uint16), (0.3, 0.3), uncertainty=True)
+    sink = OmeTiffSink(tmp_path, tile=128)
+    from lpfm_toolkit.provenance import Provenance
+
+    prov = Provenance(source={"system": "file"}, prompt="denoise", task={"kind": "denoise"}, engine={"name": "x"},
+                      seed=0, idempotency_key="k" * 64)
+    with sink.open(spec, "k" * 64, {"system": "memory"}) as w:
+        for y in range(0, 300, 70):
+            w.write_rows(img[y : y + 70], unc[y : y + 70])
+        ref = w.commit(prov)
+    with tifffile.TiffFile(ref.uri) as tif:
+        assert len(tif.pages) == 2  # one page per channel, each with its SubIFDs
+        series = tif.series[0]
+        assert series.axes == "CYX" and len(series.levels) == n_pyramid_levels(500, 300, 128)
+        np.testing.assert_array_equal(series.asarray(), img.transpose(2, 0, 1))
+        ome = from_xml(tif.ome_metadata, validate=True)
+        assert [c.name for c in ome.images[0].pixels.channels] == ["DAPI", "FITC"]
+    with tifffile.TiffFile(ref.extra["uncertainty"]) as tif:
+        np.testing.assert_allclose(tif.series[0].asarray(), unc[:, :, 0])
+
+
+def test_engine_output_with_uncertainty_streams_to_second_file(sample_slide: Path, tmp_path: Path) -> None:
+    class Noisy(IdentityEngine):
+        def process(self, tiles, task, seeds):  # type: ignore[override]
+            out = super().process(tiles, task, seeds)
+            return EngineOutput(out.pixels, np.full(out.pixels.shape[:3] + (1,), 0.25, np.float32))
+
+    with open_image(sample_slide) as h:
+        item = plan(h, Task(TaskKind.DENOISE), region=Region(0, 0, 300, 200))[0]
+        res = run_item(h, item, Noisy(), OmeTiffSink(tmp_path), tile_size=128, overlap=16, samples_uncertainty=True)
+    u = tifffile.imread(res.output.extra["uncertainty"])
+    np.testing.assert_allclose(u, 0.25, atol=1e-6)

@@ -19,9 +19,10 @@ from lpfm_toolkit.provenance import NAMESPACE
 from lpfm_toolkit.sinks.ometiff import OmeTiffSink, n_pyramid_levels, read_provenance
 from lpfm_toolkit.sources import Region, open_image
 
+REGION = Region(500, 700, 600, 400)
 
-def _run(sample_slide: Path, out: Path, prompt: str = "sr x2", region: Region = Region(500, 700, 600, 400),
-         engine=None, **kw):
+
+def _run(sample_slide: Path, out: Path, prompt: str = "sr x2", region: Region = REGION, engine=None, **kw):
     with open_image(sample_slide) as h:
         item = plan(h, parse_prompt(prompt), region=region)[0]
         return run_item(h, item, engine or IdentityEngine(), OmeTiffSink(out, **kw), tile_size=128, overlap=16)

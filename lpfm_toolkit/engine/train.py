@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     lr: float = 5e-4
     encoder_steps: int = 300
-    restorer_steps: int = 3000
+    restorer_steps: int = 2200
     refiner_steps: int = 1500
     checkpoint_every: int = 100
     validate_every: int = 250

@@ -1,0 +1,135 @@
+"""``lpfm omero``: inspect OMERO images and enhance images, datasets or ROIs into new OMERO images."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.table import Table
+
+from lpfm_toolkit.cli.common import console, fail, handle_errors, progress_bar
+from lpfm_toolkit.cli.local import build_engine, engine_options, settings_from_flags
+
+
+def _settings(ctx: click.Context) -> Any:
+    """OMERO settings from the group's flags, ``OMERO_*`` variables and the toolkit's settings file."""
+    from lpfm_toolkit.config import load_settings
+    from lpfm_toolkit.integrations.omero.session import OmeroSettings, omero_modules
+
+    omero_modules()  # a clear "install lpfm-toolkit[omero]" before anything else
+    flags = ctx.find_root().obj.get("omero_flags", {}) if ctx.find_root().obj else {}
+    settings = OmeroSettings.resolve(settings=load_settings(), **flags)
+    if settings.host and settings.user and not settings.password and not settings.session_key \
+            and sys.stdin.isatty():
+        # only the command line may ask; library code never prompts
+        settings = OmeroSettings(**{**settings.__dict__,
+                                    "password": click.prompt(f"OMERO password for {settings.user}",
+                                                             hide_input=True)})
+    return settings
+
+
+@click.group()
+@click.option("--host", default=None, help="OMERO server (or OMERO_HOST, or omero_host in the settings file).")
+@click.option("--port", type=int, default=None, help="Port (default 4064).")
+@click.option("--user", "-u", default=None, help="User name (or OMERO_USER). The password comes from "
+              "OMERO_PASSWORD or a prompt, never a flag.")
+@click.option("--session-key", default=None, envvar="OMERO_SESSION_KEY", show_envvar=True,
+              help="Join an existing session instead of logging in (e.g. from `omero sessions key`).")
+@click.option("--group", "-g", default=None, help="Group name or id to work in.")
+@click.option("--secure/--insecure", default=None, help="Encrypt the connection (default: secure).")
+@click.pass_context
+def omero(ctx: click.Context, host: str | None, port: int | None, user: str | None, session_key: str | None,
+          group: str | None, secure: bool | None) -> None:
+    """Run lpfm over OMERO images and ROIs; results become new images next to the originals."""
+    ctx.ensure_object(dict)
+    root = ctx.find_root()
+    root.ensure_object(dict)
+    root.obj["omero_flags"] = {"host": host, "port": port, "user": user, "session_key": session_key,
+                               "group": group, "secure": secure}
+
+
+@omero.command("info")
+@click.argument("image_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def info(ctx: click.Context, image_id: int, as_json: bool) -> None:
+    """Show size, pyramid levels, pixel size, channels and ROI classes of OMERO image IMAGE_ID."""
+    from lpfm_toolkit.integrations.omero.session import OmeroSession
+    from lpfm_toolkit.integrations.omero.source import OmeroImageHandle
+
+    with OmeroSession(_settings(ctx)) as session, OmeroImageHandle(session, image_id) as handle:
+        desc = handle.describe()
+        classes: dict[str, int] = {}
+        for ann in handle.annotations():
+            key = ann.class_name or "(no class)"
+            classes[key] = classes.get(key, 0) + 1
+    desc["roi_classes"] = classes
+    if as_json:
+        console.print_json(json.dumps(desc))
+        return
+    table = Table(title=f"{desc['name']}  (OMERO image {image_id}, {desc['pixel_type']})")
+    for col in ("level", "width", "height", "downsample", "µm/px"):
+        table.add_column(col, justify="right")
+    for i, lv in enumerate(desc["levels"]):
+        mpp = f"{desc['mpp'][0] * lv['downsample']:.4g}" if desc["mpp"] else "unknown"
+        table.add_row(str(i), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.3g}", mpp)
+    console.print(table)
+    size = desc["size"]
+    console.print(f"channels: {', '.join(desc['channels'])}   Z={size['z']} T={size['t']}   "
+                  f"datasets: {', '.join(map(str, desc['datasets'])) or 'none'}")
+    rois = ", ".join(f"{k} ({v})" for k, v in sorted(classes.items())) or "none"
+    console.print(f"ROI shapes by class: {rois}")
+
+
+@omero.command("enhance")
+@click.option("--image", "image_ids", type=int, multiple=True, help="OMERO image id (repeatable).")
+@click.option("--dataset", "dataset_id", type=int, default=None, help="Every image of this dataset.")
+@click.option("--roi-class", "roi_classes", multiple=True,
+              help="Only the ROIs of this class (shape text, else ROI name); one new image per ROI (repeatable).")
+@click.option("--prompt", "-p", required=True, help='What to do, e.g. "sr x2", "denoise", "AF -> H&E".')
+@click.option("--output", type=click.Choice(["new", "channels"]), default="new", show_default=True,
+              help="new: the enhanced image; channels: original + enhanced (+ uncertainty) as one image.")
+@click.option("--target-dataset", default=None,
+              help="Dataset id or name for the results (default: the original's dataset; a name is created).")
+@click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to read.")
+@engine_options
+@click.pass_context
+@handle_errors
+def enhance(ctx: click.Context, image_ids: tuple[int, ...], dataset_id: int | None, roi_classes: tuple[str, ...],
+            prompt: str, output: str, target_dataset: str | None, level: int, force: bool, trust_pickle: bool,
+            **engine_flags: Any) -> None:
+    """Enhance OMERO images (--image … or --dataset), or only their ROIs of a class, into new images."""
+    from lpfm_toolkit.errors import RegionError
+    from lpfm_toolkit.integrations.omero.session import OmeroSession
+    from lpfm_toolkit.integrations.omero.workflow import enhance_omero
+
+    if not image_ids and dataset_id is None:
+        raise RegionError("nothing selected", "give --image ID (repeatable) or --dataset ID")
+    settings = settings_from_flags(**engine_flags)
+    omero_settings = _settings(ctx)
+    engine = build_engine(settings, trust_pickle)
+    with OmeroSession(omero_settings) as session, progress_bar(f"{prompt} (tiles of the current item)") as update:
+
+        def progress(label: str, done: int, total: int) -> None:
+            update(done, total)
+
+        run = enhance_omero(session, prompt=prompt, image_ids=image_ids, dataset_id=dataset_id,
+                            roi_classes=roi_classes, output=output, target_dataset=target_dataset, engine=engine,
+                            level=level, seed=settings.seed, tile_size=settings.tile_size,
+                            overlap=settings.overlap, force=force, uncertainty=settings.samples > 1,
+                            progress=progress)
+    table = Table(title=f"lpfm omero enhance: {prompt}")
+    for col, justify in (("image", "right"), ("item", "left"), ("status", "left"), ("new image", "right"),
+                         ("note", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for o in run.outcomes:
+        table.add_row(str(o.image_id), o.label, o.status, str(o.new_image_id or ""), o.error or "")
+    console.print(table)
+    counts = run.counts()
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    if run.failed:
+        fail(f"{len(run.failed)} of {len(run.outcomes)} items failed", "see the table above; re-running skips "
+             "finished items", 1)

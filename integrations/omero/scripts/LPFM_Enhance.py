@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""LPFM_Enhance: enhance OMERO images (or their ROIs of a class) by prompt, from OMERO.web.
+
+Upload this file as an official script (see docs/omero.md). It needs lpfm-toolkit installed in the Python
+environment of the OMERO processor. Results are new images next to the originals, with the provenance
+as key-value pairs (namespace lpfm-toolkit/provenance) and a JSON file annotation; re-running the same
+request creates nothing new. Work that does not fit in the time limit is listed as "not run": run the
+script again (finished results are skipped), or use the `lpfm omero enhance` command for large jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import omero.scripts as scripts
+from omero.gateway import BlitzGateway
+from omero.model import ImageI
+from omero.rtypes import rlong, robject, rstring
+
+NAME = "LPFM_Enhance.py"
+DESCRIPTION = (
+    "Enhance images by prompt with lpfm-toolkit (super-resolution x2/x4/x8, deblur, denoise, virtual staining). "
+    "Results are new images in the same dataset, with provenance; originals are never modified."
+)
+ENGINES = ("auto", "classical", "lpfm")
+
+
+def parameters() -> list:
+    """The script's inputs and outputs, as OMERO.web shows them."""
+    return [
+        scripts.String("Data_Type", optional=False, grouping="1", description="Choose images or datasets",
+                       values=[rstring("Image"), rstring("Dataset")], default="Image"),
+        scripts.List("IDs", optional=False, grouping="2", description="Image or dataset IDs").ofType(rlong(0)),
+        scripts.String("Prompt", optional=False, grouping="3", default="sr x2",
+                       description='What to do, e.g. "sr x2", "super-resolve x4", "denoise", "deblur", "AF -> H&E"'),
+        scripts.String("Model", optional=True, grouping="4", default="auto",
+                       description="auto, classical (no weights), or the name or folder of a model bundle"),
+        scripts.String("ROI_Class", optional=True, grouping="5",
+                       description="Only ROIs of this class (shape text or ROI name); one new image per ROI. "
+                                   "Several classes: separate with commas"),
+        scripts.String("Output_Mode", optional=False, grouping="6", default="new",
+                       values=[rstring("new"), rstring("channels")],
+                       description="new: the enhanced image; channels: original + enhanced channels in one image"),
+        scripts.Long("Seed", optional=True, grouping="7", default=0, min=0, description="Random seed"),
+        scripts.Long("Time_Limit_Minutes", optional=True, grouping="8", default=50, min=1,
+                     description="Stop starting new work after this long (stay under the server's script limit)"),
+        scripts.String("Message", optional=True, out=True, description="What was done"),
+        scripts.Object("New_Image", optional=True, out=True, description="The first new image"),
+    ]
+
+
+def engine_choice(model: str | None) -> tuple[str, dict]:
+    """Model parameter → (engine name, engine options)."""
+    model = (model or "auto").strip()
+    if model in ENGINES:
+        return model, {}
+    return "lpfm", {"model": model}
+
+
+def run(conn: BlitzGateway, params: dict) -> tuple[str, list[int], object]:
+    """Run the request in ``params`` (unwrapped script inputs) on ``conn``; returns (message, new ids, run)."""
+    from lpfm_toolkit.integrations.omero.session import OmeroSession
+    from lpfm_toolkit.integrations.omero.workflow import enhance_omero
+
+    ids = [int(i) for i in params.get("IDs") or []]
+    image_ids = ids if params.get("Data_Type", "Image") == "Image" else []
+    dataset_ids = ids if params.get("Data_Type") == "Dataset" else []
+    classes = [c.strip() for c in (params.get("ROI_Class") or "").split(",") if c.strip()]
+    engine_name, engine_options = engine_choice(params.get("Model"))
+    budget = float(params.get("Time_Limit_Minutes") or 50) * 60
+    started = time.monotonic()
+    session = OmeroSession(conn=conn)  # the script's own session: used, never closed here
+    outcomes = []
+    with session:
+        targets = [(None, image_ids)] if image_ids else [(d, []) for d in dataset_ids]
+        for dataset_id, images in targets:
+            left = budget - (time.monotonic() - started)
+            result = enhance_omero(session, prompt=str(params["Prompt"]), image_ids=images, dataset_id=dataset_id,
+                                   roi_classes=classes, output=str(params.get("Output_Mode") or "new"),
+                                   engine_name=engine_name, engine_options=engine_options,
+                                   seed=int(params.get("Seed") or 0), time_budget_s=max(0.0, left))
+            outcomes.extend(result.outcomes)
+    new_ids = [o.new_image_id for o in outcomes if o.status == "created" and o.new_image_id is not None]
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    parts = [f"{v} {k}" for k, v in counts.items()]
+    message = "lpfm: " + (", ".join(parts) if parts else "nothing to do")
+    not_run = [o.label for o in outcomes if o.status == "not run"]
+    if not_run:
+        message += f". Not run (time limit): {len(not_run)}; run the script again to continue"
+    failed = [f"{o.label}: {o.error}" for o in outcomes if o.status == "failed"]
+    if failed:
+        message += ". Failed: " + "; ".join(failed[:3]) + (" …" if len(failed) > 3 else "")
+    return message, new_ids, outcomes
+
+
+def main() -> None:
+    client = scripts.client(NAME, DESCRIPTION, *parameters(), version="1", authors=["lpfm-toolkit developers"],
+                            institutions=["lpfm-toolkit"])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = client.getInputs(unwrap=True)
+        conn = BlitzGateway(client_obj=client)
+        message, new_ids, outcomes = run(conn, params)
+        for o in outcomes:
+            print(f"{o.status:8} image {o.image_id}  {o.label}  {o.new_image_id or ''}  {o.error or ''}")
+        client.setOutput("Message", rstring(message))
+        if new_ids:
+            client.setOutput("New_Image", robject(ImageI(new_ids[0], False)))
+    except Exception as exc:  # the message shows in OMERO.web; the traceback goes to the job's stderr
+        client.setOutput("Message", rstring(f"lpfm failed: {exc}"))
+        raise
+    finally:
+        client.closeSession()
+
+
+if __name__ == "__main__":
+    main()

@@ -137,7 +137,7 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
     """Pixels of any integer type → float32 in [0, 1] (floats are passed through)."""
     if pixels.dtype.kind == "f":
         return pixels.astype(np.float32, copy=False)
-    return pixels.astype(np.float32) / _max_value(pixels.dtype)
+    return np.multiply(pixels, np.float32(1.0 / _max_value(pixels.dtype)), dtype=np.float32)
 
 
 def from_float(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -196,51 +196,82 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
     source = source_record(handle, item)
 
     t_start = time.perf_counter()
-    engine.prepare(task, _overview(handle, item))
+    overview = _overview(handle, item)
+    t0 = time.perf_counter()
+    engine.prepare(task, overview)
+    prepare_seconds = time.perf_counter() - t0
     grid = TileGrid(item.region.width, item.region.height, tile, ovl)
     blender = RowBlender(grid, s, len(channels_out))
     in_hash, out_hash = hashlib.sha256(), hashlib.sha256()
-    engine_seconds = 0.0
+    engine_seconds = prepare_seconds
     done = 0
     total = len(grid)
     r = item.region
 
-    def read_band(row: int) -> np.ndarray:
-        return handle.read_region(item.level, r.x, r.y + grid.ys[row], r.width, grid.tile_height)
+    hashed_to = 0  # input rows already hashed (region coordinates); touched by the reader thread only
 
-    hashed_to = 0  # input rows already hashed (region coordinates)
-    with sink.open(spec, key, source) as writer, ThreadPoolExecutor(1, thread_name_prefix="lpfm-read") as pool:
-        future = pool.submit(read_band, 0)
-        for row in range(grid.n_rows):
-            band = future.result()
-            if row + 1 < grid.n_rows:
-                future = pool.submit(read_band, row + 1)  # prefetch the next band while the engine runs
-            y = grid.ys[row]
-            if y + band.shape[0] > hashed_to:
-                in_hash.update(np.ascontiguousarray(band[hashed_to - y :]).tobytes())
-                hashed_to = y + band.shape[0]
-            fband = to_float(band)
-            tiles = grid.row(row)
-            bs = max(1, engine.batch_size)
-            for b in range(0, len(tiles), bs):
-                batch = tiles[b : b + bs]
-                stack = np.stack([fband[:, t.x : t.x + t.width] for t in batch])
-                seeds = [tile_seed(item.seed, item.level, r.x + t.x, r.y + t.y) for t in batch]
-                t0 = time.perf_counter()
-                result = engine.process(stack, task, seeds)
-                engine_seconds += time.perf_counter() - t0
-                for i, t in enumerate(batch):
-                    unc = result.uncertainty[i] if result.uncertainty is not None else None
-                    blender.add(t, result.pixels[i], unc)
-                done += len(batch)
-                if progress is not None:
-                    progress(done, total)
-            rows, unc_rows = blender.release(row)
-            out_rows = from_float(rows, out_dtype)
-            out_hash.update(np.ascontiguousarray(out_rows).tobytes())
-            if samples_uncertainty and unc_rows is None:
-                unc_rows = np.zeros(rows.shape[:2] + (1,), np.float32)
-            writer.write_rows(out_rows, unc_rows if samples_uncertainty else None)
+    def read_band(row: int) -> np.ndarray:
+        """Reader stage: read one band of tile rows, hash its new rows, convert to float."""
+        nonlocal hashed_to
+        y = grid.ys[row]
+        band = handle.read_region(item.level, r.x, r.y + y, r.width, grid.tile_height)
+        if y + band.shape[0] > hashed_to:
+            in_hash.update(np.ascontiguousarray(band[hashed_to - y :]).tobytes())
+            hashed_to = y + band.shape[0]
+        return to_float(band)
+
+    def finish_row(row: int, results: list[tuple[list[Any], Any]]) -> None:
+        """Writer stage: blend a row of tile outputs, release finished rows, hash and write them."""
+        for batch, result in results:
+            for i, t in enumerate(batch):
+                unc = result.uncertainty[i] if result.uncertainty is not None else None
+                blender.add(t, result.pixels[i], unc)
+        rows, unc_rows = blender.release(row)
+        out_rows = from_float(rows, out_dtype)
+        out_hash.update(np.ascontiguousarray(out_rows).tobytes())
+        if samples_uncertainty and unc_rows is None:
+            unc_rows = np.zeros(rows.shape[:2] + (1,), np.float32)
+        writer.write_rows(out_rows, unc_rows if samples_uncertainty else None)
+
+    # Three stages overlap: the reader prefetches the next band and the writer blends and writes the
+    # previous row while the engine works, so on a multi-core machine I/O hides behind the engine.
+    # At most one band is read ahead and one row is being written: memory stays bounded.
+    with sink.open(spec, key, source) as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="lpfm-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="lpfm-write") as post:
+        future = reader.submit(read_band, 0)
+        pending = None
+        try:
+            for row in range(grid.n_rows):
+                fband = future.result()
+                if row + 1 < grid.n_rows:
+                    future = reader.submit(read_band, row + 1)
+                tiles = grid.row(row)
+                bs = max(1, engine.batch_size)
+                results: list[tuple[list[Any], Any]] = []
+                for b in range(0, len(tiles), bs):
+                    batch = tiles[b : b + bs]
+                    stack = np.stack([fband[:, t.x : t.x + t.width] for t in batch])
+                    seeds = [tile_seed(item.seed, item.level, r.x + t.x, r.y + t.y) for t in batch]
+                    t0 = time.perf_counter()
+                    results.append((batch, engine.process(stack, task, seeds)))
+                    engine_seconds += time.perf_counter() - t0
+                    done += len(batch)
+                    if progress is not None:
+                        progress(done, total)
+                if pending is not None:
+                    pending.result()  # back-pressure, and re-raises the writer's errors here
+                pending = post.submit(finish_row, row, results)
+            if pending is not None:
+                pending.result()
+                pending = None
+        finally:
+            if pending is not None:  # stop the writer before the sink aborts and removes its files
+                pending.cancel()
+                try:
+                    pending.result()
+                except BaseException:  # noqa: BLE001 - the first error is the one being raised
+                    pass
         total_seconds = time.perf_counter() - t_start
         prov = Provenance(
             source=source,

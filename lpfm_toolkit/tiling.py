@@ -115,6 +115,20 @@ class RowBlender:
         self._acc = np.zeros((0, self.out_width, channels), dtype=np.float32)
         self._wsum = np.zeros((0, self.out_width, 1), dtype=np.float32)
         self._extra_acc: np.ndarray | None = None
+        self._scratch: np.ndarray | None = None
+        self._weights: dict[tuple[int, int], np.ndarray] = {}
+
+    def _weight(self, row: int, col: int) -> np.ndarray:
+        """The 2-D weight of a tile; interior tiles share one array (only border tiles differ)."""
+        kr = 0 if row == 0 else (2 if row == len(self._wy) - 1 else 1)
+        kc = 0 if col == 0 else (2 if col == len(self._wx) - 1 else 1)
+        # Inner tiles have equal ramps except next to the last one (its overlap can be larger).
+        key = (row if kr != 1 or row == len(self._wy) - 2 else -1, col if kc != 1 or col == len(self._wx) - 2 else -1)
+        w = self._weights.get(key)
+        if w is None:
+            w = np.outer(self._wy[row], self._wx[col]).astype(np.float32)[:, :, None]
+            self._weights[key] = w
+        return w
 
     def _ensure(self, bottom: int) -> None:
         held = self._top + self._acc.shape[0]
@@ -134,12 +148,14 @@ class RowBlender:
         h, w = pixels.shape[:2]
         if (h, w) != (tile.height * s, tile.width * s):
             raise ValueError(f"engine returned a {h}×{w} tile, expected {tile.height * s}×{tile.width * s}")
-        weight = np.outer(self._wy[tile.row], self._wx[tile.col]).astype(np.float32)[:, :, None]
+        weight = self._weight(tile.row, tile.col)
         if extra is not None and self._extra_acc is None:
             self._extra_acc = np.zeros((self._acc.shape[0], self.out_width, extra.shape[2]), np.float32)
         self._ensure(y0 + h)
         r0 = y0 - self._top
-        self._acc[r0 : r0 + h, x0 : x0 + w] += pixels * weight
+        self._scratch = np.multiply(pixels, weight, out=self._scratch if self._scratch is not None and
+                                    self._scratch.shape == pixels.shape else None, dtype=np.float32)
+        self._acc[r0 : r0 + h, x0 : x0 + w] += self._scratch
         self._wsum[r0 : r0 + h, x0 : x0 + w] += weight
         if extra is not None:
             self._extra_acc[r0 : r0 + h, x0 : x0 + w] += extra * weight  # type: ignore[index]

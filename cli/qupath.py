@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from lpfm_toolkit.cli.common import console, handle_errors, progress_bar
-from lpfm_toolkit.cli.local import build_engine, engine_options, settings_from_flags
 from rich.table import Table
 from rich.text import Text
+
+from lpfm_toolkit.cli.common import console, handle_errors, progress_bar
+from lpfm_toolkit.cli.local import build_engine, engine_options, settings_from_flags
 
 
 def project_options(func: Any) -> Any:
@@ -95,9 +96,8 @@ def enhance(project: Path, prompt: str, images: tuple[str, ...], classes: tuple[
             remaps: tuple[str, ...], annotations: Path | None, force: bool, trust_pickle: bool,
             **flags: Any) -> None:
     """Enhance images of PROJECT (or their annotated regions) by PROMPT; each result is a new entry."""
-    from lpfm_toolkit.integrations.qupath import enhance_project
-
     from lpfm_toolkit.errors import ConfigError
+    from lpfm_toolkit.integrations.qupath import enhance_project
 
     settings = settings_from_flags(**flags)
     with _open(project, backend, remaps, annotations) as proj:

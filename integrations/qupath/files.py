@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lpfm_toolkit.errors import ProjectError
 from lpfm_toolkit.integrations.qupath.entries import (
     KEY_IDEMPOTENCY,
     ProjectEntry,
@@ -24,8 +25,6 @@ from lpfm_toolkit.integrations.qupath.entries import (
     parse_version,
     server_json,
 )
-
-from lpfm_toolkit.errors import ProjectError
 from lpfm_toolkit.sources.base import Annotation
 
 log = logging.getLogger(__name__)

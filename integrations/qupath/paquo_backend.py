@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lpfm_toolkit.errors import MissingDependencyError, ProjectError
 from lpfm_toolkit.integrations.qupath.entries import KEY_IDEMPOTENCY, ProjectEntry, parse_version
 from lpfm_toolkit.integrations.qupath.geojson import parse_feature
-
-from lpfm_toolkit.errors import MissingDependencyError, ProjectError
 from lpfm_toolkit.sources.base import Annotation, Level
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from lpfm_toolkit.errors import ConfigError, ProjectError, SlideNotFoundError
 from lpfm_toolkit.integrations.qupath import geojson
 from lpfm_toolkit.integrations.qupath.entries import (
     KEY_ANNOTATIONS,
@@ -28,8 +29,6 @@ from lpfm_toolkit.integrations.qupath.entries import (
 )
 from lpfm_toolkit.integrations.qupath.files import FileBackend, project_file
 from lpfm_toolkit.integrations.qupath.uris import Remap, Resolution, resolve_image
-
-from lpfm_toolkit.errors import ConfigError, ProjectError, SlideNotFoundError
 from lpfm_toolkit.sources.base import Annotation, ImageHandle, Level
 
 log = logging.getLogger(__name__)

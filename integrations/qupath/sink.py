@@ -27,7 +27,6 @@ from lpfm_toolkit.integrations.qupath.entries import (
 )
 from lpfm_toolkit.integrations.qupath.geojson import carry_over, write_geojson
 from lpfm_toolkit.integrations.qupath.uris import as_local, path_from_uri, uri_from_path
-
 from lpfm_toolkit.provenance import Provenance
 from lpfm_toolkit.sinks.base import OutputRef, OutputSpec, Sink, SinkWriter
 from lpfm_toolkit.sinks.ometiff import OmeTiffSink, sidecar_path

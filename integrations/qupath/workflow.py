@@ -15,11 +15,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lpfm_toolkit.integrations.qupath.entries import ProjectEntry
-from lpfm_toolkit.integrations.qupath.project import QuPathProject
-
 from lpfm_toolkit.engine.base import Engine
 from lpfm_toolkit.errors import LpfmError, ProjectError
+from lpfm_toolkit.integrations.qupath.entries import ProjectEntry
+from lpfm_toolkit.integrations.qupath.project import QuPathProject
 from lpfm_toolkit.pipeline import ProgressFn, WorkItem, plan, run_item
 from lpfm_toolkit.prompts import Task, parse_prompt
 

@@ -73,3 +73,16 @@ def box_feature(x: float, y: float, w: float, h: float, cls: str | None, name: s
     return {"type": "Feature", "id": ident,
             "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]},
             "properties": props}
+
+
+@pytest.fixture(scope="session")
+def qp() -> object:
+    """The helpers above, for test modules (``--import-mode=importlib`` cannot import conftest)."""
+
+    class Helpers:
+        copy_tree = staticmethod(copy_tree)
+        write_project = staticmethod(write_project)
+        box_feature = staticmethod(box_feature)
+        sample_size = SAMPLE_SIZE
+
+    return Helpers

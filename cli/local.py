@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from lpfm_toolkit.cli.common import console, handle_errors, progress_bar
 from rich.table import Table
 
+from lpfm_toolkit.cli.common import console, handle_errors, progress_bar
 from lpfm_toolkit.config import load_settings
 from lpfm_toolkit.errors import SlideNotFoundError
 
@@ -64,7 +64,7 @@ def settings_from_flags(**flags: Any) -> Any:
 
 
 def run_local(slide: Path, prompt: str, level: int, region_text: str | None, out: str | None, settings: Any,
-              force: bool, trust_pickle: bool, mpp: float | None = None) -> Any:
+              force: bool, trust_pickle: bool, mpp: float | None = None, preview: str | None = None) -> Any:
     """Open, plan and run one local enhancement with a progress bar; returns the EnhanceResult."""
     from lpfm_toolkit.pipeline import plan, run_item
     from lpfm_toolkit.prompts import parse_prompt
@@ -82,8 +82,15 @@ def run_local(slide: Path, prompt: str, level: int, region_text: str | None, out
     with open_image(slide, mpp=mpp) as handle:
         item = plan(handle, task, level=level, region=region, seed=settings.seed)[0]
         with progress_bar(f"{task.label} · {handle.name}") as update:
-            return run_item(handle, item, engine, sink, tile_size=settings.tile_size, overlap=settings.overlap,
-                            force=force, samples_uncertainty=settings.samples > 1, progress=update)
+            result = run_item(handle, item, engine, sink, tile_size=settings.tile_size, overlap=settings.overlap,
+                              force=force, samples_uncertainty=settings.samples > 1, progress=update)
+        if preview:
+            from lpfm_toolkit.preview import write_preview
+
+            png = write_preview(handle, item, result.output.uri, preview,
+                                uncertainty=result.output.extra.get("uncertainty"))
+            result.output.extra["preview"] = str(png)
+        return result
 
 
 def report(result: Any) -> None:
@@ -101,6 +108,8 @@ def report(result: Any) -> None:
     console.print(f"provenance: {out.extra.get('sidecar')}")
     if out.extra.get("uncertainty"):
         console.print(f"uncertainty: {out.extra['uncertainty']}")
+    if out.extra.get("preview"):
+        console.print(f"before/after: {out.extra['preview']}")
 
 
 @click.command()
@@ -134,13 +143,14 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
 @click.option("--region", "region_text", default=None, help="x,y,width,height in pixels of the level (default: all).")
 @click.option("--out", default=None, help="Output folder, or a file name ending in .ome.tiff (default: lpfm-out/).")
 @click.option("--mpp", type=float, default=None, help="Pixel size in µm for images that do not record it.")
+@click.option("--preview", default=None, help="Also write a before/after PNG of the centre of the region here.")
 @engine_options
 @handle_errors
 def enhance(slide: Path, prompt: str, level: int, region_text: str | None, out: str | None, mpp: float | None,
-            force: bool, trust_pickle: bool, **flags: Any) -> None:
+            preview: str | None, force: bool, trust_pickle: bool, **flags: Any) -> None:
     """Enhance or virtually stain SLIDE by PROMPT into a new pyramidal OME-TIFF (the original is untouched)."""
     settings = settings_from_flags(**flags)
-    report(run_local(slide, prompt, level, region_text, out, settings, force, trust_pickle, mpp))
+    report(run_local(slide, prompt, level, region_text, out, settings, force, trust_pickle, mpp, preview))
 
 
 @click.command()
@@ -153,8 +163,10 @@ def demo(prompt: str, region_text: str, out: str | None, force: bool, trust_pick
     """Enhance a region of the bundled CC0 sample slide (CMU-1 cut, Aperio SVS) and say where it went."""
     settings = settings_from_flags(**flags)
     slide = sample_slide_path()
+    out = out or settings.output_dir
     console.print(f"sample slide: {slide.name} (CC0, OpenSlide CMU-1 cut), region {region_text}, prompt {prompt!r}")
-    report(run_local(slide, prompt, 0, region_text, out, settings, force, trust_pickle))
+    preview = str(Path(out) / "demo-before-after.png")
+    report(run_local(slide, prompt, 0, region_text, out, settings, force, trust_pickle, preview=preview))
 
 
 @click.group()

@@ -109,6 +109,12 @@ def test_demo_writes_pyramid_and_sidecar(runner: CliRunner, tmp_path: Path) -> N
     out = next(tmp_path.glob("*.ome.tiff"))
     assert str(out) in res.output and "provenance:" in res.output
     check_output(out, 1024, 1024, 0.2495)
+    from PIL import Image
+
+    png = tmp_path / "demo-before-after.png"
+    assert f"before/after: {png}" in res.output
+    with Image.open(png) as im:
+        assert im.size == (2 * (384 + 10) + 10, 384 + 40)  # input and output side by side
 
 
 def test_provenance_show_and_reproduce(runner: CliRunner, sample_slide: Path, tmp_path: Path) -> None:

@@ -50,15 +50,16 @@ class TrainConfig:
     seed: int = 0
     lr: float = 5e-4
     encoder_steps: int = 300
-    restorer_steps: int = 2200
-    refiner_steps: int = 1500
+    restorer_steps: int = 1600
+    refiner_steps: int = 800
+    refiner_batch: int = 8
     checkpoint_every: int = 100
     validate_every: int = 250
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "sr2": 1.0, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5})
     restorer: dict[str, Any] = field(default_factory=dict)
     encoder: dict[str, Any] = field(default_factory=dict)
-    refiner: dict[str, Any] = field(default_factory=dict)
+    refiner: dict[str, Any] = field(default_factory=lambda: {"block_out_channels": [16, 32, 64]})
     pairs: str | None = None  # folder of registered source/target pairs for virtual staining
 
     def to_dict(self) -> dict[str, Any]:
@@ -346,8 +347,13 @@ def train_encoder(bank: TileBank, config: TrainConfig, work_dir: Path, progress:
 
 
 def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer: Restorer, encoder: StainEncoder,
-                  progress: TrainProgress | None = None, resume: bool = True) -> Refiner:
-    """Denoising diffusion on the residual clean − restored, conditioned on the restored tile and task."""
+                  progress: TrainProgress | None = None, resume: bool = True,
+                  follow_restorer: Path | None = None, follow_every: int = 50) -> Refiner:
+    """Denoising diffusion on the residual clean − restored, conditioned on the restored tile and task.
+
+    ``follow_restorer``: a restorer checkpoint still being trained by another process; its weights are
+    reloaded every ``follow_every`` steps so the refiner tracks the restorer it will run behind.
+    """
     torch.manual_seed(config.seed + 2)
     refiner_cfg = {"feature_dim": encoder.config.feature_dim, **config.refiner}
     model = Refiner(**refiner_cfg)
@@ -358,9 +364,11 @@ def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer:
     encoder.eval().requires_grad_(False)
 
     def step_fn(step: int) -> dict[str, float]:
+        if follow_restorer is not None and step % follow_every == 0 and follow_restorer.exists():
+            _follow(follow_restorer, restorer)
         rng, g = batch_rng(config.seed, step, stream=3)
-        clean = bank.crops(config.batch, config.crop, rng)
-        tasks = _sample_tasks(config, rng, config.batch)
+        clean = bank.crops(config.refiner_batch, config.crop, rng)
+        tasks = _sample_tasks(config, rng, config.refiner_batch)
         task_ids = torch.tensor([codes[t] for t in tasks])
         inputs = degraded_pairs(clean, tasks, g)
         with torch.no_grad():
@@ -379,6 +387,16 @@ def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer:
           progress, resume)
     _save_component(work_dir / "refiner", model)
     return model
+
+
+def _follow(checkpoint: Path, model: torch.nn.Module) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        state = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}  # noqa: SIM118
+        step = f.metadata().get("step")
+    model.load_state_dict(state)
+    log.info("refiner now follows restorer step %s", step)
 
 
 def _save_component(folder: Path, model: torch.nn.Module) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lpfm_toolkit.errors import ConnectionFailedError, RegionError
+from lpfm_toolkit.errors import LpfmError, RegionError
 from lpfm_toolkit.integrations.omero.session import (
     OmeroSession,
     SessionLostError,
@@ -36,7 +36,6 @@ from lpfm_toolkit.integrations.omero.source import (
     pixel_type_name,
     shape_kind,
 )
-from lpfm_toolkit.pipeline import from_float, to_float
 from lpfm_toolkit.provenance import NAMESPACE, Provenance
 from lpfm_toolkit.sinks.base import OutputRef, OutputSpec, Sink, SinkWriter
 
@@ -237,7 +236,7 @@ class OmeroSink(Sink):
             state = None
             prov = None
             for link in conn.getAnnotationLinks("Image", parent_ids=[image_id], ns=NAMESPACE):
-                ann = link.getChild()
+                ann = link.getAnnotation()
                 if isinstance(ann, MapAnnotationWrapper):
                     state = dict((k, v) for k, v in ann.getValue()).get(STATE)
                 elif isinstance(ann, FileAnnotationWrapper):
@@ -301,6 +300,8 @@ class OmeroWriter(SinkWriter):
         c0 = self.n_orig
         self.pixels[a:b, :, c0 : c0 + rows.shape[2]] = rows
         if self.sink.mode == "channels":
+            from lpfm_toolkit.pipeline import from_float  # keeps the connector's import free of the engine
+
             self.pixels[a:b, :, :c0] = self._original_rows(a, b)
             if self.spec.uncertainty:
                 unc = uncertainty if uncertainty is not None else np.zeros((n, rows.shape[1], 1), np.float32)
@@ -315,6 +316,8 @@ class OmeroWriter(SinkWriter):
         src_a, src_b = int(a // s), min(h, int(np.ceil(b / s)))
         orig = self.sink.handle.read_region(self.level, x, y + src_a, w, src_b - src_a)
         if orig.dtype != self.dtype:
+            from lpfm_toolkit.pipeline import from_float, to_float
+
             orig = from_float(to_float(orig), self.dtype)
         k = round(s)
         if k > 1:
@@ -333,22 +336,23 @@ class OmeroWriter(SinkWriter):
                     image_id = self._create(provenance)
                     break
                 except Exception as exc:
-                    self._cleanup_partial()
-                    if attempt == 0 and is_session_lost(exc):
+                    lost = is_session_lost(exc)
+                    self._cleanup_partial()  # keeps the id when the connection is gone
+                    if attempt == 0 and lost:
                         log.warning("upload of %r interrupted (%s); reconnecting and uploading again",
                                     self.spec.name, describe_server_error(exc))
-                        self.sink.session.reconnect(exc)
+                        try:
+                            self.sink.session.reconnect(exc)
+                        except LpfmError as again:
+                            raise self._left_behind(again) from exc
                         self._cleanup_partial()
                         continue
-                    if isinstance(exc, permission_types()):
-                        raise permission_error(exc, f"create an image in dataset {self.sink.dataset_id}") from exc
                     if self.image_id is not None:
-                        raise ConnectionFailedError(
-                            f"uploading {self.spec.name!r} failed ({describe_server_error(exc)}) and the partial "
-                            f"image {self.image_id} could not be deleted",
-                            "it is marked lpfm.state=writing and the next run deletes it; or delete it in OMERO.web",
-                        ) from exc
-                    if is_session_lost(exc):
+                        raise self._left_behind(exc) from exc
+                    if isinstance(exc, permission_types()):
+                        raise permission_error(exc, f"write {self.spec.name!r} (dataset {self.sink.dataset_id})") \
+                            from exc
+                    if lost:
                         raise SessionLostError(f"the OMERO session was lost while uploading {self.spec.name!r} "
                                                f"({describe_server_error(exc)})",
                                                "nothing was left behind; re-run the same command") from exc
@@ -536,23 +540,32 @@ class OmeroWriter(SinkWriter):
         conn.getUpdateService().saveObject(link, conn.SERVICE_OPTS)
 
     # -- failure -----------------------------------------------------------------------------------------------
+    def _left_behind(self, exc: BaseException) -> Exception:
+        """The error to raise when a partial image could not be deleted: it names the image."""
+        if self.image_id is None:
+            return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+        why = exc.message if isinstance(exc, LpfmError) else describe_server_error(exc)
+        return SessionLostError(
+            f"writing {self.spec.name!r} failed ({why}) and the partial image {self.image_id} could not be deleted",
+            "it is marked lpfm.state=writing: the next run of the same command deletes it (or delete it in "
+            "OMERO.web)",
+        )
+
     def _cleanup_partial(self) -> None:
-        """Delete the image a failed upload created (if the connection allows; else say which one)."""
+        """Delete the image a failed upload created; keep its id when the connection is gone."""
         image_id, self.image_id = self.image_id, None
         if image_id is None:
             return
+        conn = self.sink.session.conn
+        if conn is None:
+            self.image_id = image_id
+            return
         try:
-            self.sink.session.conn.deleteObjects("Image", [image_id], deleteAnns=True, deleteChildren=True,
-                                                 wait=True)
+            conn.deleteObjects("Image", [image_id], deleteAnns=True, deleteChildren=True, wait=True)
             log.info("deleted the partial image %s", image_id)
         except Exception as exc:
-            if is_session_lost(exc):
-                # marked "writing": the next run's find() deletes it; keep the id for the reconnect attempt
-                self.image_id = image_id
-            else:
-                raise ConnectionFailedError(f"could not delete the partial image {image_id} "
-                                            f"({describe_server_error(exc)})",
-                                            "delete it in OMERO.web; it is not a finished result") from exc
+            self.image_id = image_id  # marked "writing": the next run's find() deletes it
+            log.warning("could not delete the partial image %s: %s", image_id, describe_server_error(exc))
 
     def _release_spool(self) -> None:
         if self._spool_path is not None:

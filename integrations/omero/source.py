@@ -215,6 +215,7 @@ class OmeroImageHandle(ImageHandle):
         self._channels = self._channel_names(image)
         self._lock = threading.RLock()
         self._rps: Any = None
+        self._rps_conn: Any = None
         self._rps_level: int | None = None
         self._rois: list[Any] | None = None
         self._levels: list[Level] = []
@@ -293,7 +294,7 @@ class OmeroImageHandle(ImageHandle):
             self._limits = read_limits(conn, rps)
         except permission_types() as exc:
             raise permission_error(exc, f"read the pixels of image {self.image_id}") from exc
-        self._rps, self._rps_level = rps, None
+        self._rps, self._rps_level, self._rps_conn = rps, None, conn
         # descriptions: largest first; OMERO numbers resolution levels the other way (n-1 = full size)
         full = descriptions[0].sizeX if descriptions else self.size_x
         self._levels = [Level(int(d.sizeX), int(d.sizeY), full / float(d.sizeX)) for d in descriptions] or \
@@ -347,6 +348,8 @@ class OmeroImageHandle(ImageHandle):
 
     def _get_tiles(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         conn = self.session.conn
+        if self._rps is None or self._rps_conn is not conn:  # the session reconnected since (e.g. in a sink)
+            self._open_store()
         rps = self._rps
         n = len(self._levels)
         if self._rps_level != level:

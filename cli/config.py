@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import click
-from lpfm_toolkit.cli.common import console, handle_errors
 from rich.table import Table
+
+from lpfm_toolkit.cli.common import console, handle_errors
 
 
 @click.group()

@@ -45,6 +45,8 @@ def engine_options(func: Any) -> Any:
         click.option("--overlap", type=int, default=None, help="Tile overlap in input pixels (default 32)."),
         click.option("--compression", type=click.Choice(["auto", "jpeg", "zlib", "zstd", "lzw", "none"]),
                      default=None, help="auto: JPEG for 8-bit RGB, zlib otherwise."),
+        click.option("--tiff-tile", type=click.Choice(["256", "512"]), default=None,
+                     help="Tile size of the output OME-TIFF (default 512)."),
         click.option("--force", is_flag=True, help="Redo work even if an identical result exists."),
     ]
     for opt in reversed(opts):

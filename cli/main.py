@@ -6,9 +6,9 @@ import importlib
 from typing import Any
 
 import click
-from lpfm_toolkit.cli.common import setup_logging
 
 from lpfm_toolkit import __version__
+from lpfm_toolkit.cli.common import setup_logging
 
 # name → "module:attribute"; modules are imported only when the command runs or its help is shown.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {

@@ -81,6 +81,15 @@ def test_ome_multichannel_16bit(tmp_path: Path) -> None:
         assert len(h.levels) == 2
 
 
+def test_generic_tiled_rgb_tiff_goes_through_openslide(tmp_path: Path) -> None:
+    img = np.random.default_rng(5).integers(0, 255, (300, 500, 3), dtype=np.uint8)
+    p = tmp_path / "generic.tif"
+    tifffile.imwrite(p, img, tile=(128, 128), photometric="rgb", compression="zlib")
+    with open_image(p) as h:
+        assert isinstance(h, OpenSlideHandle)
+        np.testing.assert_array_equal(h.read_region(0, 50, 60, 200, 100), img[60:160, 50:250])
+
+
 def test_plain_untiled_tiff_with_resolution(tmp_path: Path) -> None:
     img = np.arange(120 * 90, dtype=np.uint16).reshape(120, 90)
     p = tmp_path / "plain.tif"

@@ -307,8 +307,9 @@ def open_local(path: str | Path, mpp: float | None = None) -> ImageHandle:
     if suffix in OPENSLIDE_SUFFIXES or suffix not in TIFF_SUFFIXES:
         import openslide
 
-        vendor = openslide.OpenSlide.detect_format(str(p))
-        if vendor is not None and vendor != "generic-tiff":
+        # OpenSlide takes vendor formats and tiled 8-bit RGB TIFF ("generic-tiff"); untiled, 16-bit and
+        # multi-channel TIFFs are not detected by it and go to tifffile below.
+        if openslide.OpenSlide.detect_format(str(p)) is not None:
             return OpenSlideHandle(p)
     if suffix in TIFF_SUFFIXES or _looks_like_tiff(p):
         return TiffHandle(p)

@@ -21,6 +21,7 @@ from lpfm_toolkit.integrations.qupath.entries import ProjectEntry
 from lpfm_toolkit.integrations.qupath.project import QuPathProject
 from lpfm_toolkit.pipeline import ProgressFn, WorkItem, plan, run_item
 from lpfm_toolkit.prompts import Task, parse_prompt
+from lpfm_toolkit.sources.base import Annotation
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,18 @@ def _no_progress(entry: ProjectEntry, item: WorkItem) -> Iterator[None]:
     yield None
 
 
-def _areal(item_annotations: Sequence, entry: ProjectEntry) -> tuple[list, list[EntryOutcome]]:
+def _label(ann: Annotation) -> str:
+    return f"{ann.class_name + ': ' if ann.class_name else ''}{ann.name or ann.id}"
+
+
+def _areal(item_annotations: Sequence[Annotation], entry: ProjectEntry) -> tuple[list[Annotation], list[EntryOutcome]]:
     """Annotations with an area (points and lines have no region to enhance), and outcomes for the rest."""
     keep, dropped = [], []
     for ann in item_annotations:
         if ann.geometry is not None and ann.geometry.area > 0:
             keep.append(ann)
         else:
-            label = f"{ann.class_name + ': ' if ann.class_name else ''}{ann.name or ann.id}"
-            dropped.append(EntryOutcome(entry, label, NOTHING,
+            dropped.append(EntryOutcome(entry, _label(ann), NOTHING,
                                         error=f"{ann.geometry.geom_type if ann.geometry is not None else 'no'} "
                                               "geometry has no area"))
     return keep, dropped
@@ -81,7 +85,7 @@ def enhance_project(project: QuPathProject, prompt: str | Task, engine: Engine, 
     if not entries:
         raise ProjectError(f"{project.path} has no entries to enhance", "add images to the project in QuPath")
     by_annotation = bool(classes or annotation_refs)
-    selections: dict[str, list] = {}
+    selections: dict[str, list[Annotation]] = {}
     if by_annotation:
         seen: set[str] = set()
         for entry in entries:
@@ -115,11 +119,18 @@ def enhance_project(project: QuPathProject, prompt: str | Task, engine: Engine, 
             continue
         with handle:
             try:
-                items = plan(handle, task, level=level, annotations=anns, seed=seed)
                 sink = project.sink(entry, output_dir, compression=compression, tile=tiff_tile)
             except LpfmError as exc:
-                record(EntryOutcome(entry, "plan", FAILED, error=str(exc)))
+                record(EntryOutcome(entry, "annotations", FAILED, error=str(exc)))
                 continue
+            items: list[WorkItem] = []
+            for ann in anns if anns is not None else [None]:
+                try:  # one annotation outside the image must not cost the others
+                    items += plan(handle, task, level=level, annotations=[ann] if ann is not None else None,
+                                  seed=seed)
+                except LpfmError as exc:
+                    label = _label(ann) if ann is not None else f"whole image (level {level})"
+                    record(EntryOutcome(entry, label, FAILED, error=str(exc)))
             for item in items:
                 label = item.label if item.annotation is not None else f"whole image (level {item.level})"
                 t0 = time.perf_counter()

@@ -192,3 +192,20 @@ def test_failed_write_leaves_no_trace(qp, bundled: Path, tmp_path: Path, monkeyp
     after = tree_digest(proj_dir)
     after.pop("project.qpproj.backup", None)  # the backup of the unchanged file may exist
     assert after == before and not (proj_dir / "data" / "5").exists()
+
+
+def test_whole_image_and_a_bad_annotation(qp, tmp_path: Path, tiny_tiff: Path) -> None:
+    feats = [qp.box_feature(10, 10, 50, 40, "Tumor", "fine", "bbbbbbbb-0000-4000-8000-000000000001"),
+             qp.box_feature(5000, 5000, 50, 50, "Tumor", "outside", "bbbbbbbb-0000-4000-8000-000000000002")]
+    folder = qp.write_project(tmp_path / "p", tiny_tiff, "0.6.0", annotations=feats)
+    project = QuPathProject.open(folder, "file")
+    outcomes = enhance_project(project, "sr x2", get_engine("identity"), classes=["Tumor"], output_dir=tmp_path / "o")
+    assert sorted((o.item, o.status) for o in outcomes) == [("Tumor: fine", "done"), ("Tumor: outside", "failed")]
+    assert "outside" in next(o.error for o in outcomes if o.status == "failed")
+    whole = enhance_project(project, "sr x2", get_engine("identity"), output_dir=tmp_path / "o")
+    assert [(o.item, o.status) for o in whole] == [("whole image (level 0)", "done")]  # results are not re-enhanced
+    entries = QuPathProject.open(folder, "file").entries
+    assert entries[-1].name == "tiny.tif [lpfm sr×2]" and (entries[-1].width, entries[-1].height) == (600, 400)
+    assert entries[-1].metadata["lpfm.source.region"] == "0,0,300,200"
+    carried = project.annotations(entries[-1])
+    assert [a.name for a in carried] == ["fine"] and carried[0].geometry.bounds == (20, 20, 120, 100)

@@ -40,16 +40,15 @@ DEFAULT_OUTPUT_DIR = "lpfm-outputs"
 
 
 def _name_stems(name: str) -> list[str]:
-    """``a.ome.tiff`` → ``a.ome.tiff``, ``a.ome``, ``a`` (candidate GeoJSON names for an image name)."""
+    """``a.ome.tiff`` → ``a.ome.tiff``, ``a`` (candidate GeoJSON names for an image name)."""
     out = [name]
     lower = name.lower()
     for ext in (".ome.tiff", ".ome.tif"):
         if lower.endswith(ext):
             out.append(name[: -len(ext)])
-    stem = PurePosixPath(name.replace("\\", "/")).name
-    while "." in stem:
-        stem = stem.rsplit(".", 1)[0]
-        out.append(stem)
+    suffix = PurePosixPath(name).suffix
+    if suffix and " " not in suffix and len(suffix) <= 6:  # an extension, not "x.svs Tumor [lpfm sr×2]"
+        out.append(name[: -len(suffix)])
     return list(dict.fromkeys(s for s in out if s))
 
 
@@ -197,7 +196,8 @@ class QuPathProject:
             if p.is_file():
                 return p
         folder = self.annotations_path if self.annotations_path is not None else self.directory / ANNOTATIONS_DIR
-        for stem in [entry.id, *_name_stems(entry.name)]:
+        stems = [entry.id] if entry.is_result else [entry.id, *_name_stems(entry.name)]  # results: never by name
+        for stem in stems:
             for suffix in (".geojson", ".json"):
                 p = folder / f"{stem}{suffix}"
                 if p.is_file():

@@ -130,3 +130,22 @@ def test_cli_list_real_projects(qupath_fixtures: Path) -> None:
 def test_cli_list_errors_are_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["qupath", "list", str(tmp_path)])
     assert result.exit_code == 2 and "no QuPath project" in result.output and "Traceback" not in result.output
+
+
+def test_annotation_file_convention(qp, bundled: Path, tmp_path: Path) -> None:
+    folder = qp.copy_tree(bundled / "own" / "0.4.0-synthetic", tmp_path / "p")
+    own = bundled / "own" / "geojson"
+    (folder / "annotations").mkdir()
+    (folder / "annotations" / "slide A.geojson").write_bytes((own / "qupath-0.5-featurecollection.geojson").read_bytes())
+    project = QuPathProject.open(folder, "file")
+    e3, e5 = project.entry("3"), project.entry("5")
+    assert project.annotation_file(e3) == folder / "annotations" / "slide A.geojson"  # image name without .ome.tif
+    assert project.annotation_file(e5) is None and project.annotation_counts(e5) == {"Stroma": 4}  # summary.json
+    (folder / "annotations" / "3.geojson").write_bytes((own / "qupath-0.3-bare-list.json").read_bytes())
+    assert project.annotation_file(e3) == folder / "annotations" / "3.geojson"  # <entryID>.geojson comes first
+    assert project.annotation_counts(e3) == {"Tumor": 1, "Stroma": 1}
+    assert [a.name for a in project.annotations(e3, names=["region A"])] == ["region A"]
+    given = QuPathProject.open(folder, "file", annotations=own / "qupath-0.5-featurecollection.geojson")
+    assert len(given.annotations(e5)) == 3  # --annotations FILE wins
+    with pytest.raises(ProjectError, match="does not exist"):
+        QuPathProject.open(folder, "file", annotations=tmp_path / "nope.geojson")

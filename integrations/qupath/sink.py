@@ -97,7 +97,7 @@ class QuPathSink(Sink):
 
         return relative_to_project(path, self.project.directory)
 
-    def _ref(self, entry: ProjectEntry, key: str, spec_name: str) -> OutputRef:
+    def _ref(self, entry: ProjectEntry, key: str) -> OutputRef:
         """An :class:`OutputRef` for an existing result entry."""
         prov: Provenance | None = None
         side = entry.metadata.get(KEY_SIDECAR)
@@ -117,13 +117,13 @@ class QuPathSink(Sink):
     def find(self, idempotency_key: str, spec_name: str) -> OutputRef | None:
         entry = self.project.find_result(idempotency_key)
         if entry is not None:
-            return self._ref(entry, idempotency_key, spec_name)
+            return self._ref(entry, idempotency_key)
         ref = self.files.find(idempotency_key, spec_name)
         if ref is None:
             return None
         log.info("%s exists without a project entry (interrupted run?): adding the entry", ref.uri)
         entry = self.register(Path(ref.uri), ref.provenance)
-        return self._ref(entry, idempotency_key, spec_name)
+        return self._ref(entry, idempotency_key)
 
     def open(self, spec: OutputSpec, idempotency_key: str, source: dict[str, Any]) -> SinkWriter:
         return QuPathSinkWriter(self, self.files.open(spec, idempotency_key, source))
@@ -131,9 +131,8 @@ class QuPathSink(Sink):
     def register(self, image: Path, prov: Provenance) -> ProjectEntry:
         """Write the carried-over annotations beside ``image`` and add its entry to the project."""
         src = prov.source
-        region = src.get("region") or [0, 0, *reversed(prov.output["shape"][:2])]
         scale = float(prov.tiling.get("scale") or prov.task.get("scale") or 1)
-        carried = carry_over(self.annotations, region, float(src.get("downsample") or 1.0), scale,
+        carried = carry_over(self.annotations, src["region"], float(src.get("downsample") or 1.0), scale,
                              key=prov.idempotency_key)
         metadata = dict(prov.summary())
         label = _annotation_label(src)

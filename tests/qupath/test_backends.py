@@ -61,7 +61,7 @@ def test_cli_paquo_backend_error_is_one_line(bundled: Path) -> None:
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "error:" in result.output
 
 
-def test_no_paquo_or_jvm_at_import_or_with_the_file_backend(bundled: Path) -> None:
+def test_nothing_heavy_no_paquo_no_jvm_at_import_or_with_the_file_backend(bundled: Path) -> None:
     code = f"""
 import sys, json
 import lpfm_toolkit.integrations.qupath as q
@@ -71,11 +71,12 @@ second = sorted(m for m in sys.modules if m.split('.')[0] in ('paquo', 'jpype', 
 q.QuPathProject.open({str(bundled / 'own' / '0.5.1-synthetic')!r}).entries  # auto: looks for QuPath only
 third = sorted(m for m in sys.modules if m in ('paquo.projects', 'paquo.java', 'paquo.images'))
 jvm = 'jpype' in sys.modules and sys.modules['jpype'].isJVMStarted()
-print(json.dumps([first, second, third, jvm]))
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'skimage', 'omero'))
+print(json.dumps([first, second, third, jvm, heavy]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    first, second, third, jvm = json.loads(out.stdout.strip().splitlines()[-1])
-    assert first == [] and second == [] and third == [] and jvm is False
+    first, second, third, jvm, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert first == [] and second == [] and third == [] and jvm is False and heavy == []
 
 
 def test_qupath_help_lists_the_commands() -> None:

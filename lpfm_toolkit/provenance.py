@@ -51,6 +51,18 @@ def package_versions(names: tuple[str, ...] = ("numpy", "tifffile", "scikit-imag
     return out
 
 
+def _annotation_label(ann: Any) -> str:
+    """``Class: name (id)`` for metadata tables; the full record (with geometry) stays in the JSON."""
+    if not ann:
+        return ""
+    if not isinstance(ann, dict):
+        return str(ann)
+    label = ann.get("name") or ""
+    if ann.get("id"):
+        label = f"{label} ({ann['id']})".strip()
+    return f"{ann['class']}: {label}" if ann.get("class") else label
+
+
 def scrub(obj: Any) -> Any:
     """Drop any key that names a secret, recursively."""
     if isinstance(obj, dict):
@@ -106,7 +118,7 @@ class Provenance:
             "lpfm.source.id": str(self.source.get("id", "")),
             "lpfm.source.level": str(self.source.get("level", "")),
             "lpfm.source.region": ",".join(str(v) for v in region) if region else "",
-            "lpfm.source.annotation": str(self.source.get("annotation") or ""),
+            "lpfm.source.annotation": _annotation_label(self.source.get("annotation")),
             "lpfm.prompt": self.prompt,
             "lpfm.task": self.task.get("kind", ""),
             "lpfm.task.scale": str(self.task.get("scale", 1)),

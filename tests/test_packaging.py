@@ -15,9 +15,11 @@ HEAVY = ("torch", "omero", "paquo", "diffusers", "skimage", "Ice")
 
 
 def _imported_after(code: str) -> set[str]:
-    probe = f"import sys\n{code}\nprint(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    probe = f"import sys\n{code}\nprint('MODULES:', ' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd="/")
-    return set(out.stdout.split())
+    last = out.stdout.strip().splitlines()[-1]  # the help text printed before it must not be parsed
+    assert last.startswith("MODULES:")
+    return set(last.split()[1:])
 
 
 @pytest.mark.parametrize("code", [

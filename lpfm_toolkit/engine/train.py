@@ -54,6 +54,7 @@ class TrainConfig:
     refiner_steps: int = 800
     refiner_batch: int = 8
     checkpoint_every: int = 100
+    max_minutes: float | None = None  # per stage: anneal the learning rate over wall time and stop at it
     validate_every: int = 250
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "sr2": 1.0, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5})
@@ -238,11 +239,11 @@ def _append_log(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _cosine(step: int, total: int, lr: float, warmup: int = 50) -> float:
+def _cosine(step: int, frac: float, lr: float, warmup: int = 50) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 1 % of ``lr`` as ``frac`` goes 0 → 1."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 1e-2 * lr + (1 - 1e-2) * lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return 1e-2 * lr + (1 - 1e-2) * lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], total: int,
@@ -259,10 +260,18 @@ def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Paramete
         log.info("%s: resuming at step %d", stage, step)
     logfile = stage_dir / "log.jsonl"
     t0 = time.monotonic()
+    budget = config.max_minutes * 60 if config.max_minutes else None
     values: dict[str, float] = {}
     while step < total:
+        # with a wall-time budget the schedule follows whichever of steps or time runs out first
+        frac = step / total if budget is None else max(step / total, (time.monotonic() - t0) / budget)
+        if frac >= 1:
+            log.info("%s: time budget reached at step %d", stage, step)
+            total = step
+            save_checkpoint(ckpt, model, optimizer, step, {"stage": stage, "stopped_by": "max_minutes"})
+            break
         for group in optimizer.param_groups:
-            group["lr"] = _cosine(step, total, config.lr)
+            group["lr"] = _cosine(step, frac, config.lr)
         model.train()
         values = step_fn(step)
         loss = values.pop("_loss_tensor")  # type: ignore[arg-type]
@@ -283,6 +292,9 @@ def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Paramete
         if progress is not None:
             progress(stage, step, total, values)
     model.eval()
+    if validate is not None and step % config.validate_every:
+        with torch.no_grad():
+            _append_log(logfile, {"step": step, "final": True, **{f"val_{k}": v for k, v in validate().items()}})
     return model
 
 

@@ -1,0 +1,58 @@
+"""Device choice CUDA → MPS → CPU, explicit overrides, CPU threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lpfm_toolkit.engine import device as D
+from lpfm_toolkit.errors import ConfigError
+
+
+def test_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert D.select_device().type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(D, "_mps_available", lambda: True)
+    assert D.select_device().type == "mps"
+    monkeypatch.setattr(D, "_mps_available", lambda: False)
+    assert D.select_device().type == "cpu"
+
+
+def test_explicit_device_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(D, "_mps_available", lambda: False)
+    assert D.select_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        D.select_device("cuda")
+    with pytest.raises(ConfigError, match="MPS is not available"):
+        D.select_device("mps")
+    with pytest.raises(ConfigError, match="unknown device"):
+        D.select_device("gpu-please")
+
+
+def test_cpu_override_wins_over_available_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert D.select_device("cpu").type == "cpu"
+
+
+def test_free_cores_subtracts_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(D.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert D.free_cores() == 3
+    monkeypatch.setattr(D.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert D.free_cores() == 1
+
+
+def test_configure_threads_honours_env_and_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("LPFM_THREADS", "1")
+        assert D.configure_cpu_threads() == 1 and torch.get_num_threads() == 1
+        assert D.configure_cpu_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_no_autocast_on_cpu() -> None:
+    assert D.autocast_dtype(torch.device("cpu")) is None

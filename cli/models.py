@@ -96,20 +96,31 @@ def verify(model: str) -> None:
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: the free cores).")
+@click.option("--max-minutes", type=float, default=None,
+              help="Per-stage wall-time budget: the learning rate anneals over it and the stage stops at it.")
 @click.option("--no-resume", is_flag=True, help="Start over instead of resuming from --work-dir.")
+@click.option("--task", "task_kind", type=click.Choice(["restore", "stain"]), default="restore", show_default=True,
+              help="restore: SR/deblur/denoise from clean slides; stain: virtual staining from --pairs.")
+@click.option("--pairs", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder with source/ and target/ registered image pairs (same names) for --task stain.")
+@click.option("--source-stain", default="AF", show_default=True, help="Stain of the pairs' source images.")
+@click.option("--target-stain", default="H&E", show_default=True, help="Stain of the pairs' target images.")
 @handle_errors
 def train(recipe_name: str, images: tuple[Path, ...], out: Path | None, work_dir: Path, name: str, stages: str,
           holdout: float | None, restorer_steps: int | None, encoder_steps: int | None, refiner_steps: int | None,
           batch: int | None, crop: int | None, lr: float | None, seed: int | None, threads: int | None,
-          no_resume: bool) -> None:
+          max_minutes: float | None, no_resume: bool, task_kind: str, pairs: Path | None, source_stain: str,
+          target_stain: str) -> None:
     """Train a bundle from clean slides with LPFM's degradation protocol (see docs/engine.md)."""
     from lpfm_toolkit.engine.device import configure_cpu_threads
-    from lpfm_toolkit.engine.train import recipe
+    from lpfm_toolkit.engine.train import recipe, train_stain_bundle
     from lpfm_toolkit.engine.train import train as run_training
+    from lpfm_toolkit.prompts import Stain
 
     config = recipe(recipe_name, images=[str(p) for p in images] or None, holdout=holdout,
                     restorer_steps=restorer_steps, encoder_steps=encoder_steps, refiner_steps=refiner_steps,
-                    batch=batch, crop=crop, lr=lr, seed=seed)
+                    batch=batch, crop=crop, lr=lr, seed=seed, max_minutes=max_minutes,
+                    pairs=str(pairs) if pairs else None)
     used = configure_cpu_threads(threads)
     console.print(f"recipe {recipe_name}, {used} CPU thread(s), work dir {work_dir}")
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
@@ -117,8 +128,18 @@ def train(recipe_name: str, images: tuple[Path, ...], out: Path | None, work_dir
         def progress(stage: str, step: int, total: int, values: dict[str, float]) -> None:
             update(step, total)
 
-        result = run_training(config, work_dir, out=out, stages=chosen, progress=progress, resume=not no_resume,
-                              name=name)
+        if task_kind == "stain":
+            if out is None:
+                raise ConfigError("--task stain needs --out DIR for the bundle")
+            try:
+                stains = Stain(source_stain).value, Stain(target_stain).value
+            except ValueError as exc:
+                raise ConfigError(str(exc), f"stains: {', '.join(s.value for s in Stain)}") from exc
+            result = train_stain_bundle(config, work_dir, out, name, stains[0], stains[1], progress,
+                                        resume=not no_resume)
+        else:
+            result = run_training(config, work_dir, out=out, stages=chosen, progress=progress,
+                                  resume=not no_resume, name=name)
     if result is not None:
         console.print(f"bundle written to {result}")
     else:

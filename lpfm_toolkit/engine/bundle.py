@@ -257,7 +257,8 @@ def load_bundle(model: str | Path | None = None, trust_pickle: bool = False, che
 def write_bundle(out: str | Path, name: str, components: dict[str, Any], training: dict[str, Any] | None = None,
                  timings: dict[str, float] | None = None, metrics: dict[str, Any] | None = None,
                  notes: str = "", dtype: str = "float16", default_steps: int = 0,
-                 default_sampler: str = "ddim", tasks: list[str] | None = None) -> Path:
+                 default_sampler: str = "ddim", tasks: list[str] | None = None,
+                 stains: dict[str, str] | None = None) -> Path:
     """Write components, ``model_index.json`` (with checksums) and ``MODEL_CARD.md``."""
     from lpfm_toolkit import __version__
 
@@ -279,6 +280,8 @@ def write_bundle(out: str | Path, name: str, components: dict[str, Any], trainin
         "default_sampler": default_sampler,
         "files": files,
     }
+    if stains:
+        index["stains"] = stains  # virtual staining: {"source": "AF", "target": "H&E"}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(index, components, training, timings, metrics, notes))
     return out

@@ -100,6 +100,12 @@ class LpfmEngine(Engine):
                 raise unsupported(self.name, task, f"bundle {self.bundle.name} was not trained for it",
                                   "use the classical engine (--engine classical) or a bundle trained with "
                                   "'lpfm train --task stain --pairs DIR'")
+            stains = self.bundle.index.get("stains")
+            wanted = {"source": getattr(task.source_stain, "value", None),
+                      "target": getattr(task.target_stain, "value", None)}
+            if task.kind is TaskKind.VIRTUAL_STAIN and stains and stains != wanted:
+                raise unsupported(self.name, task, f"bundle {self.bundle.name} translates "
+                                  f"{stains['source']}→{stains['target']}", "use a bundle trained for this pair")
         elif _task_name(task) not in self.bundle.tasks:
             raise unsupported(self.name, task, f"bundle {self.bundle.name} was trained for "
                               f"{', '.join(self.bundle.tasks)}", "choose one of those tasks or another bundle")

@@ -151,6 +151,14 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 def read_rgb(path: str | Path, max_pixels: int = 64_000_000) -> np.ndarray:
     """The full-resolution RGB pixels of an image as float32 (H, W, 3) in [0, 1]."""
+    px = read_channels(path, max_pixels)
+    if px.shape[-1] == 1:
+        px = np.repeat(px, 3, axis=-1)
+    return np.ascontiguousarray(px[..., :3])
+
+
+def read_channels(path: str | Path, max_pixels: int = 64_000_000) -> np.ndarray:
+    """All channels of an image at full resolution as float32 (H, W, C) in [0, 1]."""
     from lpfm_toolkit.sources import open_image
 
     with open_image(path) as handle:
@@ -161,9 +169,9 @@ def read_rgb(path: str | Path, max_pixels: int = 64_000_000) -> np.ndarray:
         px = handle.read_region(0, 0, 0, lv.width, lv.height)
     px = np.asarray(px)
     if px.ndim == 2:
-        px = np.repeat(px[..., None], 3, axis=-1)
+        px = px[..., None]
     scale = float(np.iinfo(px.dtype).max) if np.issubdtype(px.dtype, np.integer) else 1.0
-    return np.ascontiguousarray(px[..., :3], dtype=np.float32) / scale
+    return np.ascontiguousarray(px, dtype=np.float32) / scale
 
 
 def batch_rng(seed: int, step: int, stream: int = 0) -> tuple[np.random.Generator, torch.Generator]:
@@ -476,3 +484,85 @@ def export_bundle(work_dir: str | Path, out: str | Path, name: str, metrics: dic
     components = {stage: _load_final(work_dir, stage) for stage in STAGES}
     return write_bundle(out, name=name, components=components, training=config, timings=timings,
                         metrics=metrics, notes=card_notes)
+
+
+# ---------------------------------------------------------------------------------- virtual staining
+
+
+def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Registered (source, target) image pairs from ``folder/source/NAME.*`` and ``folder/target/NAME.*``."""
+    folder = Path(folder)
+    src_dir, tgt_dir = folder / "source", folder / "target"
+    if not src_dir.is_dir() or not tgt_dir.is_dir():
+        raise ConfigError(f"{folder} must hold 'source/' and 'target/' folders of registered images",
+                          "name each pair the same in both, e.g. source/a.tif and target/a.png")
+    targets = {p.stem: p for p in expand_paths([tgt_dir])}
+    pairs = []
+    for src in expand_paths([src_dir]):
+        if src.stem not in targets:
+            raise ConfigError(f"{src.name} has no target image with the same name in {tgt_dir}")
+        a, b = read_channels(src), read_rgb(targets[src.stem])
+        if a.shape[:2] != b.shape[:2]:
+            raise ConfigError(f"pair {src.stem}: source is {a.shape[1]}×{a.shape[0]}, target "
+                              f"{b.shape[1]}×{b.shape[0]}; pairs must be registered to the same size")
+        pairs.append((a, b))
+    if len({a.shape[-1] for a, _ in pairs}) > 1:
+        raise ConfigError("source images have different channel counts")
+    return pairs
+
+
+def train_stain(pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: TrainConfig, work_dir: Path,
+                progress: TrainProgress | None = None, resume: bool = True) -> Restorer:
+    """A restorer mapping source-stain crops to registered target-stain crops (L1), task code virtual_stain."""
+    torch.manual_seed(config.seed)
+    channels = pairs[0][0].shape[-1]
+    model = Restorer(**{**config.restorer, "in_channels": channels, "out_channels": 3,
+                        "residual": channels == 3})
+    code = TASK_NAMES.index("virtual_stain")
+    size = config.crop
+    usable = [(a, b) for a, b in pairs if min(a.shape[:2]) >= size]
+    if not usable:
+        raise ConfigError(f"no pair is at least {size}×{size} pixels", "lower --crop")
+
+    def sample(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(config.batch):
+            a, b = usable[int(rng.integers(len(usable)))]
+            y = int(rng.integers(a.shape[0] - size + 1))
+            x = int(rng.integers(a.shape[1] - size + 1))
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            ca, cb = (np.rot90(c[y : y + size, x : x + size], k) for c in (a, b))
+            xs.append(ca[:, ::-1] if flip else ca)
+            ys.append(cb[:, ::-1] if flip else cb)
+        to_t = lambda v: torch.from_numpy(np.ascontiguousarray(np.stack(v))).permute(0, 3, 1, 2)  # noqa: E731
+        return to_t(xs), to_t(ys)
+
+    def step_fn(step: int) -> dict[str, float]:
+        rng, _ = batch_rng(config.seed, step, stream=4)
+        src, tgt = sample(rng)
+        loss = F.l1_loss(model(src, torch.full((len(src),), code)), tgt)
+        return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
+
+    _loop("stain", model, list(model.parameters()), config.restorer_steps, config, work_dir, step_fn, None,
+          progress, resume)
+    _save_component(work_dir / "stain", model)
+    return model
+
+
+def train_stain_bundle(config: TrainConfig, work_dir: str | Path, out: str | Path, name: str,
+                       source_stain: str, target_stain: str, progress: TrainProgress | None = None,
+                       resume: bool = True) -> Path:
+    """Train virtual staining from ``config.pairs`` and write a restorer-only bundle for that translation."""
+    from lpfm_toolkit.engine.bundle import write_bundle
+
+    if not config.pairs:
+        raise ConfigError("virtual-stain training needs registered pairs", "pass --pairs DIR")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    t0 = time.monotonic()
+    model = train_stain(read_pairs(config.pairs), config, work_dir, progress, resume)
+    _record_timing(work_dir, "stain", time.monotonic() - t0)
+    return write_bundle(out, name=name, components={"restorer": model}, training=config.to_dict(),
+                        timings=json.loads((work_dir / "timings.json").read_text()), tasks=["virtual_stain"],
+                        stains={"source": source_stain, "target": target_stain})

@@ -35,6 +35,15 @@ def write_tiny_bundle(path: Path, seed: int = 0, dtype: str = "float32", default
                         training={"note": "untrained test bundle"})
 
 
+@pytest.fixture(autouse=True, scope="package")
+def one_torch_thread():
+    """Tiny networks gain nothing from threads, and oversubscribed cores on shared CI runners cost 4×."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny-test")

@@ -74,3 +74,52 @@ def test_unknown_recipe_and_stage_are_config_errors(tmp_path: Path) -> None:
         T.recipe("huge")
     with pytest.raises(ConfigError, match="unknown stages"):
         T.train(T.recipe("smoke"), tmp_path, stages=["decoder"])
+
+
+def _write_pairs(folder: Path, n: int = 2, size: int = 48) -> None:
+    """Synthetic registered pairs: one fluorescence channel → an H&E-like false colouring of it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "source").mkdir(parents=True)
+    (folder / "target").mkdir(parents=True)
+    for i in range(n):
+        f = rng.random((size, size)).astype(np.float32)
+        rgb = np.stack([1 - 0.3 * f, 1 - 0.8 * f, 1 - 0.4 * f], axis=-1)
+        Image.fromarray((f * 255).astype(np.uint8)).save(folder / "source" / f"p{i}.png")
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(folder / "target" / f"p{i}.png")
+
+
+def test_virtual_staining_trains_from_pairs_and_runs(tmp_path: Path) -> None:
+    from lpfm_toolkit.engine.lpfm import LpfmEngine
+    from lpfm_toolkit.errors import TaskNotSupportedError
+    from lpfm_toolkit.prompts import parse_prompt
+
+    _write_pairs(tmp_path / "pairs")
+    config = replace(T.RECIPES["smoke"], pairs=str(tmp_path / "pairs"), restorer_steps=60, lr=3e-3,
+                     checkpoint_every=60)
+    out = T.train_stain_bundle(config, tmp_path / "work", tmp_path / "bundle", "af-he", "AF", "H&E")
+    losses = [eval_json(line)["loss"] for line in (tmp_path / "work" / "stain" / "log.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+    assert verify(out) == []
+    engine = LpfmEngine.from_options(str(out), device="cpu")
+    task = parse_prompt("AF -> H&E")
+    engine.check(task, ["AF"])
+    with pytest.raises(TaskNotSupportedError, match="translates AF→H&E"):
+        engine.check(parse_prompt("H&E -> PAS"), ["R", "G", "B"])
+    res = engine.process(np.random.default_rng(1).random((1, 32, 32, 1), dtype=np.float32), task, [0])
+    assert res.pixels.shape == (1, 32, 32, 3)
+    assert engine.output_channels(task, ["AF"]) == ["R", "G", "B"]
+
+
+def test_pairs_folder_must_be_registered(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from lpfm_toolkit.errors import ConfigError
+
+    _write_pairs(tmp_path / "pairs", n=1)
+    Image.new("RGB", (20, 20)).save(tmp_path / "pairs" / "target" / "p0.png")
+    with pytest.raises(ConfigError, match="registered to the same size"):
+        T.read_pairs(tmp_path / "pairs")
+    with pytest.raises(ConfigError, match="source/"):
+        T.read_pairs(tmp_path)

@@ -96,6 +96,7 @@ def verify(model: str) -> None:
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: the free cores).")
+@click.option("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available).")
 @click.option("--max-minutes", type=float, default=None,
               help="Per-stage wall-time budget: the learning rate anneals over it and the stage stops at it.")
 @click.option("--no-resume", is_flag=True, help="Start over instead of resuming from --work-dir.")
@@ -109,7 +110,7 @@ def verify(model: str) -> None:
 def train(recipe_name: str, images: tuple[Path, ...], out: Path | None, work_dir: Path, name: str, stages: str,
           holdout: float | None, restorer_steps: int | None, encoder_steps: int | None, refiner_steps: int | None,
           batch: int | None, crop: int | None, lr: float | None, seed: int | None, threads: int | None,
-          max_minutes: float | None, no_resume: bool, task_kind: str, pairs: Path | None, source_stain: str,
+          device: str | None, max_minutes: float | None, no_resume: bool, task_kind: str, pairs: Path | None, source_stain: str,
           target_stain: str) -> None:
     """Train a bundle from clean slides with LPFM's degradation protocol (see docs/engine.md)."""
     from lpfm_toolkit.engine.device import configure_cpu_threads
@@ -119,7 +120,7 @@ def train(recipe_name: str, images: tuple[Path, ...], out: Path | None, work_dir
 
     config = recipe(recipe_name, images=[str(p) for p in images] or None, holdout=holdout,
                     restorer_steps=restorer_steps, encoder_steps=encoder_steps, refiner_steps=refiner_steps,
-                    batch=batch, crop=crop, lr=lr, seed=seed, max_minutes=max_minutes,
+                    batch=batch, crop=crop, lr=lr, seed=seed, max_minutes=max_minutes, device=device,
                     pairs=str(pairs) if pairs else None)
     used = configure_cpu_threads(threads)
     console.print(f"recipe {recipe_name}, {used} CPU thread(s), work dir {work_dir}")

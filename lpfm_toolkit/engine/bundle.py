@@ -68,7 +68,7 @@ def save_component(folder: str | Path, model: Any, dtype: str = "float32") -> di
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    tensors = {k: v.detach().to(torch_dtype if v.is_floating_point() else v.dtype).contiguous()
+    tensors = {k: v.detach().cpu().to(torch_dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"))
     meta = {"class": type(model).__name__, "config": model.config.to_dict(), "weights": "model.safetensors",

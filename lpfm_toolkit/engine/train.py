@@ -62,6 +62,7 @@ class TrainConfig:
     encoder: dict[str, Any] = field(default_factory=dict)
     refiner: dict[str, Any] = field(default_factory=lambda: {"block_out_channels": [16, 32, 64]})
     pairs: str | None = None  # folder of registered source/target pairs for virtual staining
+    device: str | None = None  # None: CUDA → MPS → CPU
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,12 +215,12 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Weights and Adam moments in safetensors (no pickle), written atomically."""
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, p in enumerate(params):
         for key, value in optimizer.state.get(p, {}).items():
             if torch.is_tensor(value):
-                tensors[f"optim.{i}.{key}"] = value.detach().contiguous()
+                tensors[f"optim.{i}.{key}"] = value.detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"step": str(step), "meta": json.dumps(meta)})
@@ -236,7 +237,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, p in enumerate(params):
-        state = {key.split(".", 2)[2]: v for key, v in tensors.items() if key.startswith(f"optim.{i}.")}
+        state = {key.split(".", 2)[2]: v if key.endswith(".step") else v.to(p.device)
+                 for key, v in tensors.items() if key.startswith(f"optim.{i}.")}
         if state:
             optimizer.state[p] = state
     return step
@@ -319,23 +321,25 @@ def train_restorer(bank: TileBank, config: TrainConfig, work_dir: Path, progress
                    resume: bool = True) -> Restorer:
     """L1 regression of clean tiles from degraded ones, all tasks in every batch."""
     torch.manual_seed(config.seed)
-    model = Restorer(**config.restorer)
+    dev = _device(config)
+    model = Restorer(**config.restorer).to(dev)
     codes = {name: TASK_NAMES.index(name) for name in config.task_weights}
-    val = validation_set(bank, config)
+    val = {k: (a.to(dev), b.to(dev)) for k, (a, b) in validation_set(bank, config).items()}
 
     def step_fn(step: int) -> dict[str, float]:
         rng, g = batch_rng(config.seed, step, stream=1)
         clean = bank.crops(config.batch, config.crop, rng)
         tasks = _sample_tasks(config, rng, config.batch)
-        inputs = degraded_pairs(clean, tasks, g)
-        out = model(inputs, torch.tensor([codes[t] for t in tasks]))
+        inputs = degraded_pairs(clean, tasks, g).to(dev, non_blocking=True)
+        clean = clean.to(dev, non_blocking=True)
+        out = model(inputs, torch.tensor([codes[t] for t in tasks], device=dev))
         loss = F.l1_loss(out, clean)
         return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
 
     def validate() -> dict[str, float]:
         scores = {}
         for name, (inputs, clean) in val.items():
-            out = model(inputs, torch.full((len(inputs),), codes[name]))
+            out = model(inputs, torch.full((len(inputs),), codes[name], device=dev))
             scores[f"{name}_psnr"] = round(psnr(out, clean), 3)
             scores[f"{name}_input_psnr"] = round(psnr(inputs, clean), 3)
         return scores
@@ -350,13 +354,14 @@ def train_encoder(bank: TileBank, config: TrainConfig, work_dir: Path, progress:
                   resume: bool = True) -> StainEncoder:
     """SimCLR/InfoNCE: two HED-jittered views of each crop map together, other crops apart."""
     torch.manual_seed(config.seed + 1)
-    model = StainEncoder(**config.encoder)
+    dev = _device(config)
+    model = StainEncoder(**config.encoder).to(dev)
 
     def step_fn(step: int) -> dict[str, float]:
         rng, g = batch_rng(config.seed, step, stream=2)
         clean = bank.crops(max(config.batch, 8), config.crop, rng)
-        z1 = model.project(model(hed_jitter(clean, g)))
-        z2 = model.project(model(hed_jitter(clean, g)))
+        z1 = model.project(model(hed_jitter(clean, g).to(dev)))
+        z2 = model.project(model(hed_jitter(clean, g).to(dev)))
         loss = info_nce(z1, z2)
         return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
 
@@ -375,13 +380,14 @@ def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer:
     reloaded every ``follow_every`` steps so the refiner tracks the restorer it will run behind.
     """
     torch.manual_seed(config.seed + 2)
+    dev = _device(config)
     refiner_cfg = {"feature_dim": encoder.config.feature_dim, **config.refiner}
-    model = Refiner(**refiner_cfg)
+    model = Refiner(**refiner_cfg).to(dev)
     scheduler = make_scheduler("ddim", model.config.num_train_timesteps)
-    alphas = scheduler.alphas_cumprod
+    alphas = scheduler.alphas_cumprod.to(dev)
     codes = {name: TASK_NAMES.index(name) for name in config.task_weights}
-    restorer.eval().requires_grad_(False)
-    encoder.eval().requires_grad_(False)
+    restorer.to(dev).eval().requires_grad_(False)
+    encoder.to(dev).eval().requires_grad_(False)
 
     def step_fn(step: int) -> dict[str, float]:
         if follow_restorer is not None and step % follow_every == 0 and follow_restorer.exists():
@@ -389,14 +395,16 @@ def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer:
         rng, g = batch_rng(config.seed, step, stream=3)
         clean = bank.crops(config.refiner_batch, config.crop, rng)
         tasks = _sample_tasks(config, rng, config.refiner_batch)
-        task_ids = torch.tensor([codes[t] for t in tasks])
-        inputs = degraded_pairs(clean, tasks, g)
+        task_ids = torch.tensor([codes[t] for t in tasks], device=dev)
+        inputs = degraded_pairs(clean, tasks, g).to(dev)
+        clean = clean.to(dev)
         with torch.no_grad():
             restored = restorer(inputs, task_ids).clamp(0, 1)
             feats = encoder(inputs)
         target = model.to_latent(clean - restored)
         t = torch.randint(0, model.config.num_train_timesteps, (len(clean),), generator=g)
-        noise = torch.randn(target.shape, generator=g)
+        noise = torch.randn(target.shape, generator=g).to(dev)
+        t = t.to(dev)
         a = alphas[t].float().view(-1, 1, 1, 1)
         noisy = a.sqrt() * target + (1 - a).sqrt() * noise
         pred = model(noisy, t, restored, task_ids, feats)
@@ -407,6 +415,12 @@ def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer:
           progress, resume)
     _save_component(work_dir / "refiner", model)
     return model
+
+
+def _device(config: TrainConfig) -> torch.device:
+    from lpfm_toolkit.engine.device import select_device
+
+    return select_device(config.device)
 
 
 def _follow(checkpoint: Path, model: torch.nn.Module) -> None:
@@ -516,8 +530,9 @@ def train_stain(pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: TrainCon
     """A restorer mapping source-stain crops to registered target-stain crops (L1), task code virtual_stain."""
     torch.manual_seed(config.seed)
     channels = pairs[0][0].shape[-1]
+    dev = _device(config)
     model = Restorer(**{**config.restorer, "in_channels": channels, "out_channels": 3,
-                        "residual": channels == 3})
+                        "residual": channels == 3}).to(dev)
     code = TASK_NAMES.index("virtual_stain")
     size = config.crop
     usable = [(a, b) for a, b in pairs if min(a.shape[:2]) >= size]
@@ -539,8 +554,8 @@ def train_stain(pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: TrainCon
 
     def step_fn(step: int) -> dict[str, float]:
         rng, _ = batch_rng(config.seed, step, stream=4)
-        src, tgt = sample(rng)
-        loss = F.l1_loss(model(src, torch.full((len(src),), code)), tgt)
+        src, tgt = (v.to(dev) for v in sample(rng))
+        loss = F.l1_loss(model(src, torch.full((len(src),), code, device=dev)), tgt)
         return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
 
     _loop("stain", model, list(model.parameters()), config.restorer_steps, config, work_dir, step_fn, None,

@@ -257,7 +257,7 @@ def load_bundle(model: str | Path | None = None, trust_pickle: bool = False, che
 def write_bundle(out: str | Path, name: str, components: dict[str, Any], training: dict[str, Any] | None = None,
                  timings: dict[str, float] | None = None, metrics: dict[str, Any] | None = None,
                  notes: str = "", dtype: str = "float16", default_steps: int = 0,
-                 default_sampler: str = "ddim", tasks: list[str] | None = None,
+                 default_sampler: str = "ddim", refine_steps: int = 4, tasks: list[str] | None = None,
                  stains: dict[str, str] | None = None) -> Path:
     """Write components, ``model_index.json`` (with checksums) and ``MODEL_CARD.md``."""
     from lpfm_toolkit import __version__
@@ -278,6 +278,7 @@ def write_bundle(out: str | Path, name: str, components: dict[str, Any], trainin
         "tasks": trained,
         "default_steps": default_steps,
         "default_sampler": default_sampler,
+        "refine_steps": refine_steps if "refiner" in components else 0,
         "files": files,
     }
     if stains:
@@ -298,7 +299,8 @@ def model_card(index: dict[str, Any], components: dict[str, Any], training: dict
         n = sum(p.numel() for p in model.parameters())
         lines.append(f"| {role} | {type(model).__name__} | {n:,} |")
     lines += ["", f"Tasks: {', '.join(index['tasks'])}. Default steps: {index['default_steps']} "
-              f"(0 = restorer only); sampler: {index['default_sampler']}.", ""]
+              f"(0 = restorer only); with `--samples K` > 1: {index.get('refine_steps', 0)} "
+              f"{index['default_sampler']} steps.", ""]
     if training:
         lines += ["## Training", "", "```json", json.dumps(training, indent=2), "```", ""]
     if timings:

@@ -56,7 +56,11 @@ class LpfmEngine(Engine):
 
         self.bundle = bundle
         self.device = select_device(device)
-        self.steps = int(bundle.index.get("default_steps", 0) if steps is None else steps)
+        if steps is None:
+            # several samples only make sense refined: then use the bundle's refinement steps
+            default = int(bundle.index.get("default_steps", 0))
+            steps = default if samples == 1 else max(default, int(bundle.index.get("refine_steps", 0)))
+        self.steps = int(steps)
         self.samples = int(samples)
         self.sampler = sampler or str(bundle.index.get("default_sampler", "ddim"))
         if self.steps < 0:

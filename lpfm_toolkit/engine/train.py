@@ -487,7 +487,7 @@ def _record_timing(work_dir: Path, stage: str, seconds: float) -> None:
 
 
 def export_bundle(work_dir: str | Path, out: str | Path, name: str, metrics: dict[str, Any] | None = None,
-                  card_notes: str = "") -> Path:
+                  card_notes: str = "", **index_options: Any) -> Path:
     """Package the finished components of ``work_dir`` as a bundle folder with a model card."""
     from lpfm_toolkit.engine.bundle import write_bundle
 
@@ -497,7 +497,7 @@ def export_bundle(work_dir: str | Path, out: str | Path, name: str, metrics: dic
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     components = {stage: _load_final(work_dir, stage) for stage in STAGES}
     return write_bundle(out, name=name, components=components, training=config, timings=timings,
-                        metrics=metrics, notes=card_notes)
+                        metrics=metrics, notes=card_notes, **index_options)
 
 
 # ---------------------------------------------------------------------------------- virtual staining

@@ -129,3 +129,13 @@ def test_runs_through_the_pipeline_with_provenance(tiny_bundle: Path, sample_sli
     assert unc is not None and unc.shape[:2] == (140, 180) and unc.max() > 0
     text = str(result.provenance.to_dict())
     assert engine.describe()["model_sha256"] in text
+
+
+def test_samples_without_steps_use_the_bundles_refine_steps(tiny_bundle: Path) -> None:
+    from lpfm_toolkit.engine.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    bundle.index = {**bundle.index, "default_steps": 0, "refine_steps": 3}
+    assert LpfmEngine(bundle, device="cpu").steps == 0
+    assert LpfmEngine(bundle, device="cpu", samples=4).steps == 3
+    assert LpfmEngine(bundle, device="cpu", samples=4, steps=0).steps == 0

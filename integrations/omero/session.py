@@ -266,16 +266,13 @@ class OmeroSession:
 
     def use_group_of(self, obj: Any) -> None:
         """Make later calls act in the group of ``obj`` (a wrapper), e.g. to write next to an original."""
-        self.switch_group(int(obj.getDetails().getGroup().getId()))
+        # the raw model's group id: DetailsWrapper.getGroup() would load the group with another call
+        self.switch_group(int(obj._obj.getDetails().getGroup().getId().getValue()))
 
     def _restore_group(self, conn: Any) -> None:
         if not self._switched:
             return
-        opts = conn.SERVICE_OPTS
-        if self._saved_group is None:
-            opts.unsetOmeroGroup()
-        else:
-            opts.setOmeroGroup(self._saved_group)
+        conn.SERVICE_OPTS.setOmeroGroup(self._saved_group)  # None removes the key
         self._switched = False
         log.debug("OMERO group context restored to %s", self._saved_group)
 
@@ -386,10 +383,7 @@ class OmeroSession:
             try:
                 return conn.getObject(obj_type, int(obj_id))
             finally:
-                if previous is None:
-                    opts.unsetOmeroGroup()
-                else:
-                    opts.setOmeroGroup(previous)
+                opts.setOmeroGroup(previous)  # None removes the key
 
         return self.call(fetch, f"read {obj_type} {obj_id}")
 

@@ -199,7 +199,7 @@ class OmeroSink(Sink):
         def find(conn: Any) -> int:
             uid = conn.getUserId()
             for ds in conn.getObjects("Dataset", attributes={"name": name}):
-                if int(ds.getDetails().getOwner().getId()) == uid:
+                if int(ds._obj.getDetails().getOwner().getId().getValue()) == uid:
                     return int(ds.getId())
             ds = omero.model.DatasetI()
             ds.setName(rstring(name))
@@ -216,14 +216,19 @@ class OmeroSink(Sink):
         images = self.session.call(
             lambda c: list(c.getObjectsByMapAnnotations("Image", key=KEY, value=key, ns=NAMESPACE)),
             "look for earlier results")
+        found: OutputRef | None = None
         for image in images:
-            state, prov = self._read_provenance(int(image.getId()))
+            image_id = int(image.getId())
+            state, prov = self._read_provenance(image_id)
             if state == "complete" and prov is not None:
-                return OutputRef(uri=self._uri(int(image.getId())), provenance=prov,
-                                 extra={"image_id": int(image.getId()), "name": image.getName(), "mode": self.mode})
-            log.warning("deleting image %s: a partial result of an interrupted run (%s)", image.getId(), spec_name)
-            self._delete(int(image.getId()))
-        return None
+                if found is None:
+                    found = OutputRef(uri=self._uri(image_id), provenance=prov,
+                                      extra={"image_id": image_id, "name": image.getName(), "mode": self.mode})
+                continue
+            # a run that died mid-upload (a concurrent run of the very same work would lose its image too)
+            log.warning("deleting image %s: a partial result of an interrupted run (%s)", image_id, spec_name)
+            self._delete(image_id)
+        return found
 
     def _mode_key(self, key: str) -> str:
         # the same work written as a channels image is a different result from a plain one

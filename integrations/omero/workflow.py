@@ -66,11 +66,20 @@ class OmeroRun:
 
 
 def dataset_image_ids(session: OmeroSession, dataset_id: int) -> list[int]:
-    """Ids of the images in a dataset, in id order."""
+    """Ids of the images in a dataset, in id order, leaving out lpfm results (they carry our provenance)."""
+    from lpfm_toolkit.provenance import NAMESPACE
+
     session.get_dataset(dataset_id)
-    images = session.call(lambda c: list(c.getObjects("Image", opts={"dataset": int(dataset_id)})),
-                          f"list the images of dataset {dataset_id}")
-    return sorted(int(i.getId()) for i in images)
+    ids = session.call(lambda c: sorted(int(i.getId()) for i in c.getObjects("Image", opts={"dataset": int(dataset_id)})),
+                       f"list the images of dataset {dataset_id}")
+    if not ids:
+        return []
+    results = session.call(
+        lambda c: {int(link.getParent().getId()) for link in c.getAnnotationLinks("Image", parent_ids=ids, ns=NAMESPACE)},
+        f"find earlier lpfm results in dataset {dataset_id}")
+    if results:
+        log.info("dataset %s: leaving out %d lpfm results", dataset_id, len(results))
+    return [i for i in ids if i not in results]
 
 
 def select_annotations(annotations: Sequence[Any], roi_classes: Sequence[str]) -> list[Any]:

@@ -46,9 +46,7 @@ def parameters() -> list:
         scripts.Long("Seed", optional=True, grouping="7", default=0, min=0, description="Random seed"),
         scripts.Long("Time_Limit_Minutes", optional=True, grouping="8", default=50, min=1,
                      description="Stop starting new work after this long (stay under the server's script limit)"),
-        scripts.String("Message", optional=True, out=True, description="What was done"),
-        scripts.Object("New_Image", optional=True, out=True, description="The first new image"),
-    ]
+    ]  # outputs (Message, New_Image) are set at the end; declaring them here would make them inputs too
 
 
 def engine_choice(model: str | None) -> tuple[str, dict]:
@@ -69,7 +67,8 @@ def run(conn: BlitzGateway, params: dict) -> tuple[str, list[int], object]:
     dataset_ids = ids if params.get("Data_Type") == "Dataset" else []
     classes = [c.strip() for c in (params.get("ROI_Class") or "").split(",") if c.strip()]
     engine_name, engine_options = engine_choice(params.get("Model"))
-    budget = float(params.get("Time_Limit_Minutes") or 50) * 60
+    minutes = params.get("Time_Limit_Minutes")
+    budget = float(50 if minutes is None else minutes) * 60
     started = time.monotonic()
     session = OmeroSession(conn=conn)  # the script's own session: used, never closed here
     outcomes = []

@@ -209,8 +209,10 @@ class OmeroImageHandle(ImageHandle):
         self.pixel_type = str(image.getPixelsType())
         self._dtype = numpy_dtype(self.pixel_type)
         self.pixels_id = int(image.getPixelsId())
-        px, py = image.getPixelSizeX(), image.getPixelSizeY()  # µm, or None
-        self._mpp = (float(px), float(py if py else px)) if px else None
+        # in µm whatever unit the server stores (a bare getPixelSizeX() returns the stored unit's number)
+        px, py = image.getPixelSizeX(units="MICROMETER"), image.getPixelSizeY(units="MICROMETER")
+        px, py = (float(v.getValue()) if v is not None else None for v in (px, py))
+        self._mpp = (px, py if py else px) if px else None
         self.dataset_ids = [int(p.getId()) for p in (image.listParents() or []) if p.OMERO_CLASS == "Dataset"]
         self._channels = self._channel_names(image)
         self._lock = threading.RLock()

@@ -110,7 +110,7 @@ class FakeOmeroServer:
 
     def add_image(self, name: str, levels: list[np.ndarray], *, dataset: int | None = None,
                   channel_names: list[str] | None = None, rgb_colours: bool = False, mpp: float | None = 0.5,
-                  group: int = GROUP_ID) -> int:
+                  group: int = GROUP_ID, unit: str = "MICROMETER") -> int:
         """An image whose pyramid is ``levels`` (level 0 first, (H, W, C))."""
         base = levels[0]
         h, w, c = base.shape
@@ -126,8 +126,8 @@ class FakeOmeroServer:
         pt.setValue(rstring(ptype))
         pix.setPixelsType(pt)
         if mpp is not None:
-            pix.setPhysicalSizeX(omero.model.LengthI(mpp, UnitsLength.MICROMETER))
-            pix.setPhysicalSizeY(omero.model.LengthI(mpp, UnitsLength.MICROMETER))
+            pix.setPhysicalSizeX(omero.model.LengthI(mpp, getattr(UnitsLength, unit)))
+            pix.setPhysicalSizeY(omero.model.LengthI(mpp, getattr(UnitsLength, unit)))
         colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
         for i in range(c):
             ch = omero.model.ChannelI(self.next_id(), True)
@@ -227,34 +227,45 @@ class FakeGateway:
         conn.c.sf.createRawPixelsStore.side_effect = lambda *a, **k: FakeRawPixelsStore(self).proxy
         conn.c.sf.createRawFileStore.side_effect = lambda *a, **k: self._raw_file_store()
         self.conn = conn
-        self.query = create_autospec(omero.api.IQueryPrx, instance=True)
-        self.update = create_autospec(omero.api.IUpdatePrx, instance=True)
-        self.pixels = create_autospec(omero.api.IPixelsPrx, instance=True)
-        self.roi = create_autospec(omero.api.IRoiPrx, instance=True)
-        self.config = create_autospec(omero.api.IConfigPrx, instance=True)
-        conn.getQueryService.side_effect = lambda *a: self.query
-        conn.getUpdateService.side_effect = lambda *a: self.update
-        conn.getPixelsService.side_effect = lambda *a: self.pixels
-        conn.getRoiService.side_effect = lambda *a: self.roi
-        conn.getConfigService.side_effect = lambda *a: self.config
+        self._services: dict[str, Any] = {}
+        for getter, name in (("getQueryService", "query"), ("getUpdateService", "update"),
+                             ("getPixelsService", "pixels"), ("getRoiService", "roi"),
+                             ("getConfigService", "config")):
+            getattr(conn, getter).side_effect = lambda *a, _n=name: self.service(_n)
         for name in ("connect", "close", "keepAlive", "getEventContext", "getObject", "getObjects", "getMaxPlaneSize",
                      "createImageFromNumpySeq", "getObjectsByMapAnnotations", "getAnnotationLinks",
                      "createFileAnnfromLocalFile", "deleteObjects", "getUserId"):
             getattr(conn, name).side_effect = self._guard(name, getattr(self, f"_{name}"))
-        self.query.findByQuery.side_effect = self._guard("findByQuery", self._find_by_query)
-        self.query.findAllByQuery.side_effect = self._guard("findAllByQuery", self._find_all_by_query)
-        self.query.get.side_effect = self._guard("get", self._get)
-        self.update.saveObject.side_effect = self._guard("saveObject", lambda o, ctx=None: self._save(o))
-        self.update.saveAndReturnObject.side_effect = self._guard("saveAndReturnObject",
-                                                                  lambda o, ctx=None: self._save(o))
-        self.update.saveArray.side_effect = self._guard("saveArray", lambda objs, ctx=None: [self._save(o) for o in objs]
-                                                        and None)
-        self.update.saveAndReturnArray.side_effect = self._guard("saveAndReturnArray",
-                                                                 lambda objs, ctx=None: [self._save(o) for o in objs])
-        self.pixels.createImage.side_effect = self._guard("createImage", self._create_image)
-        self.pixels.setChannelGlobalMinMax.side_effect = self._guard("setChannelGlobalMinMax", lambda *a, **k: None)
-        self.roi.findByImage.side_effect = self._guard("findByImage", self._find_rois)
-        self.config.getDatabaseUuid.side_effect = self._guard("getDatabaseUuid", lambda ctx=None: "db-uuid-1")
+
+    def service(self, name: str) -> Any:
+        """The service proxy ``name``, autospecced on first use (building every spec up front is slow)."""
+        if name in self._services:
+            return self._services[name]
+        g = self._guard
+        if name == "query":
+            svc = create_autospec(omero.api.IQueryPrx, instance=True)
+            svc.findByQuery.side_effect = g("findByQuery", self._find_by_query)
+            svc.findAllByQuery.side_effect = g("findAllByQuery", self._find_all_by_query)
+            svc.get.side_effect = g("get", self._get)
+        elif name == "update":
+            svc = create_autospec(omero.api.IUpdatePrx, instance=True)
+            svc.saveObject.side_effect = g("saveObject", lambda o, ctx=None: self._save(o))
+            svc.saveAndReturnObject.side_effect = g("saveAndReturnObject", lambda o, ctx=None: self._save(o))
+            svc.saveArray.side_effect = g("saveArray", lambda objs, ctx=None: [self._save(o) for o in objs] and None)
+            svc.saveAndReturnArray.side_effect = g("saveAndReturnArray",
+                                                   lambda objs, ctx=None: [self._save(o) for o in objs])
+        elif name == "pixels":
+            svc = create_autospec(omero.api.IPixelsPrx, instance=True)
+            svc.createImage.side_effect = g("createImage", self._create_image)
+            svc.setChannelGlobalMinMax.side_effect = g("setChannelGlobalMinMax", lambda *a, **k: None)
+        elif name == "roi":
+            svc = create_autospec(omero.api.IRoiPrx, instance=True)
+            svc.findByImage.side_effect = g("findByImage", self._find_rois)
+        else:
+            svc = create_autospec(omero.api.IConfigPrx, instance=True)
+            svc.getDatabaseUuid.side_effect = g("getDatabaseUuid", lambda ctx=None: "db-uuid-1")
+        self._services[name] = svc
+        return svc
 
     def _guard(self, name: str, func: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:

@@ -38,6 +38,12 @@ def test_metadata_from_pixels_and_resolution_descriptions(server, settings, rgb)
         assert h.describe()["size"] == {"x": 900, "y": 700, "z": 1, "c": 3, "t": 1}
 
 
+def test_pixel_size_in_micrometres_whatever_the_stored_unit(server, settings) -> None:
+    iid = server.add_image("nm.tiff", [np.zeros((32, 32, 1), np.uint16)], mpp=250.0, unit="NANOMETER")
+    with OmeroSession(settings) as s, OmeroImageHandle(s, iid) as h:
+        assert h.mpp == pytest.approx((0.25, 0.25))
+
+
 def test_read_region_at_every_level(server, settings, rgb) -> None:
     iid, _ = rgb
     levels = server.images[iid].levels

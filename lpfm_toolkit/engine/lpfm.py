@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ class LpfmEngine(Engine):
                  sampler: str | None = None, threads: int | None = None, compile: bool = False) -> None:
         import torch
 
-        from lpfm_toolkit.engine.device import autocast_dtype, configure_cpu_threads, select_device
+        from lpfm_toolkit.engine.device import autocast_dtype, configure_cpu_threads, cuda_batch_size, select_device
         from lpfm_toolkit.engine.models.refiner import SCHEDULERS
 
         self.bundle = bundle
@@ -84,7 +85,9 @@ class LpfmEngine(Engine):
             for m in (self.restorer, self.encoder, self.refiner):
                 if m is not None:
                     m.to(memory_format=torch.channels_last)
-            self.batch_size = 16
+            # activations of the widest levels, per output pixel, for every sample drawn
+            per_tile = 4 * (self.tile_size * 4) ** 2 * 256 * max(1, self.samples)
+            self.batch_size = cuda_batch_size(self.device, per_tile)
         if compile:
             self.restorer = torch.compile(self.restorer)
             if self.refiner is not None:
@@ -93,8 +96,13 @@ class LpfmEngine(Engine):
     @classmethod
     def from_options(cls, model: str | None = None, device: str | None = None, steps: int | None = None,
                      samples: int = 1, trust_pickle: bool = False) -> LpfmEngine:
-        """Load a shipped bundle by name, a bundle folder, or (``None``) the default ``lpfm-tiny``."""
-        return cls(load_bundle(model, trust_pickle=trust_pickle), device=device, steps=steps, samples=samples)
+        """Load a shipped bundle by name, a bundle folder, or (``None``) the default ``lpfm-tiny``.
+
+        ``LPFM_COMPILE=1`` in the environment wraps the networks in ``torch.compile``.
+        """
+        compile_ = os.environ.get("LPFM_COMPILE", "") not in ("", "0")
+        return cls(load_bundle(model, trust_pickle=trust_pickle), device=device, steps=steps, samples=samples,
+                   compile=compile_)
 
     # ------------------------------------------------------------------------------------- contract
 

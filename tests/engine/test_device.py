@@ -56,3 +56,10 @@ def test_configure_threads_honours_env_and_argument(monkeypatch: pytest.MonkeyPa
 
 def test_no_autocast_on_cpu() -> None:
     assert D.autocast_dtype(torch.device("cpu")) is None
+
+
+def test_cuda_batch_size_uses_half_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    assert D.cuda_batch_size("cuda", 1 << 28) == 16
+    assert D.cuda_batch_size("cuda", 1 << 40) == 1
+    assert D.cuda_batch_size("cuda", 1, limit=32) == 32

@@ -25,9 +25,6 @@ from lpfm_toolkit.prompts import Task, TaskKind
 
 log = logging.getLogger(__name__)
 
-#: output pixels per forward chunk on accelerators (at least ``batch_size`` tiles)
-PIXEL_BUDGET = 1 << 22
-
 
 def default_bundle_available() -> bool:
     """True when the shipped default bundle and the libraries to run it are installed."""
@@ -144,13 +141,10 @@ class LpfmEngine(Engine):
 
         if tiles.ndim != 4 or len(seeds) != len(tiles):
             raise ValueError(f"expected (N, H, W, C) tiles and N seeds, got {tiles.shape} and {len(seeds)} seeds")
-        n, h, w, _ = tiles.shape
-        out_px = h * w * task.scale**2
+        n = tiles.shape[0]
         # CPU: one tile per forward, because batched convolutions round differently (~1e-7) by batch size,
         # and the promise is bit-identical pixels whatever the batching; GPUs batch for throughput.
-        per_chunk = 1
-        if self.device.type != "cpu":
-            per_chunk = max(1, self.batch_size, PIXEL_BUDGET // (out_px * max(1, self.samples)))
+        per_chunk = 1 if self.device.type == "cpu" else max(1, self.batch_size)
         pixels, uncert = [], []
         x_all = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).permute(0, 3, 1, 2)
         for start in range(0, n, per_chunk):

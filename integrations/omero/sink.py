@@ -20,6 +20,7 @@ import numpy as np
 
 from lpfm_toolkit.errors import LpfmError, RegionError
 from lpfm_toolkit.integrations.omero.session import (
+    OmeroPermissionError,
     OmeroSession,
     SessionLostError,
     describe_server_error,
@@ -187,7 +188,14 @@ class OmeroSink(Sink):
             if arg is None:
                 self._dataset_id = self.handle.dataset_ids[0] if self.handle.dataset_ids else None
             elif isinstance(arg, int) or str(arg).isdigit():
-                self._dataset_id = int(self.session.get_dataset(int(arg)).getId())
+                ds = self.session.get_dataset(int(arg))
+                group = int(ds._obj.getDetails().getGroup().getId().getValue())
+                if group != self.handle.group_id:
+                    raise OmeroPermissionError(
+                        f"dataset {arg} is in group {group}, image {self.handle.image_id} in group "
+                        f"{self.handle.group_id}: OMERO does not link across groups",
+                        "choose a dataset of the image's group, or give a name to create one there")
+                self._dataset_id = int(ds.getId())
             else:
                 self._dataset_id = self._dataset_by_name(str(arg))
         return self._dataset_id  # type: ignore[return-value]
@@ -259,6 +267,7 @@ class OmeroSink(Sink):
                                                     wait=True), f"delete the partial image {image_id}")
 
     def open(self, spec: OutputSpec, idempotency_key: str, source: dict[str, Any]) -> SinkWriter:
+        self.dataset_id  # noqa: B018 - resolve (and check) the target before any pixels are computed
         return OmeroWriter(self, spec, self._mode_key(idempotency_key), source)
 
 

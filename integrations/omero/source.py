@@ -197,6 +197,7 @@ class OmeroImageHandle(ImageHandle):
         self.session = session
         image = session.get_image(image_id)
         session.use_group_of(image)  # reads and writes then act in the image's own group
+        self.group_id = int(image._obj.getDetails().getGroup().getId().getValue())
         self.image_id = int(image.getId())
         self.source_id = self.image_id
         self._name = str(image.getName() or f"Image {self.image_id}")

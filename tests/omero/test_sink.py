@@ -149,6 +149,22 @@ def test_results_into_a_named_dataset_created_once(server, settings, slide) -> N
     assert len(named) == 1 and len(server.images_in(named[0])) == 2
 
 
+def test_a_dataset_of_another_group_is_refused_before_any_work(server, settings, slide) -> None:
+    iid, _ = slide
+    elsewhere = server.add_dataset("other lab's", group=5)
+    before = server.snapshot()
+    with OmeroSession(settings) as s, OmeroImageHandle(s, iid) as h:
+        item = plan(h, parse_prompt("sr x2"), region=REGION)[0]
+
+        class Watched(IdentityEngine):
+            def process(self, tiles, task, seeds):
+                raise AssertionError("the engine ran although the target was refused")
+
+        with pytest.raises(PermissionError, match="does not link across groups"):
+            run_item(h, item, Watched(), OmeroSink(s, h, dataset=str(elsewhere)))
+    assert server.snapshot() == before
+
+
 def test_permission_denied_leaves_nothing(server, settings, slide) -> None:
     iid, _ = slide
     server.read_only_groups.add(3)

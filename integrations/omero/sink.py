@@ -289,6 +289,8 @@ class OmeroWriter(SinkWriter):
             self.channel_names = names
         if spec.uncertainty and sink.mode == "channels":
             self.channel_names.append(f"uncertainty ({label})")
+        elif spec.uncertainty:
+            log.warning("%s: the uncertainty is kept only with the output mode 'channels'", spec.name)
         self.n_orig = len(h.channel_names) if sink.mode == "channels" else 0
         shape = (spec.height, spec.width, len(self.channel_names))
         nbytes = int(np.prod(shape)) * self.dtype.itemsize
@@ -390,6 +392,8 @@ class OmeroWriter(SinkWriter):
             if self.spec.uncertainty:
                 prov.output["uncertainty_channel"] = len(self.channel_names) - 1
                 prov.output["uncertainty_scale"] = "standard deviation × max of the pixel type"
+        elif self.spec.uncertainty:
+            prov.output["uncertainty"] = "not stored (output mode new; use channels)"
         prov.idempotency_key = self.key
 
     def _create(self, prov: Provenance) -> int:

@@ -140,6 +140,11 @@ def permission_types() -> tuple[type[BaseException], ...]:
     return _exception_types("omero.SecurityViolation")
 
 
+def server_error_types() -> tuple[type[BaseException], ...]:
+    """Any error the server or Ice reports (as opposed to a bug in our code)."""
+    return _exception_types("omero.ServerError", "Ice.Exception")
+
+
 def memory_limit_types() -> tuple[type[BaseException], ...]:
     return _exception_types("Ice.MemoryLimitException")
 

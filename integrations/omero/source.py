@@ -225,7 +225,12 @@ class OmeroImageHandle(ImageHandle):
         self._limits: ReadLimits | None = None
         self._chunk_override: tuple[int, int] | None = None
         with self._lock:
-            self._open_store()
+            try:
+                self._open_store()
+            except Exception as exc:
+                if not is_session_lost(exc):
+                    raise
+                self._reopen_after(exc)  # one reconnect, like every other call
 
     # -- metadata ----------------------------------------------------------------------------------------------
     def _channel_names(self, image: Any) -> list[str]:

@@ -19,6 +19,7 @@ from lpfm_toolkit.integrations.omero.session import (
     SessionLostError,
     describe_server_error,
     is_session_lost,
+    server_error_types,
 )
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ def dataset_image_ids(session: OmeroSession, dataset_id: int) -> list[int]:
     return [i for i in ids if i not in results]
 
 
+def _text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, LpfmError) else describe_server_error(exc)
+
+
 def select_annotations(annotations: Sequence[Any], roi_classes: Sequence[str]) -> list[Any]:
     """Annotations whose class is one of ``roi_classes`` (compared without case)."""
     wanted = {c.strip().lower() for c in roi_classes}
@@ -135,10 +140,10 @@ def enhance_omero(session: OmeroSession, *, prompt: str, image_ids: Sequence[int
                 continue
             try:
                 handle = OmeroImageHandle(session, image_id)
-            except LpfmError as exc:
-                record(ItemOutcome(image_id, f"image {image_id}", "failed", error=str(exc)))
-                if isinstance(exc, SessionLostError):
-                    stop_reason = f"not run: {exc.message}"
+            except (LpfmError, *server_error_types()) as exc:
+                record(ItemOutcome(image_id, f"image {image_id}", "failed", error=_text(exc)))
+                if isinstance(exc, SessionLostError) or is_session_lost(exc):
+                    stop_reason = "not run: the OMERO session was lost"
                 continue
             with handle:
                 try:
@@ -150,8 +155,8 @@ def enhance_omero(session: OmeroSession, *, prompt: str, image_ids: Sequence[int
                                                error=f"no ROI of class {', '.join(roi_classes)}"))
                             continue
                     items = plan(handle, task, level=level, annotations=anns, seed=seed)
-                except LpfmError as exc:
-                    record(ItemOutcome(image_id, handle.name, "failed", error=str(exc)))
+                except (LpfmError, *server_error_types()) as exc:
+                    record(ItemOutcome(image_id, handle.name, "failed", error=_text(exc)))
                     continue
                 sink = OmeroSink(session, handle, mode=output, dataset=target_dataset)
                 for item in items:
@@ -166,9 +171,9 @@ def enhance_omero(session: OmeroSession, *, prompt: str, image_ids: Sequence[int
                         result = run_item(handle, item, engine, sink, tile_size=tile_size, overlap=overlap,
                                           force=force, samples_uncertainty=uncertainty, progress=cb)
                     except Exception as exc:
-                        if not isinstance(exc, LpfmError) and not is_session_lost(exc):
+                        if not isinstance(exc, (LpfmError, *server_error_types())):
                             raise  # a bug, not a server condition: let it surface with its traceback
-                        msg = str(exc) if isinstance(exc, LpfmError) else describe_server_error(exc)
+                        msg = _text(exc)
                         log.error("%s failed: %s", label, msg)
                         record(ItemOutcome(image_id, label, "failed", error=msg,
                                            seconds=time.monotonic() - t0))

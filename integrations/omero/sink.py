@@ -478,32 +478,41 @@ class OmeroWriter(SinkWriter):
         return image_id
 
     def _set_metadata(self, conn: Any, image_id: int) -> None:
-        """Physical pixel size and channel names (and R/G/B colours) of the new image."""
-        from omero.model import LengthI
+        """Physical pixel size and channel names (and R/G/B colours) of the new image.
+
+        Saved in separate calls, each object with unloaded references to the others, so that no save
+        carries a stale copy of an object another save just changed.
+        """
+        import omero.model
         from omero.model.enums import UnitsLength
         from omero.rtypes import rint, rstring
 
         image = conn.getObject("Image", image_id)
-        pixels = conn.getQueryService().get("Pixels", int(image.getPixelsId()), conn.SERVICE_OPTS)
-        to_save: list[Any] = []
+        pid = int(image.getPixelsId())
+        update = conn.getUpdateService()
         if self.spec.mpp:
-            pixels.setPhysicalSizeX(LengthI(float(self.spec.mpp[0]), UnitsLength.MICROMETER))
-            pixels.setPhysicalSizeY(LengthI(float(self.spec.mpp[1]), UnitsLength.MICROMETER))
-            to_save.append(pixels)
+            pixels = conn.getQueryService().get("Pixels", pid, conn.SERVICE_OPTS)
+            pixels.setPhysicalSizeX(omero.model.LengthI(float(self.spec.mpp[0]), UnitsLength.MICROMETER))
+            pixels.setPhysicalSizeY(omero.model.LengthI(float(self.spec.mpp[1]), UnitsLength.MICROMETER))
+            update.saveObject(pixels, conn.SERVICE_OPTS)
         colours = {"R": (255, 0, 0), "G": (0, 255, 0), "B": (0, 0, 255)}
+        logical, coloured = [], []
         for ch, name in zip(image.getChannels(noRE=True), self.channel_names):
             obj = ch._obj
-            obj.getLogicalChannel().setName(rstring(name))
-            to_save.append(obj.getLogicalChannel())
+            lc = obj.getLogicalChannel()
+            lc.setName(rstring(name))
+            logical.append(lc)
             rgb = colours.get(name.split(" ")[0])
             if rgb is not None:
-                obj.setRed(rint(rgb[0]))
-                obj.setGreen(rint(rgb[1]))
-                obj.setBlue(rint(rgb[2]))
-                obj.setAlpha(rint(255))
-                to_save.append(obj)
-        if to_save:
-            conn.getUpdateService().saveArray(to_save, conn.SERVICE_OPTS)
+                for setter, value in zip((obj.setRed, obj.setGreen, obj.setBlue, obj.setAlpha), (*rgb, 255)):
+                    setter(rint(value))
+                obj.setPixels(omero.model.PixelsI(pid, False))
+                obj.setLogicalChannel(omero.model.LogicalChannelI(lc.getId(), False))
+                coloured.append(obj)
+        if logical:
+            update.saveArray(logical, conn.SERVICE_OPTS)
+        if coloured:
+            update.saveArray(coloured, conn.SERVICE_OPTS)
 
     def _copy_rois(self, conn: Any, image_id: int) -> int:
         import omero.model

@@ -12,6 +12,7 @@ so the connector must reconnect through a new gateway.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -160,6 +161,12 @@ class FakeOmeroServer:
         roi.setImage(omero.model.ImageI(image_id, False))
         self.images[image_id].rois.append(roi)
         return int(roi.getId().getValue())
+
+    def pixels_by_id(self, pixels_id: int) -> Any:
+        for im in self.images.values():
+            if int(im.obj.getPrimaryPixels().getId().getValue()) == int(pixels_id):
+                return im.obj.getPrimaryPixels()
+        return None
 
     def pixels_of(self, image_id: int) -> np.ndarray:
         return self.images[image_id].levels[0]
@@ -448,11 +455,8 @@ class FakeGateway:
             pt.setValue(rstring(m.group(1)))
             return pt
         if query.startswith("select p from Pixels p join fetch p.channels as c join fetch c.logicalChannel"):
-            pid = unwrap(params.map["pid"])
-            for im in self.server.images.values():
-                if int(im.obj.getPrimaryPixels().getId().getValue()) == pid:
-                    return im.obj.getPrimaryPixels()
-            return None
+            pixels = self.server.pixels_by_id(unwrap(params.map["pid"]))
+            return copy.deepcopy(pixels)  # a server returns copies: changes count only once saved
         raise AssertionError(f"the fake does not answer the query {query!r}")
 
     def _find_all_by_query(self, query: str, params: Any, ctx: Any = None) -> Any:
@@ -472,10 +476,8 @@ class FakeGateway:
         raise AssertionError(f"the fake does not answer the query {query!r}")
 
     def _get(self, klass: str, oid: int, ctx: Any = None) -> Any:
-        if klass == "Pixels":
-            for im in self.server.images.values():
-                if int(im.obj.getPrimaryPixels().getId().getValue()) == oid:
-                    return im.obj.getPrimaryPixels()
+        if klass == "Pixels" and self.server.pixels_by_id(oid) is not None:
+            return copy.deepcopy(self.server.pixels_by_id(oid))
         raise omero.ValidationException(None, None, f"no {klass} {oid}")
 
     def _save(self, obj: Any) -> Any:
@@ -512,8 +514,23 @@ class FakeGateway:
             s._details(obj, self._write_group())
             s.datasets[int(obj.getId().getValue())] = obj
             return obj
-        if isinstance(obj, (omero.model.PixelsI, omero.model.ChannelI, omero.model.LogicalChannelI)):
-            return obj  # the fake holds the same objects: changes are already "saved"
+        if isinstance(obj, omero.model.PixelsI):
+            stored = s.pixels_by_id(unwrap(obj.getId()))
+            stored.setPhysicalSizeX(obj.getPhysicalSizeX())
+            stored.setPhysicalSizeY(obj.getPhysicalSizeY())
+            return obj
+        if isinstance(obj, (omero.model.ChannelI, omero.model.LogicalChannelI)):
+            for im in s.images.values():
+                for ch in im.obj.getPrimaryPixels().copyChannels():
+                    if isinstance(obj, omero.model.LogicalChannelI) and \
+                            unwrap(ch.getLogicalChannel().getId()) == unwrap(obj.getId()):
+                        ch.getLogicalChannel().setName(obj.getName())
+                        return obj
+                    if isinstance(obj, omero.model.ChannelI) and unwrap(ch.getId()) == unwrap(obj.getId()):
+                        for colour in ("Red", "Green", "Blue", "Alpha"):
+                            getattr(ch, f"set{colour}")(getattr(obj, f"get{colour}")())
+                        return obj
+            raise AssertionError(f"no {type(obj).__name__} {unwrap(obj.getId())} to update")
         raise AssertionError(f"the fake does not save {type(obj).__name__}")
 
     def _create_image(self, sizeX: int, sizeY: int, sizeZ: int, sizeT: int, channelList: list[int],

@@ -29,10 +29,10 @@ from lpfm_toolkit.integrations.omero.session import (
     permission_types,
 )
 from lpfm_toolkit.integrations.omero.source import (
-    DEFAULT_MESSAGE_SIZE_KB,
     OmeroImageHandle,
     _val,
     format_points,
+    message_budget,
     parse_points,
     pixel_type_name,
     shape_kind,
@@ -401,7 +401,9 @@ class OmeroWriter(SinkWriter):
         conn = self.sink.session.conn
         ds_id = self.sink.dataset_id
         max_w, max_h = conn.getMaxPlaneSize()
-        small = self.nbytes <= SMALL_BYTES and self.spec.width <= max_w and self.spec.height <= max_h
+        plane_bytes = self.spec.width * self.spec.height * self.dtype.itemsize  # one setPlane call
+        small = (self.nbytes <= SMALL_BYTES and self.spec.width <= max_w and self.spec.height <= max_h
+                 and plane_bytes <= message_budget(conn))
         description = (f"lpfm-toolkit result: {prov.prompt!r} on {self.source.get('uri')} "
                        f"region {list(self.region)} at level {self.level}. Provenance: namespace {NAMESPACE}.")
         if small:
@@ -446,12 +448,8 @@ class OmeroWriter(SinkWriter):
         try:
             rps.setPixelsId(pid, True, conn.SERVICE_OPTS)
             tw, th = (int(v) for v in rps.getTileSize(conn.SERVICE_OPTS))
-            kb = DEFAULT_MESSAGE_SIZE_KB
-            try:
-                kb = int(conn.c.getProperty("Ice.MessageSizeMax") or kb)
-            except (AttributeError, ValueError):
-                pass
-            while tw * th * self.dtype.itemsize > kb * 1024 // 2 and th > 1:
+            budget = message_budget(conn)
+            while tw * th * self.dtype.itemsize > budget and th > 1:
                 th //= 2
             wire = self.dtype.newbyteorder(">")
             for c in range(n_c):

@@ -84,9 +84,8 @@ class ReadLimits:
         return w, h
 
 
-def read_limits(conn: Any, rps: Any) -> ReadLimits:
-    """Limits from the server (max plane size, tile size) and the client (Ice.MessageSizeMax)."""
-    max_w, max_h = conn.getMaxPlaneSize()
+def message_budget(conn: Any) -> int:
+    """Bytes one call may carry: half the client's ``Ice.MessageSizeMax`` (room for Ice's framing)."""
     kb = DEFAULT_MESSAGE_SIZE_KB
     try:
         text = conn.c.getProperty("Ice.MessageSizeMax")
@@ -94,9 +93,14 @@ def read_limits(conn: Any, rps: Any) -> ReadLimits:
             kb = int(text)
     except (AttributeError, ValueError):
         pass
+    return kb * 1024 // 2
+
+
+def read_limits(conn: Any, rps: Any) -> ReadLimits:
+    """Limits from the server (max plane size, tile size) and the client (Ice.MessageSizeMax)."""
+    max_w, max_h = conn.getMaxPlaneSize()
     tile_w, tile_h = rps.getTileSize()
-    # half the message limit leaves room for Ice framing and keeps each call short
-    return ReadLimits(int(max_w), int(max_h), kb * 1024 // 2, int(tile_w), int(tile_h))
+    return ReadLimits(int(max_w), int(max_h), message_budget(conn), int(tile_w), int(tile_h))
 
 
 # -- ROIs -----------------------------------------------------------------------------------------------------

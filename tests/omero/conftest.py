@@ -372,6 +372,8 @@ class FakeGateway:
             assert p.ndim == 2 and p.dtype.name in BIG_ENDIAN or p.dtype.name == "float32", p.dtype
             h, w = p.shape
             assert w <= self.server.max_plane[0] and h <= self.server.max_plane[1], "plane above the max plane size"
+            if p.nbytes > self.server.message_size_kb * 1024:
+                raise Ice.MemoryLimitException()  # setPlane sends a whole plane in one message
         stack = np.stack(planes, axis=-1)
         iid = self.server.add_image(imageName, [stack], mpp=None, group=self._write_group())
         self.server.images[iid].obj.setDescription(rstring(description or ""))
@@ -626,6 +628,8 @@ class FakeRawPixelsStore:
         arr = im.levels[0]
         if len(buf) != w * h * arr.dtype.itemsize:
             raise omero.ApiUsageException(None, None, "buffer size does not match the tile")
+        if len(buf) > self.server.message_size_kb * 1024:
+            raise Ice.MemoryLimitException()
         # OMERO's pyramid writer takes tiles in order: plane by plane, rows top to bottom, left to right
         if im.write_log:
             pc, py, px = im.write_log[-1]

@@ -120,6 +120,16 @@ def test_large_results_are_written_tile_by_tile_in_order(server, settings, slide
     assert not list(Path(tempfile.gettempdir()).glob("lpfm-omero-*.raw"))  # the spool file is gone
 
 
+def test_planes_over_the_message_size_go_tile_by_tile(server, settings, slide) -> None:
+    iid, _ = slide
+    server.message_size_kb = 64  # a 240×180 plane (42 KiB) is over half of it: no whole-plane upload
+    before = dict(server.images)
+    _run(server, settings, iid)
+    (new,) = _new_images(server, before)
+    assert "createImage" in server.calls and "createImageFromNumpySeq" not in server.calls
+    assert server.images[new].write_log and server.map_of(new)["lpfm.state"] == "complete"
+
+
 def test_channels_mode_holds_original_enhanced_and_uncertainty(server, settings, slide) -> None:
     iid, _ = slide
     before = dict(server.images)

@@ -30,11 +30,11 @@ from lpfm_toolkit.integrations.omero.session import (
 )
 from lpfm_toolkit.integrations.omero.source import (
     OmeroImageHandle,
-    _val,
     format_points,
     message_budget,
     parse_points,
     pixel_type_name,
+    rvalue,
     shape_kind,
 )
 from lpfm_toolkit.provenance import NAMESPACE, Provenance
@@ -85,8 +85,8 @@ def copy_shape(shape: Any, m: ShapeMapping, keep_channel: bool) -> Any:
     if t is not None:  # keep the coordinates, compose the mapping into the transform
         nt = omero.model.AffineTransformI()
         for name in ("A00", "A01", "A10", "A11"):
-            getattr(nt, f"set{name}")(rdouble(float(_val(getattr(t, f"get{name}")())) * m.k))
-        ox, oy = m.point(float(_val(t.getA02())), float(_val(t.getA12())))
+            getattr(nt, f"set{name}")(rdouble(float(rvalue(getattr(t, f"get{name}")())) * m.k))
+        ox, oy = m.point(float(rvalue(t.getA02())), float(rvalue(t.getA12())))
         nt.setA02(rdouble(ox))
         nt.setA12(rdouble(oy))
         for name in ("X", "Y", "Width", "Height", "RadiusX", "RadiusY", "X1", "Y1", "X2", "Y2", "Points", "Bytes"):
@@ -96,34 +96,34 @@ def copy_shape(shape: Any, m: ShapeMapping, keep_channel: bool) -> Any:
         new.setTransform(nt)
         return new
     if kind in ("Rectangle", "Mask"):
-        x, y = m.point(float(_val(shape.getX())), float(_val(shape.getY())))
-        w, h = m.length(float(_val(shape.getWidth()))), m.length(float(_val(shape.getHeight())))
+        x, y = m.point(float(rvalue(shape.getX())), float(rvalue(shape.getY())))
+        w, h = m.length(float(rvalue(shape.getWidth()))), m.length(float(rvalue(shape.getHeight())))
         new.setX(rdouble(x))
         new.setY(rdouble(y))
         new.setWidth(rdouble(w))
         new.setHeight(rdouble(h))
         if kind == "Mask" and shape.getBytes() is not None:
-            new.setBytes(rescale_mask(shape.getBytes(), int(float(_val(shape.getWidth()))),
-                                      int(float(_val(shape.getHeight()))), max(1, round(w)), max(1, round(h))))
+            new.setBytes(rescale_mask(shape.getBytes(), int(float(rvalue(shape.getWidth()))),
+                                      int(float(rvalue(shape.getHeight()))), max(1, round(w)), max(1, round(h))))
     elif kind == "Ellipse":
-        x, y = m.point(float(_val(shape.getX())), float(_val(shape.getY())))
+        x, y = m.point(float(rvalue(shape.getX())), float(rvalue(shape.getY())))
         new.setX(rdouble(x))
         new.setY(rdouble(y))
-        new.setRadiusX(rdouble(m.length(float(_val(shape.getRadiusX())))))
-        new.setRadiusY(rdouble(m.length(float(_val(shape.getRadiusY())))))
+        new.setRadiusX(rdouble(m.length(float(rvalue(shape.getRadiusX())))))
+        new.setRadiusY(rdouble(m.length(float(rvalue(shape.getRadiusY())))))
     elif kind in ("Point", "Label"):
-        x, y = m.point(float(_val(shape.getX())), float(_val(shape.getY())))
+        x, y = m.point(float(rvalue(shape.getX())), float(rvalue(shape.getY())))
         new.setX(rdouble(x))
         new.setY(rdouble(y))
     elif kind == "Line":
-        x1, y1 = m.point(float(_val(shape.getX1())), float(_val(shape.getY1())))
-        x2, y2 = m.point(float(_val(shape.getX2())), float(_val(shape.getY2())))
+        x1, y1 = m.point(float(rvalue(shape.getX1())), float(rvalue(shape.getY1())))
+        x2, y2 = m.point(float(rvalue(shape.getX2())), float(rvalue(shape.getY2())))
         new.setX1(rdouble(x1))
         new.setY1(rdouble(y1))
         new.setX2(rdouble(x2))
         new.setY2(rdouble(y2))
     elif kind in ("Polygon", "Polyline"):
-        pts = [m.point(x, y) for x, y in parse_points(str(_val(shape.getPoints()) or ""))]
+        pts = [m.point(x, y) for x, y in parse_points(str(rvalue(shape.getPoints()) or ""))]
         new.setPoints(rstring(format_points(pts)))
     else:
         return None
@@ -147,7 +147,7 @@ def copy_rois(rois: list[Any], annotations_by_shape: dict[int, Any], region_box:
     for roi in rois:
         shapes = []
         for shape in roi.copyShapes():
-            geom = annotations_by_shape.get(int(_val(shape.getId())))
+            geom = annotations_by_shape.get(int(rvalue(shape.getId())))
             if geom is None or not geom.intersects(region_box):
                 continue
             new = copy_shape(shape, m, keep_channel)
@@ -212,8 +212,8 @@ class OmeroSink(Sink):
             ds = omero.model.DatasetI()
             ds.setName(rstring(name))
             saved = conn.getUpdateService().saveAndReturnObject(ds, conn.SERVICE_OPTS)
-            log.info("created dataset %r (%s)", name, _val(saved.getId()))
-            return int(_val(saved.getId()))
+            log.info("created dataset %r (%s)", name, rvalue(saved.getId()))
+            return int(rvalue(saved.getId()))
 
         return self.session.call(find, f"find or create dataset {name!r}")
 
@@ -440,7 +440,7 @@ class OmeroWriter(SinkWriter):
         n_c = self.pixels.shape[2]
         iid = conn.getPixelsService().createImage(self.spec.width, self.spec.height, 1, 1, list(range(n_c)), ptype,
                                                   self.spec.name, description, conn.SERVICE_OPTS)
-        image_id = int(_val(iid))
+        image_id = int(rvalue(iid))
         self.image_id = image_id  # from here on a failure must delete it
         image = conn.getObject("Image", image_id)
         pid = int(image.getPixelsId())

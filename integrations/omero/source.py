@@ -56,7 +56,7 @@ def pixel_type_name(dtype: np.dtype) -> str:
     raise CorruptImageError(f"dtype {np.dtype(dtype)} cannot be stored in OMERO", "use uint8, uint16 or float32")
 
 
-def _val(x: Any) -> Any:
+def rvalue(x: Any) -> Any:
     """Unwrap an OMERO rtype (or pass plain values through)."""
     return x.getValue() if hasattr(x, "getValue") else x
 
@@ -133,19 +133,19 @@ def shape_geometry(shape: Any) -> Any:
     kind = shape_kind(shape)
     g: Any
     if kind == "Rectangle":
-        x, y, w, h = (float(_val(shape.getX())), float(_val(shape.getY())), float(_val(shape.getWidth())),
-                      float(_val(shape.getHeight())))
+        x, y, w, h = (float(rvalue(shape.getX())), float(rvalue(shape.getY())), float(rvalue(shape.getWidth())),
+                      float(rvalue(shape.getHeight())))
         g = box(x, y, x + w, y + h)
     elif kind == "Mask":  # a raster ROI: its bounding box is what a region selection needs
-        x, y, w, h = (float(_val(shape.getX())), float(_val(shape.getY())), float(_val(shape.getWidth())),
-                      float(_val(shape.getHeight())))
+        x, y, w, h = (float(rvalue(shape.getX())), float(rvalue(shape.getY())), float(rvalue(shape.getWidth())),
+                      float(rvalue(shape.getHeight())))
         g = box(x, y, x + w, y + h)
     elif kind == "Ellipse":
-        cx, cy = float(_val(shape.getX())), float(_val(shape.getY()))
-        rx, ry = float(_val(shape.getRadiusX())), float(_val(shape.getRadiusY()))
+        cx, cy = float(rvalue(shape.getX())), float(rvalue(shape.getY()))
+        rx, ry = float(rvalue(shape.getRadiusX())), float(rvalue(shape.getRadiusY()))
         g = affinity.scale(Point(cx, cy).buffer(1.0, 64), rx, ry, origin=(cx, cy))
     elif kind in ("Polygon", "Polyline"):
-        pts = parse_points(str(_val(shape.getPoints()) or ""))
+        pts = parse_points(str(rvalue(shape.getPoints()) or ""))
         if kind == "Polygon" and len(pts) >= 3:
             g = Polygon(pts)
             if not g.is_valid:
@@ -155,16 +155,16 @@ def shape_geometry(shape: Any) -> Any:
         else:
             return None
     elif kind == "Line":
-        g = LineString([(float(_val(shape.getX1())), float(_val(shape.getY1()))),
-                        (float(_val(shape.getX2())), float(_val(shape.getY2())))])
+        g = LineString([(float(rvalue(shape.getX1())), float(rvalue(shape.getY1()))),
+                        (float(rvalue(shape.getX2())), float(rvalue(shape.getY2())))])
     elif kind in ("Point", "Label"):
-        g = Point(float(_val(shape.getX())), float(_val(shape.getY())))
+        g = Point(float(rvalue(shape.getX())), float(rvalue(shape.getY())))
     else:
         return None
     t = shape.getTransform()
     if t is not None:
-        g = affinity.affine_transform(g, [float(_val(t.getA00())), float(_val(t.getA01())), float(_val(t.getA10())),
-                                          float(_val(t.getA11())), float(_val(t.getA02())), float(_val(t.getA12()))])
+        g = affinity.affine_transform(g, [float(rvalue(t.getA00())), float(rvalue(t.getA01())), float(rvalue(t.getA10())),
+                                          float(rvalue(t.getA11())), float(rvalue(t.getA02())), float(rvalue(t.getA12()))])
     return g
 
 
@@ -172,21 +172,21 @@ def roi_annotations(rois: list[Any], image_uri: str) -> list[Annotation]:
     """One :class:`Annotation` per supported shape; class = shape text, else ROI name, else description."""
     out: list[Annotation] = []
     for roi in rois:
-        roi_name = _val(roi.getName()) if roi.getName() is not None else None
-        roi_desc = _val(roi.getDescription()) if roi.getDescription() is not None else None
+        roi_name = rvalue(roi.getName()) if roi.getName() is not None else None
+        roi_desc = rvalue(roi.getDescription()) if roi.getDescription() is not None else None
         for shape in roi.copyShapes():
             geom = shape_geometry(shape)
             if geom is None:
-                log.info("ROI %s: shape type %s is not supported; skipped", _val(roi.getId()), shape_kind(shape))
+                log.info("ROI %s: shape type %s is not supported; skipped", rvalue(roi.getId()), shape_kind(shape))
                 continue
-            text = _val(shape.getTextValue()) if shape.getTextValue() is not None else None
+            text = rvalue(shape.getTextValue()) if shape.getTextValue() is not None else None
             cls = next((v.strip() for v in (text, roi_name, roi_desc) if v and str(v).strip()), None)
-            sid = int(_val(shape.getId()))
+            sid = int(rvalue(shape.getId()))
             out.append(Annotation(
-                geometry=geom, class_name=cls, id=f"Shape:{sid}", name=roi_name or f"ROI {_val(roi.getId())}",
+                geometry=geom, class_name=cls, id=f"Shape:{sid}", name=roi_name or f"ROI {rvalue(roi.getId())}",
                 source=image_uri,
-                properties={"roi_id": int(_val(roi.getId())), "shape_id": sid, "type": shape_kind(shape),
-                            "theZ": _val(shape.getTheZ()), "theT": _val(shape.getTheT())},
+                properties={"roi_id": int(rvalue(roi.getId())), "shape_id": sid, "type": shape_kind(shape),
+                            "theZ": rvalue(shape.getTheZ()), "theT": rvalue(shape.getTheT())},
             ))
     return out
 
@@ -225,6 +225,7 @@ class OmeroImageHandle(ImageHandle):
         self._rps_conn: Any = None
         self._rps_level: int | None = None
         self._rois: list[Any] | None = None
+        self._uuid: str | None = None
         self._levels: list[Level] = []
         self._limits: ReadLimits | None = None
         self._chunk_override: tuple[int, int] | None = None
@@ -244,7 +245,7 @@ class OmeroImageHandle(ImageHandle):
             colours = []
             for ch in channels:
                 lc = ch._obj  # the model ChannelI: red/green/blue as rints
-                colours.append(tuple(_val(getattr(lc, f"get{c}")()) for c in ("Red", "Green", "Blue")))
+                colours.append(tuple(rvalue(getattr(lc, f"get{c}")()) for c in ("Red", "Green", "Blue")))
             rgb_names = [v.lower() for v in labels] in (["r", "g", "b"], ["red", "green", "blue"])
             rgb_colours = colours == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
             if rgb_names or rgb_colours:
@@ -282,7 +283,7 @@ class OmeroImageHandle(ImageHandle):
                 f"{self.size_x}x{self.size_y}x{self.size_c}:z{self.z}t{self.t}:{self.pixel_type}")
 
     def _server_uuid(self) -> str:
-        if not hasattr(self, "_uuid"):
+        if self._uuid is None:
             self._uuid = str(self.session.call(lambda c: c.getConfigService().getDatabaseUuid(),
                                                "read the server's identity"))
         return self._uuid
@@ -400,7 +401,3 @@ class OmeroImageHandle(ImageHandle):
                 except Exception as exc:  # a lost connection cannot close its services; nothing leaks server-side
                     log.debug("closing the RawPixelsStore: %s", describe_server_error(exc))
 
-
-def open_omero_image(session: OmeroSession, image_id: int, **kwargs: Any) -> OmeroImageHandle:
-    """Open OMERO image ``image_id`` on a connected session."""
-    return OmeroImageHandle(session, image_id, **kwargs)

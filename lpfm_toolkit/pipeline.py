@@ -149,7 +149,7 @@ def from_float(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.clip(np.floor(pixels * m + 0.5), 0, m).astype(dtype)
 
 
-def _overview(handle: ImageHandle, item: WorkItem, max_pixels: int = 2048 * 2048) -> np.ndarray:
+def _overview(handle: ImageHandle, item: WorkItem, max_pixels: int = 1024 * 1024) -> np.ndarray:
     """The region read at a coarse enough level to hold at most ``max_pixels`` (for engine.prepare)."""
     lv0 = handle.levels[item.level]
     r = item.region
@@ -196,7 +196,8 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
     source = source_record(handle, item)
 
     t_start = time.perf_counter()
-    overview = _overview(handle, item)
+    overview = _overview(handle, item) if engine.needs_overview(task) else np.zeros((1, 1, len(handle.channel_names)),
+                                                                                   np.float32)
     t0 = time.perf_counter()
     engine.prepare(task, overview)
     prepare_seconds = time.perf_counter() - t0

@@ -44,6 +44,10 @@ class Engine(abc.ABC):
             return ["R", "G", "B"]
         return list(channel_names)
 
+    def needs_overview(self, task: Task) -> bool:
+        """Whether :meth:`prepare` uses the region's overview (reading it costs time on big regions)."""
+        return type(self).prepare is not Engine.prepare
+
     def prepare(self, task: Task, overview: np.ndarray) -> None:  # noqa: B027 - optional hook
         """Fit whole-region statistics (e.g. stain vectors) on a low-resolution ``overview`` in [0, 1]."""
 
@@ -63,6 +67,9 @@ class IdentityEngine(Engine):
     """
 
     name = "identity"
+
+    def needs_overview(self, task: Task) -> bool:
+        return False
 
     def process(self, tiles: np.ndarray, task: Task, seeds: Sequence[int]) -> EngineOutput:
         s = task.scale

@@ -118,6 +118,9 @@ class ClassicalEngine(Engine):
                                   f"{len(channel_names)} ({', '.join(channel_names)})",
                                   "give the nuclear (first) and cytoplasm/autofluorescence (second) channels")
 
+    def needs_overview(self, task: Task) -> bool:
+        return task.kind in (TaskKind.DENOISE, TaskKind.RESTORE, TaskKind.STAIN_NORMALIZE, TaskKind.VIRTUAL_STAIN)
+
     def prepare(self, task: Task, overview: np.ndarray) -> None:
         from skimage.restoration import estimate_sigma
 

@@ -59,8 +59,9 @@ class _RawPyramid:
     """Scratch files holding a level-0 image and its 2× reductions, filled row by row."""
 
     def __init__(self, folder: Path, stem: str, width: int, height: int, channels: int, dtype: np.dtype,
-                 n_levels: int) -> None:
+                 n_levels: int, keep_level0: bool = True) -> None:
         self.dtype, self.channels = np.dtype(dtype), channels
+        self.keep_level0 = keep_level0
         self.sizes: list[tuple[int, int]] = []
         w, h = width, height
         for _ in range(n_levels):
@@ -77,7 +78,8 @@ class _RawPyramid:
         w = self.sizes[level][0]
         if rows.shape[1:] != (w, self.channels):
             raise ValueError(f"rows of shape {rows.shape[1:]} do not fit level {level} ({w}, {self.channels})")
-        self._files[level].write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        if level or self.keep_level0:
+            self._files[level].write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
         self._rows_written[level] += rows.shape[0]
         if level + 1 < len(self.sizes):
             pending = self._pending[level]
@@ -161,33 +163,136 @@ def validate_ome_xml(xml: str) -> None:
     from_xml(xml, validate=True)
 
 
-def _write_tiff(path: Path, raw: _RawPyramid, spec: OutputSpec, xml: str, tile: int, compression: str,
-                channel_names: list[str]) -> None:
-    import tifffile
-
+def _tiff_options(raw: _RawPyramid, spec: OutputSpec, tile: int, compression: str,
+                  channel_names: list[str]) -> tuple[bool, dict[str, Any], tuple[float, float] | None]:
     rgb = channel_names == ["R", "G", "B"] and raw.dtype == np.uint8
     comp: Any = None if compression == "none" else compression
     comp_args = {"level": 90} if compression == "jpeg" else None
-    n_sub = len(raw.sizes) - 1
-    resolution = None
-    if spec.mpp:
-        resolution = (1e4 / spec.mpp[0], 1e4 / spec.mpp[1])
+    resolution = (1e4 / spec.mpp[0], 1e4 / spec.mpp[1]) if spec.mpp else None
     common = {"tile": (tile, tile), "compression": comp, "compressionargs": comp_args, "dtype": raw.dtype,
-              "metadata": None, "software": f"lpfm-toolkit {__version__}"}
+              "metadata": None, "software": f"lpfm-toolkit {__version__}",
+              "photometric": "rgb" if rgb else "minisblack"}
+    return rgb, common, resolution
+
+
+def _write_levels(tw: Any, raw: _RawPyramid, rgb: bool, common: dict[str, Any],
+                  resolution: tuple[float, float] | None, channel: int | None) -> None:
+    """Write the reduced levels (SubIFDs) of one page from the scratch files."""
+    for level in range(1, len(raw.sizes)):
+        lw, lh = raw.sizes[level]
+        lres = (resolution[0] / 2**level, resolution[1] / 2**level) if resolution else None
+        tw.write(raw.tiles(level, common["tile"][0], channel), shape=(lh, lw, 3) if rgb else (lh, lw),
+                 subfiletype=1, resolution=lres, resolutionunit="CENTIMETER" if lres else None, **common)
+
+
+def _write_tiff(path: Path, raw: _RawPyramid, spec: OutputSpec, xml: str, tile: int, compression: str,
+                channel_names: list[str]) -> None:
+    """Write a whole OME-TIFF from scratch files: one page per plane, each followed by its SubIFDs."""
+    import tifffile
+
+    rgb, common, resolution = _tiff_options(raw, spec, tile, compression, channel_names)
     planes = [None] if rgb else list(range(raw.channels))
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for i, ch in enumerate(planes):
             w, h = raw.sizes[0]
-            shape = (h, w, 3) if rgb else (h, w)
-            tw.write(raw.tiles(0, tile, ch), shape=shape, photometric="rgb" if rgb else "minisblack",
-                     subifds=n_sub, description=xml if i == 0 else None,
-                     resolution=resolution, resolutionunit="CENTIMETER" if resolution else None, **common)
-            for level in range(1, len(raw.sizes)):
-                lw, lh = raw.sizes[level]
-                lres = (resolution[0] / 2**level, resolution[1] / 2**level) if resolution else None
-                tw.write(raw.tiles(level, tile, ch), shape=(lh, lw, 3) if rgb else (lh, lw),
-                         photometric="rgb" if rgb else "minisblack", subfiletype=1,
-                         resolution=lres, resolutionunit="CENTIMETER" if lres else None, **common)
+            tw.write(raw.tiles(0, tile, ch), shape=(h, w, 3) if rgb else (h, w), subifds=len(raw.sizes) - 1,
+                     description=xml if i == 0 else None, resolution=resolution,
+                     resolutionunit="CENTIMETER" if resolution else None, **common)
+            _write_levels(tw, raw, rgb, common, resolution, ch)
+
+
+class _StreamedTiff:
+    """Writes the full-resolution level of a one-page image while rows arrive, on its own thread.
+
+    Tiles are compressed as soon as a tile row is complete, overlapping the engine's work; the reduced
+    levels follow from the scratch files at commit, and the OME-XML (which needs the final checksums)
+    replaces the provisional description then.
+    """
+
+    def __init__(self, path: Path, raw: _RawPyramid, spec: OutputSpec, tile: int, compression: str,
+                 provisional_xml: str) -> None:
+        import queue
+        import threading
+
+        self.path, self.raw, self.tile = path, raw, tile
+        self.rgb, self.common, self.resolution = _tiff_options(raw, spec, tile, compression, spec.channel_names)
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2 * max(1, -(-spec.width // tile)))
+        self._levels_ready = threading.Event()
+        self._abort = False
+        self._error: BaseException | None = None
+        self._strip = np.zeros((0, spec.width, raw.channels), raw.dtype)
+        self._thread = threading.Thread(target=self._run, args=(spec, provisional_xml), name="lpfm-tiff",
+                                        daemon=True)
+        self._thread.start()
+
+    def _tiles(self) -> Iterator[np.ndarray]:
+        while True:
+            block = self._queue.get()
+            if block is None:
+                return
+            yield block if self.rgb else block[:, :, 0]
+
+    def _run(self, spec: OutputSpec, xml: str) -> None:
+        import tifffile
+
+        try:
+            with tifffile.TiffWriter(self.path, bigtiff=True) as tw:
+                shape = (spec.height, spec.width, 3) if self.rgb else (spec.height, spec.width)
+                tw.write(self._tiles(), shape=shape, subifds=len(self.raw.sizes) - 1, description=xml,
+                         resolution=self.resolution, resolutionunit="CENTIMETER" if self.resolution else None,
+                         **self.common)
+                self._levels_ready.wait()
+                if not self._abort:
+                    _write_levels(tw, self.raw, self.rgb, self.common, self.resolution, None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller in finish()
+            self._error = exc
+            while not self._abort:  # keep draining so the producer never blocks
+                if self._queue.get() is None:
+                    break
+
+    def _emit(self, strip: np.ndarray) -> None:
+        t = self.tile
+        for x in range(0, strip.shape[1], t):
+            block = strip[:, x : x + t]
+            if block.shape[:2] != (t, t):
+                padded = np.zeros((t, t, block.shape[2]), block.dtype)
+                padded[: block.shape[0], : block.shape[1]] = block
+                block = padded
+            self._queue.put(np.ascontiguousarray(block))
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        self._strip = np.concatenate([self._strip, rows]) if self._strip.shape[0] else rows
+        while self._strip.shape[0] >= self.tile:
+            self._emit(self._strip[: self.tile])
+            self._strip = self._strip[self.tile :]
+
+    def finish(self, xml: str) -> None:
+        """Flush the last tile row, write the reduced levels, then put the final OME-XML in place."""
+        import tifffile
+
+        if self._strip.shape[0]:
+            self._emit(self._strip)
+        self._queue.put(None)
+        self._levels_ready.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        tifffile.tiffcomment(self.path, xml)
+
+    def abort(self) -> None:
+        import queue
+
+        self._abort = True
+        self._levels_ready.set()
+        while True:  # empty the queue so the end marker fits and the thread stops at once
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join(timeout=30)
 
 
 class OmeTiffWriter(SinkWriter):
@@ -204,13 +309,22 @@ class OmeTiffWriter(SinkWriter):
         final.parent.mkdir(parents=True, exist_ok=True)
         self._scratch = Path(tempfile.mkdtemp(prefix=".lpfm-scratch-", dir=final.parent))
         n_levels = n_pyramid_levels(spec.width, spec.height, tile)
+        # One-page images (RGB, or one channel) stream their full resolution straight into the TIFF;
+        # multi-channel images are planar (one page per channel) and are written from scratch files.
+        one_page = spec.is_rgb or len(spec.channel_names) == 1
         self._raw = _RawPyramid(self._scratch, "img", spec.width, spec.height, len(spec.channel_names),
-                                np.dtype(spec.dtype), n_levels)
+                                np.dtype(spec.dtype), n_levels, keep_level0=not one_page)
+        self._tmp_tiff = self._scratch / "out.ome.tiff"
+        self._stream = _StreamedTiff(self._tmp_tiff, self._raw, spec, tile, self.compression,
+                                     build_ome_xml(spec, None, spec.channel_names, np.dtype(spec.dtype),
+                                                   spec.is_rgb)) if one_page else None
         self._unc = _RawPyramid(self._scratch, "unc", spec.width, spec.height, 1, np.dtype(np.float32), n_levels) \
             if spec.uncertainty else None
         self._done = False
 
     def write_rows(self, rows: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
+        if self._stream is not None:
+            self._stream.add_rows(rows)
         self._raw.append(rows)
         if self._unc is not None:
             if uncertainty is None:
@@ -230,8 +344,11 @@ class OmeTiffWriter(SinkWriter):
         provenance.output.update({"uri": str(self.final.resolve()), "format": "ome-tiff", **extra})
         xml = build_ome_xml(self.spec, provenance, self.spec.channel_names, self._raw.dtype, self.spec.is_rgb)
         validate_ome_xml(xml)
-        tmp_tiff = self._scratch / "out.ome.tiff"
-        _write_tiff(tmp_tiff, self._raw, self.spec, xml, self.tile, self.compression, self.spec.channel_names)
+        tmp_tiff = self._tmp_tiff
+        if self._stream is not None:
+            self._stream.finish(xml)
+        else:
+            _write_tiff(tmp_tiff, self._raw, self.spec, xml, self.tile, self.compression, self.spec.channel_names)
         tmp_unc = None
         if self._unc is not None:
             self._unc.finish()
@@ -254,6 +371,8 @@ class OmeTiffWriter(SinkWriter):
 
     def abort(self) -> None:
         if not self._done:
+            if self._stream is not None:
+                self._stream.abort()
             for f in (*self._raw._files, *(self._unc._files if self._unc else ())):
                 f.close()
             shutil.rmtree(self._scratch, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,29 @@ USER_ID, GROUP_ID, OTHER_GROUP = 2, 3, 5
 
 def _lost() -> Exception:
     return Ice.ConnectionLostException()
+
+
+# Autospecs of omero-py's big classes take ~0.1 s each to build; tests reuse them, reset, across tests.
+_SPARE: dict[Any, list[Any]] = {}
+
+
+class SpecPool:
+    """Hands out ``create_autospec(cls, instance=True)`` mocks, reusing ones released by earlier tests."""
+
+    def __init__(self) -> None:
+        self.used: list[tuple[Any, Any]] = []
+
+    def get(self, cls: Any) -> Any:
+        spare = _SPARE.setdefault(cls, [])
+        mock = spare.pop() if spare else create_autospec(cls, instance=True)
+        self.used.append((cls, mock))
+        return mock
+
+    def release(self) -> None:
+        for cls, mock in self.used:
+            mock.reset_mock(return_value=True, side_effect=True)  # signatures stay checked
+            _SPARE[cls].append(mock)
+        self.used.clear()
 
 
 @dataclass
@@ -75,6 +99,7 @@ class FakeOmeroServer:
     def __init__(self, max_plane: tuple[int, int] = (3192, 3192), tile: tuple[int, int] = (256, 256),
                  message_size_kb: int = 65536) -> None:
         self._ids = itertools.count(100)
+        self.specs = SpecPool()
         self.max_plane = max_plane
         self.tile = tile
         self.message_size_kb = message_size_kb
@@ -225,11 +250,11 @@ class FakeGateway:
         self.server, self.settings, self.alive = server, settings, True
         self.connected = False
         self.closed: bool | None = None
-        conn = create_autospec(omero.gateway.BlitzGateway, instance=True)
+        conn = server.specs.get(omero.gateway.BlitzGateway)
         conn.SERVICE_OPTS = omero.gateway.ServiceOptsDict()
         conn.host = getattr(settings, "host", None) or "omero.example.org"
-        conn.c = create_autospec(omero.clients.BaseClient, instance=True)
-        conn.c.sf = create_autospec(omero.api.ServiceFactoryPrx, instance=True)
+        conn.c = server.specs.get(omero.clients.BaseClient)
+        conn.c.sf = server.specs.get(omero.api.ServiceFactoryPrx)
         conn.c.getProperty.side_effect = lambda key: str(server.message_size_kb) if key == "Ice.MessageSizeMax" else ""
         conn.c.sf.createRawPixelsStore.side_effect = lambda *a, **k: FakeRawPixelsStore(self).proxy
         conn.c.sf.createRawFileStore.side_effect = lambda *a, **k: self._raw_file_store()
@@ -250,26 +275,26 @@ class FakeGateway:
             return self._services[name]
         g = self._guard
         if name == "query":
-            svc = create_autospec(omero.api.IQueryPrx, instance=True)
+            svc = self.server.specs.get(omero.api.IQueryPrx)
             svc.findByQuery.side_effect = g("findByQuery", self._find_by_query)
             svc.findAllByQuery.side_effect = g("findAllByQuery", self._find_all_by_query)
             svc.get.side_effect = g("get", self._get)
         elif name == "update":
-            svc = create_autospec(omero.api.IUpdatePrx, instance=True)
+            svc = self.server.specs.get(omero.api.IUpdatePrx)
             svc.saveObject.side_effect = g("saveObject", lambda o, ctx=None: self._save(o))
             svc.saveAndReturnObject.side_effect = g("saveAndReturnObject", lambda o, ctx=None: self._save(o))
             svc.saveArray.side_effect = g("saveArray", lambda objs, ctx=None: [self._save(o) for o in objs] and None)
             svc.saveAndReturnArray.side_effect = g("saveAndReturnArray",
                                                    lambda objs, ctx=None: [self._save(o) for o in objs])
         elif name == "pixels":
-            svc = create_autospec(omero.api.IPixelsPrx, instance=True)
+            svc = self.server.specs.get(omero.api.IPixelsPrx)
             svc.createImage.side_effect = g("createImage", self._create_image)
             svc.setChannelGlobalMinMax.side_effect = g("setChannelGlobalMinMax", lambda *a, **k: None)
         elif name == "roi":
-            svc = create_autospec(omero.api.IRoiPrx, instance=True)
+            svc = self.server.specs.get(omero.api.IRoiPrx)
             svc.findByImage.side_effect = g("findByImage", self._find_rois)
         else:
-            svc = create_autospec(omero.api.IConfigPrx, instance=True)
+            svc = self.server.specs.get(omero.api.IConfigPrx)
             svc.getDatabaseUuid.side_effect = g("getDatabaseUuid", lambda ctx=None: "db-uuid-1")
         self._services[name] = svc
         return svc
@@ -552,7 +577,7 @@ class FakeGateway:
         return result
 
     def _raw_file_store(self) -> Any:
-        rfs = create_autospec(omero.api.RawFileStorePrx, instance=True)
+        rfs = self.server.specs.get(omero.api.RawFileStorePrx)
         state: dict[str, Any] = {}
 
         def set_file(fid: int, ctx: Any = None) -> None:
@@ -572,7 +597,7 @@ class FakeRawPixelsStore:
         self.gw, self.server = gw, gw.server
         self.image: FakeImage | None = None
         self.level = 0  # OMERO numbering: n-1 is full resolution
-        p = create_autospec(omero.api.RawPixelsStorePrx, instance=True)
+        p = self.server.specs.get(omero.api.RawPixelsStorePrx)
         for name in ("setPixelsId", "getResolutionDescriptions", "getResolutionLevels", "setResolutionLevel",
                      "getTileSize", "getTile", "setTile", "save", "close"):
             getattr(p, name).side_effect = self.gw._guard(name, getattr(self, name))
@@ -647,17 +672,20 @@ class FakeRawPixelsStore:
 
 # -- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> FakeOmeroServer:
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOmeroServer]:
     """A fresh fake server; every new gateway the connector makes is one of its connections."""
     from lpfm_toolkit.integrations.omero import session as session_mod
 
+    if omero is None:
+        pytest.skip("omero-py is not installed")
     srv = FakeOmeroServer()
     monkeypatch.setattr(session_mod, "_make_gateway", srv.make_gateway)
     for var in ("OMERO_HOST", "OMERO_PORT", "OMERO_USER", "OMERO_PASSWORD", "OMERO_SESSION_KEY", "OMERO_GROUP",
                 "OMERO_SECURE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("LPFM_CONFIG", "/nonexistent/lpfm-config.toml")
-    return srv
+    yield srv
+    srv.specs.release()
 
 
 @pytest.fixture

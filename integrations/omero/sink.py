@@ -233,7 +233,11 @@ class OmeroSink(Sink):
                     found = OutputRef(uri=self._uri(image_id), provenance=prov,
                                       extra={"image_id": image_id, "name": image.getName(), "mode": self.mode})
                 continue
-            # a run that died mid-upload (a concurrent run of the very same work would lose its image too)
+            owner = int(image._obj.getDetails().getOwner().getId().getValue())
+            if owner != self.session.call(lambda c: c.getUserId(), "read your user id"):
+                log.warning("image %s looks like a partial lpfm result of another user; left alone", image_id)
+                continue
+            # a run of ours that died mid-upload (a concurrent run of the very same work would lose it too)
             log.warning("deleting image %s: a partial result of an interrupted run (%s)", image_id, spec_name)
             self._delete(image_id)
         return found

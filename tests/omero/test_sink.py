@@ -277,3 +277,16 @@ def test_transformed_shape_keeps_coordinates_and_composes_the_mapping(server, se
     nt = moved[0].getTransform()
     assert [unwrap(nt.getA00()), unwrap(nt.getA02()), unwrap(nt.getA12())] == [2.0, 100.0, 40.0]
     assert unwrap(moved[0].getWidth()) == 10
+
+
+def test_a_partial_result_of_another_user_is_left_alone(server, settings, slide) -> None:
+    iid, _ = slide
+    (first,) = _run(server, settings, iid)
+    other = first.output.extra["image_id"]
+    for ann in server.annotations_of(other):  # pretend another user's run died mid-upload
+        if isinstance(ann, omero.model.MapAnnotationI):
+            ann.setMapValue([omero.model.NamedValue(nv.name, "writing" if nv.name == "lpfm.state" else nv.value)
+                             for nv in ann.getMapValue()])
+    server.images[other].obj.getDetails().setOwner(omero.model.ExperimenterI(99, False))
+    (again,) = _run(server, settings, iid)
+    assert not again.skipped and other in server.images and other not in server.deleted

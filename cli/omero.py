@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -19,14 +20,12 @@ def _settings(ctx: click.Context) -> Any:
     from lpfm_toolkit.integrations.omero.session import OmeroSettings, omero_modules
 
     omero_modules()  # a clear "install lpfm-toolkit[omero]" before anything else
-    flags = ctx.find_root().obj.get("omero_flags", {}) if ctx.find_root().obj else {}
-    settings = OmeroSettings.resolve(settings=load_settings(), **flags)
+    settings = OmeroSettings.resolve(settings=load_settings(), **ctx.obj.get("omero_flags", {}))
     if settings.host and settings.user and not settings.password and not settings.session_key \
             and sys.stdin.isatty():
         # only the command line may ask; library code never prompts
-        settings = OmeroSettings(**{**settings.__dict__,
-                                    "password": click.prompt(f"OMERO password for {settings.user}",
-                                                             hide_input=True)})
+        password = click.prompt(f"OMERO password for {settings.user}", hide_input=True)
+        settings = dataclasses.replace(settings, password=password)
     return settings
 
 
@@ -43,10 +42,8 @@ def _settings(ctx: click.Context) -> Any:
 def omero(ctx: click.Context, host: str | None, port: int | None, user: str | None, session_key: str | None,
           group: str | None, secure: bool | None) -> None:
     """Run lpfm over OMERO images and ROIs; results become new images next to the originals."""
-    ctx.ensure_object(dict)
-    root = ctx.find_root()
-    root.ensure_object(dict)
-    root.obj["omero_flags"] = {"host": host, "port": port, "user": user, "session_key": session_key,
+    ctx.ensure_object(dict)  # shared with the subcommands' contexts
+    ctx.obj["omero_flags"] = {"host": host, "port": port, "user": user, "session_key": session_key,
                                "group": group, "secure": secure}
 
 

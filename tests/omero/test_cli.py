@@ -130,3 +130,14 @@ def test_connector_imports_neither_torch_nor_the_engine() -> None:
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('lpfm_toolkit.engine')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_info_with_a_session_key_from_the_environment_detaches(server, cmu) -> None:
+    iid, _ = cmu
+    res = CliRunner().invoke(cli, ["omero", "--host", "h", "--group", "other-lab", "info", str(iid), "--json"],
+                             env={"OMERO_SESSION_KEY": "session-key-1", "COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert '"image_id": ' + str(iid) in res.output and '"Tumor": 2' in res.output
+    gw = server.gateways[0]
+    gw.conn.connect.assert_called_once_with(sUuid="session-key-1")
+    assert gw.closed is False  # detached, not killed

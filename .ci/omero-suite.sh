@@ -43,8 +43,9 @@ if ! "$VENV/bin/python" -c 'import omero.gateway, Ice, numpy, skimage, shapely, 
   # everything the connector and its tests import; deliberately no torch, diffusers or openslide
   "$VENV/bin/pip" install -q "omero-py>=5.19" "numpy>=1.24" "scipy>=1.10" "scikit-image>=0.22" \
     "tifffile>=2024.2.12" "imagecodecs>=2024.1.1" "shapely>=2.0" "click>=8.1" "rich>=13" "pillow>=10" \
-    "ome-types[lxml]>=0.5" "xmlschema>=3" "PyWavelets>=1.4" "pytest>=8" "hypothesis>=6.100" "setuptools>=77"
+    "ome-types[lxml]>=0.5" "xmlschema>=3" "PyWavelets>=1.4" "tomli>=1.1" "pytest>=8" "hypothesis>=6.100" "setuptools>=77"
 fi
+"$VENV/bin/python" -c 'import tomli' >/dev/null 2>&1 || "$VENV/bin/pip" install -q "tomli>=1.1"  # config on 3.10
 # this checkout, without dependencies (pip would otherwise resolve torch)
 "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$REPO"
 echo "omero-suite: environment ready in $(( $(date +%s) - t0 )) s ($("$VENV/bin/python" --version), omero-py" \

@@ -87,6 +87,19 @@ def progress_bar(description: str, total: int | None = None) -> Iterator[Callabl
             prog.stop()
 
 
+def levels_table(desc: dict[str, Any], title: str) -> Any:
+    """A rich table of an image's pyramid levels from ``ImageHandle.describe()``."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("level", "width", "height", "downsample", "µm/px"):
+        table.add_column(col, justify="right")
+    for i, lv in enumerate(desc["levels"]):
+        mpp = f"{desc['mpp'][0] * lv['downsample']:.4g}" if desc.get("mpp") else "unknown"
+        table.add_row(str(i), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.3g}", mpp)
+    return table
+
+
 def setup_logging(verbose: int, debug: bool) -> None:
     level = logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING)
     from rich.logging import RichHandler

@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from lpfm_toolkit.cli.common import console, handle_errors, progress_bar
+from lpfm_toolkit.cli.common import console, handle_errors, levels_table, progress_bar
 from lpfm_toolkit.config import load_settings
 from lpfm_toolkit.errors import SlideNotFoundError
 
@@ -128,12 +128,8 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
     if as_json:
         console.print_json(json.dumps(desc))
         return
-    table = Table(title=f"{desc['name']}  ({desc.get('reader', desc['system'])}{' · ' + desc['vendor'] if desc.get('vendor') else ''})")
-    for col in ("level", "width", "height", "downsample", "µm/px"):
-        table.add_column(col, justify="right")
-    for i, lv in enumerate(desc["levels"]):
-        mpp_l = f"{desc['mpp'][0] * lv['downsample']:.4g}" if desc["mpp"] else "unknown"
-        table.add_row(str(i), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.3g}", mpp_l)
+    vendor = f" · {desc['vendor']}" if desc.get("vendor") else ""
+    table = levels_table(desc, f"{desc['name']}  ({desc.get('reader', desc['system'])}{vendor})")
     console.print(table)
     console.print(f"channels: {', '.join(desc['channels'])}   dtype: {desc['dtype']}")
 

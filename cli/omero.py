@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from lpfm_toolkit.cli.common import console, fail, handle_errors, progress_bar
+from lpfm_toolkit.cli.common import console, fail, handle_errors, levels_table, progress_bar
 from lpfm_toolkit.cli.local import build_engine, engine_options, settings_from_flags
 
 
@@ -67,12 +67,7 @@ def info(ctx: click.Context, image_id: int, as_json: bool) -> None:
     if as_json:
         console.print_json(json.dumps(desc))
         return
-    table = Table(title=f"{desc['name']}  (OMERO image {image_id}, {desc['pixel_type']})")
-    for col in ("level", "width", "height", "downsample", "µm/px"):
-        table.add_column(col, justify="right")
-    for i, lv in enumerate(desc["levels"]):
-        mpp = f"{desc['mpp'][0] * lv['downsample']:.4g}" if desc["mpp"] else "unknown"
-        table.add_row(str(i), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.3g}", mpp)
+    table = levels_table(desc, f"{desc['name']}  (OMERO image {image_id}, {desc['pixel_type']})")
     console.print(table)
     size = desc["size"]
     console.print(f"channels: {', '.join(desc['channels'])}   Z={size['z']} T={size['t']}   "

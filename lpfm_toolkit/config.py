@@ -19,8 +19,8 @@ from lpfm_toolkit.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - Python 3.10 (OMERO suite)
-    tomllib = None
+else:  # pragma: no cover - Python 3.10 (the OMERO suite's interpreter)
+    import tomli as tomllib
 
 ENV_PREFIX = "LPFM_"
 FORBIDDEN = ("password", "session_key", "secret", "token")
@@ -107,8 +107,6 @@ def load_settings(env: dict[str, str] | None = None, path: Path | None = None) -
     settings = Settings()
     path = path or config_path()
     if path.exists():
-        if tomllib is None:
-            raise ConfigError(f"{path}: reading TOML needs Python 3.11+", "set LPFM_* variables instead")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

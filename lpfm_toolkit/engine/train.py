@@ -51,7 +51,7 @@ class TrainConfig:
     lr: float = 5e-4
     encoder_steps: int = 300
     restorer_steps: int = 1600
-    refiner_steps: int = 800
+    refiner_steps: int = 1700
     refiner_batch: int = 8
     checkpoint_every: int = 100
     max_minutes: float | None = None  # per stage: anneal the learning rate over wall time and stop at it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from lpfm_toolkit.prompts import Task
 from lpfm_toolkit.provenance import Provenance, idempotency_key
 from lpfm_toolkit.sinks.base import OutputRef, OutputSpec, Sink
 from lpfm_toolkit.sources.base import Annotation, ImageHandle, Region
-from lpfm_toolkit.tiling import RowBlender, TileGrid, tile_seed
+from lpfm_toolkit.tiling import RowBlender, TileGrid, stripes, tile_seed
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,58 @@ def _overview(handle: ImageHandle, item: WorkItem, max_pixels: int = 1024 * 1024
     return img[::step, ::step]
 
 
+class _StripeAssembly:
+    """Output rows assembled on disk from vertical stripes, then read back in row order."""
+
+    def __init__(self, spec: OutputSpec, channels: int, dtype: np.dtype, uncertainty: bool) -> None:
+        import tempfile
+
+        self.width, self.height, self.channels, self.dtype = spec.width, spec.height, channels, np.dtype(dtype)
+        self._dir = tempfile.TemporaryDirectory(prefix="lpfm-stripes-")
+        self._img = open(f"{self._dir.name}/img.raw", "w+b")  # noqa: SIM115 - closed in __exit__
+        self._img.truncate(self.width * self.height * channels * self.dtype.itemsize)
+        self._unc = open(f"{self._dir.name}/unc.raw", "w+b") if uncertainty else None  # noqa: SIM115
+        if self._unc is not None:
+            self._unc.truncate(self.width * self.height * 4)
+        self._next_row: dict[int, int] = {}  # stripe x → next output row to write
+
+    def put(self, x: int, rows: np.ndarray, unc: np.ndarray | None) -> None:
+        y = self._next_row.get(x, 0)
+        itemsize = self.channels * self.dtype.itemsize
+        for i in range(rows.shape[0]):
+            os.pwrite(self._img.fileno(), np.ascontiguousarray(rows[i]).tobytes(),
+                      ((y + i) * self.width + x) * itemsize)
+            if self._unc is not None and unc is not None:
+                os.pwrite(self._unc.fileno(), np.ascontiguousarray(unc[i], np.float32).tobytes(),
+                          ((y + i) * self.width + x) * 4)
+        self._next_row[x] = y + rows.shape[0]
+
+    def rows(self, chunk: int = 256) -> Any:
+        """Yield ``(rows, uncertainty)`` blocks top to bottom."""
+        row_bytes = self.width * self.channels * self.dtype.itemsize
+        for y in range(0, self.height, chunk):
+            n = min(chunk, self.height - y)
+            data = os.pread(self._img.fileno(), n * row_bytes, y * row_bytes)
+            rows = np.frombuffer(data, self.dtype).reshape(n, self.width, self.channels)
+            unc = None
+            if self._unc is not None:
+                raw = os.pread(self._unc.fileno(), n * self.width * 4, y * self.width * 4)
+                unc = np.frombuffer(raw, np.float32).reshape(n, self.width, 1)
+            yield rows, unc
+
+    def __enter__(self) -> _StripeAssembly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._img.close()
+        if self._unc is not None:
+            self._unc.close()
+        self._dir.cleanup()
+
+
 def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *, tile_size: int | None = None,
              overlap: int | None = None, force: bool = False, samples_uncertainty: bool = False,
-             progress: ProgressFn | None = None) -> EnhanceResult:
+             progress: ProgressFn | None = None, max_stripe_width: int = 8192) -> EnhanceResult:
     """Enhance one work item into ``sink``; skip it when an identical result already exists."""
     task = item.task
     engine.check(task, handle.channel_names)
@@ -202,77 +252,117 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
     engine.prepare(task, overview)
     prepare_seconds = time.perf_counter() - t0
     grid = TileGrid(item.region.width, item.region.height, tile, ovl)
-    blender = RowBlender(grid, s, len(channels_out))
     in_hash, out_hash = hashlib.sha256(), hashlib.sha256()
     engine_seconds = prepare_seconds
     done = 0
     total = len(grid)
     r = item.region
-
+    n_ch = len(channels_out)
+    # Regions wider than a stripe are processed in vertical stripes so memory stays bounded by one
+    # band of one stripe, however large the region; rows are then assembled on disk in row order.
+    plan_stripes = stripes(grid, max_stripe_width) if grid.width > max_stripe_width else [(0, grid.width, None)]
+    striped = len(plan_stripes) > 1
     hashed_to = 0  # input rows already hashed (region coordinates); touched by the reader thread only
 
-    def read_band(row: int) -> np.ndarray:
-        """Reader stage: read one band of tile rows, hash its new rows, convert to float."""
+    def hash_input(row: int, band: np.ndarray | None) -> None:
+        """Hash the region's input rows in row order (full-width bands; read again when striped)."""
         nonlocal hashed_to
         y = grid.ys[row]
-        band = handle.read_region(item.level, r.x, r.y + y, r.width, grid.tile_height)
-        if y + band.shape[0] > hashed_to:
-            in_hash.update(np.ascontiguousarray(band[hashed_to - y :]).tobytes())
-            hashed_to = y + band.shape[0]
+        if y + grid.tile_height <= hashed_to:
+            return
+        if band is None:
+            band = handle.read_region(item.level, r.x, r.y + y, r.width, grid.tile_height)
+        in_hash.update(np.ascontiguousarray(band[hashed_to - y :]).tobytes())
+        hashed_to = y + grid.tile_height
+
+    def read_band(row: int, x0: int, x1: int, hash_it: bool) -> np.ndarray:
+        """Reader stage: read one band of tile rows (columns x0..x1), hash new rows, convert to float."""
+        band = handle.read_region(item.level, r.x + x0, r.y + grid.ys[row], x1 - x0, grid.tile_height)
+        if hash_it:
+            hash_input(row, band if (x0, x1) == (0, r.width) else None)
         return to_float(band)
 
-    def finish_row(row: int, results: list[tuple[list[Any], Any]]) -> None:
-        """Writer stage: blend a row of tile outputs, release finished rows, hash and write them."""
-        for batch, result in results:
-            for i, t in enumerate(batch):
-                unc = result.uncertainty[i] if result.uncertainty is not None else None
-                blender.add(t, result.pixels[i], unc)
-        rows, unc_rows = blender.release(row)
+    def emit_direct(writer: Any, rows: np.ndarray, unc_rows: np.ndarray | None) -> None:
         out_rows = from_float(rows, out_dtype)
         out_hash.update(np.ascontiguousarray(out_rows).tobytes())
         if samples_uncertainty and unc_rows is None:
             unc_rows = np.zeros(rows.shape[:2] + (1,), np.float32)
         writer.write_rows(out_rows, unc_rows if samples_uncertainty else None)
 
-    # Three stages overlap: the reader prefetches the next band and the writer blends and writes the
-    # previous row while the engine works, so on a multi-core machine I/O hides behind the engine.
-    # At most one band is read ahead and one row is being written: memory stays bounded.
-    with sink.open(spec, key, source) as writer, \
-            ThreadPoolExecutor(1, thread_name_prefix="lpfm-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="lpfm-write") as post:
-        future = reader.submit(read_band, 0)
-        pending = None
-        try:
-            for row in range(grid.n_rows):
-                fband = future.result()
-                if row + 1 < grid.n_rows:
-                    future = reader.submit(read_band, row + 1)
-                tiles = grid.row(row)
-                bs = max(1, engine.batch_size)
-                results: list[tuple[list[Any], Any]] = []
-                for b in range(0, len(tiles), bs):
-                    batch = tiles[b : b + bs]
-                    stack = np.stack([fband[:, t.x : t.x + t.width] for t in batch])
-                    seeds = [tile_seed(item.seed, item.level, r.x + t.x, r.y + t.y) for t in batch]
-                    t0 = time.perf_counter()
-                    results.append((batch, engine.process(stack, task, seeds)))
-                    engine_seconds += time.perf_counter() - t0
-                    done += len(batch)
-                    if progress is not None:
-                        progress(done, total)
+    def process(columns: list[int] | None, emit: Callable[[np.ndarray, np.ndarray | None], None],
+                hash_rows: bool) -> None:
+        """Run every tile of the given columns (all when None) through the engine, overlapping I/O."""
+        nonlocal engine_seconds, done
+        blender = RowBlender(grid, s, n_ch, columns)
+        cols = columns if columns is not None else list(range(len(grid.xs)))
+        x0 = grid.xs[cols[0]]
+        x1 = grid.xs[cols[-1]] + grid.tile_width
+
+        def finish_row(row: int, results: list[tuple[list[Any], Any]]) -> None:
+            """Writer stage: blend a row of tile outputs, release finished rows, emit them."""
+            for batch, result in results:
+                for i, t in enumerate(batch):
+                    unc = result.uncertainty[i] if result.uncertainty is not None else None
+                    blender.add(t, result.pixels[i], unc)
+            emit(*blender.release(row))
+
+        # Three stages overlap: the reader prefetches the next band and the writer blends and emits
+        # the previous row while the engine works. At most one band is read ahead and one row written.
+        with ThreadPoolExecutor(1, thread_name_prefix="lpfm-read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="lpfm-write") as post:
+            future = reader.submit(read_band, 0, x0, x1, hash_rows)
+            pending = None
+            try:
+                for row in range(grid.n_rows):
+                    fband = future.result()
+                    if row + 1 < grid.n_rows:
+                        future = reader.submit(read_band, row + 1, x0, x1, hash_rows)
+                    tiles = [t for t in grid.row(row) if t.col in cols] if columns is not None else grid.row(row)
+                    bs = max(1, engine.batch_size)
+                    results: list[tuple[list[Any], Any]] = []
+                    for b in range(0, len(tiles), bs):
+                        batch = tiles[b : b + bs]
+                        stack = np.stack([fband[:, t.x - x0 : t.x - x0 + t.width] for t in batch])
+                        seeds = [tile_seed(item.seed, item.level, r.x + t.x, r.y + t.y) for t in batch]
+                        t0 = time.perf_counter()
+                        results.append((batch, engine.process(stack, task, seeds)))
+                        engine_seconds += time.perf_counter() - t0
+                        done += len(batch)
+                        if progress is not None:
+                            progress(done, total)
+                    if pending is not None:
+                        pending.result()  # back-pressure, and re-raises the writer's errors here
+                    pending = post.submit(finish_row, row, results)
                 if pending is not None:
-                    pending.result()  # back-pressure, and re-raises the writer's errors here
-                pending = post.submit(finish_row, row, results)
-            if pending is not None:
-                pending.result()
-                pending = None
-        finally:
-            if pending is not None:  # stop the writer before the sink aborts and removes its files
-                pending.cancel()
-                try:
                     pending.result()
-                except BaseException:  # noqa: BLE001 - the first error is the one being raised
-                    pass
+                    pending = None
+            finally:
+                if pending is not None:  # stop the writer before anything is cleaned up
+                    pending.cancel()
+                    try:
+                        pending.result()
+                    except BaseException:  # noqa: BLE001 - the first error is the one being raised
+                        pass
+
+    with sink.open(spec, key, source) as writer:
+        if not striped:
+            process(None, lambda rows, unc: emit_direct(writer, rows, unc), hash_rows=True)
+        else:
+            total = sum(len(cols) for _, _, cols in plan_stripes) * grid.n_rows  # type: ignore[arg-type]
+            with _StripeAssembly(spec, n_ch, out_dtype, samples_uncertainty) as assembly:
+                for k, (a, b, cols) in enumerate(plan_stripes):
+                    blender_x_lo = grid.xs[cols[0]]  # type: ignore[index]
+
+                    def emit_stripe(rows: np.ndarray, unc: np.ndarray | None, a: int = a, b: int = b,
+                                    lo: int = blender_x_lo) -> None:
+                        crop = slice((a - lo) * s, (b - lo) * s)
+                        assembly.put(a * s, from_float(rows[:, crop], out_dtype),
+                                     unc[:, crop] if unc is not None else None)
+
+                    process(cols, emit_stripe, hash_rows=(k == 0))
+                for rows, unc in assembly.rows():
+                    out_hash.update(np.ascontiguousarray(rows).tobytes())
+                    writer.write_rows(rows, unc if samples_uncertainty else None)
         total_seconds = time.perf_counter() - t_start
         prov = Provenance(
             source=source,

@@ -102,14 +102,39 @@ def tile_seed(seed: int, level: int, x: int, y: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class RowBlender:
-    """Blends tile outputs of one :class:`TileGrid` row by row and releases finished output rows."""
+def stripes(grid: TileGrid, max_width: int) -> list[tuple[int, int, list[int]]]:
+    """Split a wide grid into vertical stripes: ``(own_x0, own_x1, columns)`` each.
 
-    def __init__(self, grid: TileGrid, scale: int, channels: int) -> None:
+    The owned ranges partition ``[0, width)``; ``columns`` are all tile columns that touch the owned
+    range, so a stripe blends its owned pixels completely (the columns at its edges are computed by both
+    neighbours; per-tile seeds make both copies identical).
+    """
+    stride = max(1, grid.tile_size - grid.overlap)
+    per = max(1, max_width // stride)
+    starts = list(range(0, len(grid.xs), per))
+    out = []
+    for k, c0 in enumerate(starts):
+        a = 0 if k == 0 else grid.xs[c0]
+        b = grid.width if k == len(starts) - 1 else grid.xs[starts[k + 1]]
+        cols = [c for c, x in enumerate(grid.xs) if x < b and x + grid.tile_width > a]
+        out.append((a, b, cols))
+    return out
+
+
+class RowBlender:
+    """Blends tile outputs of one :class:`TileGrid` row by row and releases finished output rows.
+
+    With ``columns`` it blends only those tile columns (a stripe of the grid); the buffers then span
+    from the first column's left edge to the last one's right edge, ``x_lo`` in region pixels.
+    """
+
+    def __init__(self, grid: TileGrid, scale: int, channels: int, columns: list[int] | None = None) -> None:
         self.grid, self.scale, self.channels = grid, scale, channels
-        self.out_width = grid.width * scale
+        cols = columns if columns is not None else list(range(len(grid.xs)))
+        self.x_lo = grid.xs[cols[0]]
+        self.out_width = (grid.xs[cols[-1]] + grid.tile_width - self.x_lo) * scale
         self.out_height = grid.height * scale
-        self._wx = [axis_weights(grid.xs, grid.tile_width, i, scale) for i in range(len(grid.xs))]
+        self._wx = {i: axis_weights(grid.xs, grid.tile_width, i, scale) for i in cols}
         self._wy = [axis_weights(grid.ys, grid.tile_height, i, scale) for i in range(len(grid.ys))]
         self._top = 0  # first output row held in the buffers
         self._acc = np.zeros((0, self.out_width, channels), dtype=np.float32)
@@ -121,9 +146,10 @@ class RowBlender:
     def _weight(self, row: int, col: int) -> np.ndarray:
         """The 2-D weight of a tile; interior tiles share one array (only border tiles differ)."""
         kr = 0 if row == 0 else (2 if row == len(self._wy) - 1 else 1)
-        kc = 0 if col == 0 else (2 if col == len(self._wx) - 1 else 1)
+        ncols = len(self.grid.xs)
+        kc = 0 if col == 0 else (2 if col == ncols - 1 else 1)
         # Inner tiles have equal ramps except next to the last one (its overlap can be larger).
-        key = (row if kr != 1 or row == len(self._wy) - 2 else -1, col if kc != 1 or col == len(self._wx) - 2 else -1)
+        key = (row if kr != 1 or row == len(self._wy) - 2 else -1, col if kc != 1 or col == ncols - 2 else -1)
         w = self._weights.get(key)
         if w is None:
             w = np.outer(self._wy[row], self._wx[col]).astype(np.float32)[:, :, None]
@@ -144,7 +170,7 @@ class RowBlender:
     def add(self, tile: Tile, pixels: np.ndarray, extra: np.ndarray | None = None) -> None:
         """Add one tile's output ``(h·s, w·s, C)`` (and an optional extra map, e.g. uncertainty)."""
         s = self.scale
-        y0, x0 = tile.y * s, tile.x * s
+        y0, x0 = tile.y * s, (tile.x - self.x_lo) * s
         h, w = pixels.shape[:2]
         if (h, w) != (tile.height * s, tile.width * s):
             raise ValueError(f"engine returned a {h}×{w} tile, expected {tile.height * s}×{tile.width * s}")

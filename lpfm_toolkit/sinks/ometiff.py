@@ -216,7 +216,7 @@ class _StreamedTiff:
 
         self.path, self.raw, self.tile = path, raw, tile
         self.rgb, self.common, self.resolution = _tiff_options(raw, spec, tile, compression, spec.channel_names)
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2 * max(1, -(-spec.width // tile)))
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=8)  # bounded: a few tiles in flight
         self._levels_ready = threading.Event()
         self._abort = False
         self._error: BaseException | None = None

@@ -306,7 +306,7 @@ def model_card(index: dict[str, Any], components: dict[str, Any], training: dict
     if timings:
         total = sum(timings.values())
         lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-                  + f"; total {total / 60:.1f} min.", ""]
+                  + f"; sum {total / 60:.1f} min.", ""]
     if metrics:
         lines += ["## Metrics", "", str(metrics.get("markdown", "")).strip() or json.dumps(metrics, indent=2), ""]
     lines += ["## Checksums (sha256)", "", "| file | sha256 |", "|---|---|"]

@@ -187,12 +187,11 @@ def evaluate(clean: np.ndarray, candidates: Sequence[Candidate], protocols: Sequ
 
 
 def _pooled_spearman(report: EvalReport) -> None:
-    """Nothing to pool when no candidate produced uncertainty; kept separate for clarity."""
-    for label, per in report.spearman.items():
+    """Add each candidate's mean ρ over the degradations it was scored on."""
+    for per in report.spearman.values():
         rhos = [v["rho"] for v in per.values() if not math.isnan(v["rho"])]
         if rhos:
             per["mean over degradations"] = {"rho": float(np.mean(rhos)), "p": float("nan")}
-        report.spearman[label] = per
 
 
 def _mosaic(tiles: np.ndarray) -> np.ndarray:

@@ -54,7 +54,7 @@ class TrainConfig:
     refiner_steps: int = 1700
     refiner_batch: int = 8
     checkpoint_every: int = 100
-    max_minutes: float | None = None  # per stage: anneal the learning rate over wall time and stop at it
+    max_minutes: float | None = None  # per stage and process: anneal the learning rate over wall time, stop at it
     validate_every: int = 250
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "sr2": 1.0, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5})
@@ -272,12 +272,13 @@ def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Paramete
     t0 = time.monotonic()
     budget = config.max_minutes * 60 if config.max_minutes else None
     values: dict[str, float] = {}
+    stopped_early = False
     while step < total:
         # with a wall-time budget the schedule follows whichever of steps or time runs out first
         frac = step / total if budget is None else max(step / total, (time.monotonic() - t0) / budget)
         if frac >= 1:
             log.info("%s: time budget reached at step %d", stage, step)
-            total = step
+            stopped_early = True
             save_checkpoint(ckpt, model, optimizer, step, {"stage": stage, "stopped_by": "max_minutes"})
             break
         for group in optimizer.param_groups:
@@ -302,7 +303,7 @@ def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Paramete
         if progress is not None:
             progress(stage, step, total, values)
     model.eval()
-    if validate is not None and step % config.validate_every:
+    if validate is not None and stopped_early:
         with torch.no_grad():
             _append_log(logfile, {"step": step, "final": True, **{f"val_{k}": v for k, v in validate().items()}})
     return model

@@ -123,3 +123,13 @@ def test_pairs_folder_must_be_registered(tmp_path: Path) -> None:
         T.read_pairs(tmp_path / "pairs")
     with pytest.raises(ConfigError, match="source/"):
         T.read_pairs(tmp_path)
+
+
+def test_wall_time_budget_stops_early_and_checkpoints(bank: T.TileBank, tmp_path: Path) -> None:
+    config = replace(T.RECIPES["smoke"], restorer_steps=10_000, max_minutes=0.02, validate_every=10_000)
+    T.train_restorer(bank, config, tmp_path, resume=False)
+    records = [eval_json(line) for line in (tmp_path / "restorer" / "log.jsonl").read_text().splitlines()]
+    assert 0 < records[-1]["step"] < 10_000 and records[-1].get("final") is True
+    assert "val_sr2_psnr" in records[-1]
+    assert (tmp_path / "restorer" / "checkpoint.safetensors").is_file()
+    assert (tmp_path / "restorer" / "final" / "model.safetensors").is_file()

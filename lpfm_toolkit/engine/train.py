@@ -103,8 +103,13 @@ class TileBank:
                 self.val.append(im[cut:])
 
     @classmethod
-    def from_paths(cls, paths: Sequence[str | Path], holdout: float) -> TileBank:
-        return cls([read_rgb(p) for p in expand_paths(paths)], holdout)
+    def from_paths(cls, paths: Sequence[str | Path], holdout: float, max_pixels: int = 16_000_000,
+                   seed: int = 0) -> TileBank:
+        """Whole images up to ``max_pixels``; from larger slides, tissue regions (see :func:`slide_regions`)."""
+        images: list[np.ndarray] = []
+        for p in expand_paths(paths):
+            images.extend(slide_regions(p, max_pixels=max_pixels, seed=seed))
+        return cls(images, holdout)
 
     def crops(self, n: int, size: int, rng: np.random.Generator, split: str = "train",
               augment: bool = True) -> torch.Tensor:
@@ -134,6 +139,46 @@ def is_tissue(crop: np.ndarray) -> bool:
     """True when at least a fifth of the crop is stained (not glass background)."""
     chroma = crop.max(axis=-1) - crop.min(axis=-1)
     return bool(((chroma > 0.08) | (crop.mean(axis=-1) < 0.75)).mean() > 0.2)
+
+
+def slide_regions(path: str | Path, max_pixels: int = 16_000_000, region: int = 1024,
+                  seed: int = 0) -> list[np.ndarray]:
+    """RGB pixels for training from one image, in memory bounded by ``max_pixels``.
+
+    Small images come back whole. From a whole-slide image, non-overlapping ``region``-pixel squares of
+    level 0 whose thumbnail is mostly tissue are read, a seeded random choice of as many as fit.
+    """
+    from lpfm_toolkit.sources import open_image
+
+    with open_image(path) as handle:
+        lv = handle.levels[0]
+        if lv.width * lv.height <= max_pixels:
+            return [_to_rgb_float(handle.read_region(0, 0, 0, lv.width, lv.height))]
+        thumb = _to_rgb_float(handle.thumbnail(1024))
+        sy, sx = thumb.shape[0] / lv.height, thumb.shape[1] / lv.width
+        cells = []
+        for y in range(0, lv.height - region + 1, region):
+            for x in range(0, lv.width - region + 1, region):
+                t = thumb[int(y * sy) : max(int((y + region) * sy), int(y * sy) + 1),
+                          int(x * sx) : max(int((x + region) * sx), int(x * sx) + 1)]
+                if t.size and is_tissue(t):
+                    cells.append((x, y))
+        if not cells:
+            raise ConfigError(f"no tissue found in {path}", "check the slide, or pass tissue crops instead")
+        rng = np.random.default_rng(seed)
+        chosen = rng.permutation(len(cells))[: max(1, max_pixels // (region * region))]
+        log.info("%s: training on %d of %d tissue regions of %d px", Path(path).name, len(chosen), len(cells),
+                 region)
+        return [_to_rgb_float(handle.read_region(0, *cells[i], region, region)) for i in sorted(chosen)]
+
+
+def _to_rgb_float(px: np.ndarray) -> np.ndarray:
+    px = np.asarray(px)
+    if px.ndim == 2:
+        px = px[..., None]
+    scale = float(np.iinfo(px.dtype).max) if np.issubdtype(px.dtype, np.integer) else 1.0
+    rgb = np.repeat(px, 3, axis=-1) if px.shape[-1] == 1 else px[..., :3]
+    return np.ascontiguousarray(rgb, dtype=np.float32) / scale
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:

@@ -133,3 +133,13 @@ def test_wall_time_budget_stops_early_and_checkpoints(bank: T.TileBank, tmp_path
     assert "val_sr2_psnr" in records[-1]
     assert (tmp_path / "restorer" / "checkpoint.safetensors").is_file()
     assert (tmp_path / "restorer" / "final" / "model.safetensors").is_file()
+
+
+def test_large_slides_are_sampled_as_tissue_regions(sample_slide: Path) -> None:
+    regions = T.slide_regions(sample_slide, max_pixels=4 * 256 * 256, region=256, seed=1)
+    assert len(regions) == 4 and all(r.shape == (256, 256, 3) for r in regions)
+    assert all(T.is_tissue(r) for r in regions)
+    again = T.slide_regions(sample_slide, max_pixels=4 * 256 * 256, region=256, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(regions, again))
+    (whole,) = T.slide_regions(sample_slide)
+    assert whole.shape == (2967, 2220, 3)

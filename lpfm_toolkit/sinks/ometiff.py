@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 COMPRESSIONS = ("auto", "jpeg", "zlib", "zstd", "lzw", "none")
 SIDECAR_SUFFIX = ".lpfm.json"
 JSON_NAMESPACE = NAMESPACE + "/json"
+# Compression threads where nothing else runs (commit): all cores. While the engine runs: one.
+_COMMIT_WORKERS = max(1, min(8, os.cpu_count() or 1))
 _OME_TYPES = {"uint8": "uint8", "uint16": "uint16", "float32": "float", "int16": "int16", "uint32": "uint32"}
 
 
@@ -182,7 +184,8 @@ def _write_levels(tw: Any, raw: _RawPyramid, rgb: bool, common: dict[str, Any],
         lw, lh = raw.sizes[level]
         lres = (resolution[0] / 2**level, resolution[1] / 2**level) if resolution else None
         tw.write(raw.tiles(level, common["tile"][0], channel), shape=(lh, lw, 3) if rgb else (lh, lw),
-                 subfiletype=1, resolution=lres, resolutionunit="CENTIMETER" if lres else None, **common)
+                 subfiletype=1, resolution=lres, resolutionunit="CENTIMETER" if lres else None,
+                 maxworkers=_COMMIT_WORKERS, **common)
 
 
 def _write_tiff(path: Path, raw: _RawPyramid, spec: OutputSpec, xml: str, tile: int, compression: str,
@@ -197,7 +200,7 @@ def _write_tiff(path: Path, raw: _RawPyramid, spec: OutputSpec, xml: str, tile: 
             w, h = raw.sizes[0]
             tw.write(raw.tiles(0, tile, ch), shape=(h, w, 3) if rgb else (h, w), subifds=len(raw.sizes) - 1,
                      description=xml if i == 0 else None, resolution=resolution,
-                     resolutionunit="CENTIMETER" if resolution else None, **common)
+                     resolutionunit="CENTIMETER" if resolution else None, maxworkers=_COMMIT_WORKERS, **common)
             _write_levels(tw, raw, rgb, common, resolution, ch)
 
 
@@ -240,7 +243,7 @@ class _StreamedTiff:
                 shape = (spec.height, spec.width, 3) if self.rgb else (spec.height, spec.width)
                 tw.write(self._tiles(), shape=shape, subifds=len(self.raw.sizes) - 1, description=xml,
                          resolution=self.resolution, resolutionunit="CENTIMETER" if self.resolution else None,
-                         **self.common)
+                         maxworkers=1, **self.common)
                 self._levels_ready.wait()
                 if not self._abort:
                     _write_levels(tw, self.raw, self.rgb, self.common, self.resolution, None)

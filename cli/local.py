@@ -38,7 +38,7 @@ def engine_options(func: Any) -> Any:
         click.option("--model", default=None, help="Model bundle name or folder (engine lpfm)."),
         click.option("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)."),
         click.option("--steps", type=int, default=None, help="Diffusion steps (0: restorer only)."),
-        click.option("--samples", type=int, default=None, help="Stochastic samples per tile; >1 writes uncertainty."),
+        click.option("--samples", type=int, default=None, help="Stochastic samples per tile; >1 writes their mean and a per-pixel uncertainty map (the lpfm engine then refines with the bundle's default steps unless --steps is given)."),
         click.option("--trust-pickle", is_flag=True, help="Allow pickled (.pt/.ckpt) weights. Only for files you trust."),
         click.option("--seed", type=int, default=None, help="Global seed (per-tile seeds derive from it)."),
         click.option("--tile", "tile_size", type=int, default=None, help="Tile size in input pixels (default 256)."),

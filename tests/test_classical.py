@@ -107,3 +107,11 @@ def test_unsupported_combinations_say_what_to_do() -> None:
         get_engine("classical", method="magic")
     with pytest.raises(ConfigError, match="unknown engine"):
         get_engine("quantum")
+
+
+@pytest.mark.parametrize("method", ["richardson_lucy", "wiener"])
+def test_deconvolution_does_not_ring_at_tile_edges(clean: np.ndarray, method: str) -> None:
+    blurred = ndimage.gaussian_filter(clean, sigma=(1.5, 1.5, 0), mode="reflect").astype(np.float32)
+    err = np.abs(_run(ClassicalEngine(method), "deblur", blurred) - clean).mean(axis=-1)
+    edge = np.concatenate([err[:8].ravel(), err[-8:].ravel(), err[:, :8].ravel(), err[:, -8:].ravel()]).mean()
+    assert edge < 1.3 * err[48:-48, 48:-48].mean()

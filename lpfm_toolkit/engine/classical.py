@@ -170,14 +170,16 @@ class ClassicalEngine(Engine):
         from skimage import restoration
 
         psf = gaussian_psf(self.psf_sigma)
+        # Reflect-pad by the PSF's reach: Wiener's FFT wraps around, and both methods ring at hard edges.
+        pad = psf.shape[0]
         chans = []
         for c in range(tile.shape[2]):
-            ch = tile[:, :, c].astype(np.float64)
+            ch = np.pad(tile[:, :, c].astype(np.float64), pad, mode="reflect")
             if method == "wiener":
                 res = restoration.wiener(ch, psf, self.wiener_balance, clip=False)
             else:
                 res = restoration.richardson_lucy(np.clip(ch, 1e-4, 1), psf, num_iter=self.rl_iterations, clip=False)
-            chans.append(res)
+            chans.append(res[pad:-pad, pad:-pad])
         return np.clip(np.stack(chans, axis=-1), 0, 1)
 
     def _denoise(self, tile: np.ndarray, method: str) -> np.ndarray:

@@ -37,6 +37,7 @@ SIDECAR_SUFFIX = ".lpfm.json"
 JSON_NAMESPACE = NAMESPACE + "/json"
 # Compression threads where nothing else runs (commit): all cores. While the engine runs: one.
 _COMMIT_WORKERS = max(1, min(8, os.cpu_count() or 1))
+_BUFFER = 32 << 20  # bytes of tiles tifffile gathers per parallel pass: bounds memory (its default is 256 MB)
 _OME_TYPES = {"uint8": "uint8", "uint16": "uint16", "float32": "float", "int16": "int16", "uint32": "uint32"}
 
 
@@ -185,7 +186,7 @@ def _write_levels(tw: Any, raw: _RawPyramid, rgb: bool, common: dict[str, Any],
         lres = (resolution[0] / 2**level, resolution[1] / 2**level) if resolution else None
         tw.write(raw.tiles(level, common["tile"][0], channel), shape=(lh, lw, 3) if rgb else (lh, lw),
                  subfiletype=1, resolution=lres, resolutionunit="CENTIMETER" if lres else None,
-                 maxworkers=_COMMIT_WORKERS, **common)
+                 maxworkers=_COMMIT_WORKERS, buffersize=_BUFFER, **common)
 
 
 def _write_tiff(path: Path, raw: _RawPyramid, spec: OutputSpec, xml: str, tile: int, compression: str,
@@ -200,7 +201,8 @@ def _write_tiff(path: Path, raw: _RawPyramid, spec: OutputSpec, xml: str, tile: 
             w, h = raw.sizes[0]
             tw.write(raw.tiles(0, tile, ch), shape=(h, w, 3) if rgb else (h, w), subifds=len(raw.sizes) - 1,
                      description=xml if i == 0 else None, resolution=resolution,
-                     resolutionunit="CENTIMETER" if resolution else None, maxworkers=_COMMIT_WORKERS, **common)
+                     resolutionunit="CENTIMETER" if resolution else None, maxworkers=_COMMIT_WORKERS,
+                     buffersize=_BUFFER, **common)
             _write_levels(tw, raw, rgb, common, resolution, ch)
 
 

@@ -5,7 +5,7 @@ the mean of ``--samples``; ``0`` evaluations is the restorer alone. Usage::
 
     python benchmarks/engine_steps.py [--model lpfm-tiny] [--tiles 8] [--tile 128] [--samples 4]
 
-Writes ``benchmarks/results/engine_steps.json``; numbers go into docs/benchmarks-engine.md.
+Writes ``benchmarks/results/engine_steps.json``; numbers go into docs/benchmarks.md.
 """
 
 from __future__ import annotations

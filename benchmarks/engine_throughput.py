@@ -5,7 +5,7 @@ counted, so the ratio is a lower bound on the real work rate). Usage::
 
     python benchmarks/engine_throughput.py [--model lpfm-tiny] [--threads N] [--tile 256] [--repeat 5]
 
-Writes ``benchmarks/results/engine_throughput.json``; numbers go into docs/benchmarks-engine.md.
+Writes ``benchmarks/results/engine_throughput.json``; numbers go into docs/benchmarks.md.
 """
 
 from __future__ import annotations

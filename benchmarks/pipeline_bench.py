@@ -88,6 +88,10 @@ def plot(rows: list[dict], path: Path) -> None:
     a.axhline(1.10, ls="--", c="grey", label="target 1.10×")
     a.set(xscale="log", xlabel="region side (px)", ylabel="end-to-end / engine time", title="pipeline overhead")
     b.set(xscale="log", xlabel="region side (px)", ylabel="peak RSS (MiB)", title="peak memory", ylim=(0, None))
+    sizes = sorted({r["size"] for r in rows})
+    for ax in (a, b):
+        ax.set_xticks(sizes, [f"{s // 1024}k²" for s in sizes])
+        ax.minorticks_off()
     a.legend()
     b.legend()
     fig.tight_layout()
@@ -95,6 +99,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--replot":
+        plot(json.loads((RESULTS / "pipeline.json").read_text()), RESULTS / "pipeline.png")
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child(int(sys.argv[2]), sys.argv[3], sys.argv[4])))
         return

@@ -8,6 +8,7 @@ pixels, so re-running the same plan is recognised and skipped.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import platform
@@ -39,6 +40,7 @@ def idempotency_key(source: dict[str, Any], region: dict[str, Any], task: dict[s
     return hashlib.sha256(_canonical(payload).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=4)
 def package_versions(names: tuple[str, ...] = ("numpy", "tifffile", "scikit-image", "torch", "diffusers",
                                                 "openslide-python", "omero-py", "paquo")) -> dict[str, str]:
     """Installed versions of the packages that can influence pixels (absent ones are omitted)."""
@@ -48,7 +50,7 @@ def package_versions(names: tuple[str, ...] = ("numpy", "tifffile", "scikit-imag
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return out
+    return dict(out)
 
 
 def _annotation_label(ann: Any) -> str:
@@ -87,7 +89,7 @@ class Provenance:
     input_sha256: str | None = None
     output_sha256: str | None = None
     durations: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=package_versions)
+    versions: dict[str, str] = field(default_factory=lambda: dict(package_versions()))
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema: str = SCHEMA
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 COMPRESSIONS = ("auto", "jpeg", "zlib", "zstd", "lzw", "none")
 SIDECAR_SUFFIX = ".lpfm.json"
 JSON_NAMESPACE = NAMESPACE + "/json"
-# Compression threads where nothing else runs (commit): all cores. While the engine runs: one.
+# Compression threads (tifffile compresses each buffered batch of tiles in parallel).
 _COMMIT_WORKERS = max(1, min(8, os.cpu_count() or 1))
 _BUFFER = 32 << 20  # bytes of tiles tifffile gathers per parallel pass: bounds memory (its default is 256 MB)
 _OME_TYPES = {"uint8": "uint8", "uint16": "uint16", "float32": "float", "int16": "int16", "uint32": "uint32"}
@@ -245,7 +245,7 @@ class _StreamedTiff:
                 shape = (spec.height, spec.width, 3) if self.rgb else (spec.height, spec.width)
                 tw.write(self._tiles(), shape=shape, subifds=len(self.raw.sizes) - 1, description=xml,
                          resolution=self.resolution, resolutionunit="CENTIMETER" if self.resolution else None,
-                         maxworkers=1, **self.common)
+                         maxworkers=_COMMIT_WORKERS, buffersize=_BUFFER, **self.common)
                 self._levels_ready.wait()
                 if not self._abort:
                     _write_levels(tw, self.raw, self.rgb, self.common, self.resolution, None)
@@ -273,14 +273,18 @@ class _StreamedTiff:
             self._emit(self._strip[: self.tile])
             self._strip = self._strip[self.tile :]
 
-    def finish(self, xml: str) -> None:
-        """Flush the last tile row, write the reduced levels, then put the final OME-XML in place."""
-        import tifffile
-
+    def start_levels(self) -> None:
+        """Flush the last tile row and let the thread write the reduced levels (scratch files are complete)."""
         if self._strip.shape[0]:
             self._emit(self._strip)
+            self._strip = self._strip[:0]
         self._queue.put(None)
         self._levels_ready.set()
+
+    def finish(self, xml: str) -> None:
+        """Wait for the levels, then put the final OME-XML in place."""
+        import tifffile
+
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -320,9 +324,10 @@ class OmeTiffWriter(SinkWriter):
         self._raw = _RawPyramid(self._scratch, "img", spec.width, spec.height, len(spec.channel_names),
                                 np.dtype(spec.dtype), n_levels, keep_level0=not one_page)
         self._tmp_tiff = self._scratch / "out.ome.tiff"
+        # The description is a placeholder until commit, when the OME-XML with the provenance replaces it
+        # (the file is only renamed into place after that, so no reader ever sees the placeholder).
         self._stream = _StreamedTiff(self._tmp_tiff, self._raw, spec, tile, self.compression,
-                                     build_ome_xml(spec, None, spec.channel_names, np.dtype(spec.dtype),
-                                                   spec.is_rgb)) if one_page else None
+                                     "lpfm-toolkit: incomplete") if one_page else None
         self._unc = _RawPyramid(self._scratch, "unc", spec.width, spec.height, 1, np.dtype(np.float32), n_levels) \
             if spec.uncertainty else None
         self._done = False
@@ -347,6 +352,8 @@ class OmeTiffWriter(SinkWriter):
         if self._unc is not None:
             extra["uncertainty"] = str(self.uncertainty_path)
         provenance.output.update({"uri": str(self.final.resolve()), "format": "ome-tiff", **extra})
+        if self._stream is not None:
+            self._stream.start_levels()  # the levels are written while the OME-XML is built and validated
         xml = build_ome_xml(self.spec, provenance, self.spec.channel_names, self._raw.dtype, self.spec.is_rgb)
         validate_ome_xml(xml)
         tmp_tiff = self._tmp_tiff

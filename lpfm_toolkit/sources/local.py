@@ -55,7 +55,10 @@ class _FileHandle(ImageHandle):
         return self.path.stem
 
     def fingerprint(self) -> str:
-        return file_fingerprint(self.path)
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            cached = self._fingerprint = file_fingerprint(self.path)
+        return cached
 
 
 class OpenSlideHandle(_FileHandle):

@@ -25,7 +25,7 @@ from lpfm_toolkit.integrations.omero.session import (
     permission_error,
     permission_types,
 )
-from lpfm_toolkit.sources.base import Annotation, ImageHandle, Level
+from lpfm_toolkit.sources.base import Annotation, Level, StoredMetadataHandle
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def roi_annotations(rois: list[Any], image_uri: str) -> list[Annotation]:
 
 
 # -- the handle -----------------------------------------------------------------------------------------------
-class OmeroImageHandle(ImageHandle):
+class OmeroImageHandle(StoredMetadataHandle):
     """An OMERO image (plane ``z``, ``t``): pyramid levels, channels, pixel size, tiles and ROIs."""
 
     system = "omero"
@@ -260,22 +260,6 @@ class OmeroImageHandle(ImageHandle):
     @property
     def name(self) -> str:
         return self._name
-
-    @property
-    def levels(self) -> list[Level]:
-        return self._levels
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def channel_names(self) -> list[str]:
-        return list(self._channels)
-
-    @property
-    def mpp(self) -> tuple[float, float] | None:
-        return self._mpp
 
     def fingerprint(self) -> str:
         """Server database, image and pixels ids, shape and type: a re-import gets a new identity."""

@@ -208,3 +208,28 @@ class ImageHandle(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StoredMetadataHandle(ImageHandle):
+    """A handle whose metadata is read once when it opens and kept in ``_levels``, ``_dtype``, ``_channels``, ``_mpp``."""
+
+    _levels: list[Level]
+    _dtype: np.dtype
+    _channels: list[str]
+    _mpp: tuple[float, float] | None = None
+
+    @property
+    def levels(self) -> list[Level]:
+        return self._levels
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def channel_names(self) -> list[str]:
+        return list(self._channels)
+
+    @property
+    def mpp(self) -> tuple[float, float] | None:
+        return self._mpp

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lpfm_toolkit.errors import CorruptImageError, SlideNotFoundError, UnsupportedFormatError
-from lpfm_toolkit.sources.base import ImageHandle, Level
+from lpfm_toolkit.sources.base import ImageHandle, Level, StoredMetadataHandle
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def file_fingerprint(path: Path) -> str:
     return f"file-sha256-ends:{h.hexdigest()}"
 
 
-class _FileHandle(ImageHandle):
+class _FileHandle(StoredMetadataHandle):
     system = "file"
 
     def __init__(self, path: Path) -> None:
@@ -84,22 +84,8 @@ class OpenSlideHandle(_FileHandle):
         except (KeyError, ValueError):
             self._mpp = None
         self.vendor = props.get("openslide.vendor", "")
-
-    @property
-    def levels(self) -> list[Level]:
-        return self._levels
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint8)
-
-    @property
-    def channel_names(self) -> list[str]:
-        return ["R", "G", "B"]
-
-    @property
-    def mpp(self) -> tuple[float, float] | None:
-        return self._mpp
+        self._dtype = np.dtype(np.uint8)
+        self._channels = ["R", "G", "B"]
 
     def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         import openslide
@@ -194,22 +180,6 @@ class TiffHandle(_FileHandle):
             return None
         return (per_unit * xres[1] / xres[0], per_unit * yres[1] / yres[0])
 
-    @property
-    def levels(self) -> list[Level]:
-        return self._levels
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def channel_names(self) -> list[str]:
-        return self._channels
-
-    @property
-    def mpp(self) -> tuple[float, float] | None:
-        return self._mpp
-
     def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         index: list[Any] = []
         for ax in self._axes:
@@ -270,23 +240,10 @@ class PillowHandle(_FileHandle):
         if self._pixels.ndim == 2:
             self._pixels = self._pixels[:, :, None]
         self._mpp = (mpp, mpp) if mpp else None
-
-    @property
-    def levels(self) -> list[Level]:
-        h, w = self._pixels.shape[:2]
-        return [Level(w, h, 1.0)]
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._pixels.dtype
-
-    @property
-    def channel_names(self) -> list[str]:
-        return ["R", "G", "B"] if self._pixels.shape[2] == 3 else [f"C{i}" for i in range(self._pixels.shape[2])]
-
-    @property
-    def mpp(self) -> tuple[float, float] | None:
-        return self._mpp
+        h, w, c = self._pixels.shape
+        self._levels = [Level(w, h, 1.0)]
+        self._dtype = self._pixels.dtype
+        self._channels = ["R", "G", "B"] if c == 3 else [f"C{i}" for i in range(c)]
 
     def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         return self._pixels[y : y + height, x : x + width]

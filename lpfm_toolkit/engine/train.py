@@ -60,7 +60,9 @@ class TrainConfig:
         "sr2": 1.0, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5})
     restorer: dict[str, Any] = field(default_factory=dict)
     encoder: dict[str, Any] = field(default_factory=dict)
-    refiner: dict[str, Any] = field(default_factory=lambda: {"block_out_channels": [16, 32, 64]})
+    # space-to-depth by 4 with 64–128 channels: compute-bound on a CPU (docs/benchmarks.md, "Efficiency")
+    refiner: dict[str, Any] = field(default_factory=lambda: {"block_out_channels": [64, 128, 128], "unshuffle": 4,
+                                                             "norm_num_groups": 16})
     pairs: str | None = None  # folder of registered source/target pairs for virtual staining
     device: str | None = None  # None: CUDA → MPS → CPU
 

@@ -3,7 +3,13 @@
 Residual formulation (ResShift-like): the diffusion variable is ``(clean − restored) · residual_scale``;
 the UNet sees it concatenated with the restored tile, and a class embedding made of the task embedding plus
 a projection of the stain encoder's features. The network predicts the clean residual (``sample``
-prediction), which keeps few-step DDIM / DPM-Solver sampling accurate. Step maths live in diffusers'
+prediction), which keeps few-step DDIM / DPM-Solver sampling accurate.
+
+With ``unshuffle`` r > 1 the UNet runs on a space-to-depth view: the concatenated ``[noisy, restored]``
+input is ``pixel_unshuffle``-d by r (r² times the channels at 1/r the resolution) and the output is
+``pixel_shuffle``-d back. Like latent diffusion working at reduced resolution, this lets wider channels run
+at the same cost, so the convolutions, not GroupNorm/SiLU/memory traffic, dominate the forward on a CPU.
+``unshuffle`` 1 (the default, and what bundles without the field get) is the full-resolution UNet. Step maths live in diffusers'
 schedulers; the sampling loop lives in :mod:`lpfm_toolkit.engine.lpfm`.
 """
 
@@ -14,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lpfm_toolkit.engine.taskcodes import NUM_TASKS
 
@@ -30,6 +37,7 @@ class RefinerConfig:
     feature_dim: int = 128
     residual_scale: float = 5.0
     num_train_timesteps: int = 1000
+    unshuffle: int = 1  # space-to-depth factor of the UNet's input (1: full resolution)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,11 +52,14 @@ class Refiner(nn.Module):
 
         self.config = config or RefinerConfig(**kwargs)
         c = self.config
+        if c.unshuffle < 1:
+            raise ValueError(f"unshuffle must be 1 or more (got {c.unshuffle})")
         n = len(c.block_out_channels)
+        r2 = c.unshuffle**2
         self.unet = UNet2DModel(
             sample_size=64,
-            in_channels=2 * c.channels,
-            out_channels=c.channels,
+            in_channels=2 * c.channels * r2,
+            out_channels=c.channels * r2,
             block_out_channels=tuple(c.block_out_channels),
             down_block_types=("DownBlock2D",) * n,
             up_block_types=("UpBlock2D",) * n,
@@ -63,7 +74,8 @@ class Refiner(nn.Module):
 
     @property
     def multiple(self) -> int:
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        """Tile heights and widths must be divisible by this (unshuffle × the UNet's down-sampling)."""
+        return self.config.unshuffle * 2 ** (len(self.config.block_out_channels) - 1)
 
     def to_latent(self, residual: torch.Tensor) -> torch.Tensor:
         return residual * self.config.residual_scale
@@ -77,7 +89,11 @@ class Refiner(nn.Module):
         if t.ndim == 0:
             t = t.expand(noisy.shape[0])
         x = torch.cat([noisy, restored * 2 - 1], dim=1)
-        return self.unet(x, t, class_labels=emb.to(x.dtype)).sample
+        r = self.config.unshuffle
+        if r == 1:
+            return self.unet(x, t, class_labels=emb.to(x.dtype)).sample
+        out = self.unet(F.pixel_unshuffle(x, r), t, class_labels=emb.to(x.dtype)).sample
+        return F.pixel_shuffle(out, r)
 
 
 def make_scheduler(kind: str, num_train_timesteps: int = 1000) -> Any:

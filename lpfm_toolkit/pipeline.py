@@ -2,13 +2,14 @@
 
 This is the one workflow every front end calls (CLI, QuPath, OMERO scripts, scheduled jobs):
 :func:`plan` turns a selection into :class:`WorkItem` s with idempotency keys, and :func:`run_item`
-executes one, streaming rows so memory is bounded by a band of tiles, never by the region.
+executes one in vertical stripes of a fixed width, streaming rows so memory is bounded by one band of
+one stripe, never by the region.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +22,10 @@ import numpy as np
 from lpfm_toolkit.engine.base import Engine
 from lpfm_toolkit.errors import RegionError
 from lpfm_toolkit.prompts import Task
-from lpfm_toolkit.provenance import Provenance, idempotency_key
+from lpfm_toolkit.provenance import DIGEST_BLOCK, DIGEST_SCHEME, PixelDigest, Provenance, idempotency_key
 from lpfm_toolkit.sinks.base import OutputRef, OutputSpec, Sink
 from lpfm_toolkit.sources.base import Annotation, ImageHandle, Region
-from lpfm_toolkit.tiling import RowBlender, TileGrid, stripes, tile_seed
+from lpfm_toolkit.tiling import Stripe, StripeBlender, TileGrid, plan_stripes, tile_seed
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,11 @@ def from_float(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype.kind == "f":
         return pixels.astype(dtype)
     m = _max_value(dtype)
-    return np.clip(np.floor(pixels * m + 0.5), 0, m).astype(dtype)
+    out = np.multiply(pixels, np.float32(m), dtype=np.float32)  # in place from here: one temporary, not four
+    out += np.float32(0.5)
+    np.floor(out, out=out)
+    np.clip(out, 0, m, out=out)
+    return out.astype(dtype)
 
 
 def _overview(handle: ImageHandle, item: WorkItem, max_pixels: int = 1024 * 1024) -> np.ndarray:
@@ -168,7 +173,10 @@ def _overview(handle: ImageHandle, item: WorkItem, max_pixels: int = 1024 * 1024
 
 
 class _StripeAssembly:
-    """Output rows assembled on disk from vertical stripes, then read back in row order."""
+    """Output rows assembled on disk from vertical stripes, then read back in row order.
+
+    Only for writers that take full-width rows alone (OMERO); the OME-TIFF writer takes stripes directly.
+    """
 
     def __init__(self, spec: OutputSpec, channels: int, dtype: np.dtype, uncertainty: bool) -> None:
         import tempfile
@@ -182,7 +190,7 @@ class _StripeAssembly:
             self._unc.truncate(self.width * self.height * 4)
         self._next_row: dict[int, int] = {}  # stripe x → next output row to write
 
-    def put(self, x: int, rows: np.ndarray, unc: np.ndarray | None) -> None:
+    def write_block(self, x: int, rows: np.ndarray, unc: np.ndarray | None = None) -> None:
         y = self._next_row.get(x, 0)
         itemsize = self.channels * self.dtype.itemsize
         for i in range(rows.shape[0]):
@@ -216,10 +224,63 @@ class _StripeAssembly:
         self._dir.cleanup()
 
 
+class _CarryFile:
+    """The carries one stripe hands to the next, one per grid row, spooled through a scratch file."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._f = tempfile.TemporaryFile(prefix="lpfm-carry-")
+        self._shapes: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = []
+        self._read = 0
+
+    def put(self, carry: tuple[np.ndarray, np.ndarray | None] | None) -> None:
+        if carry is None:
+            self._shapes.append(((0,), None))
+            return
+        band, extra = carry
+        self._f.write(np.ascontiguousarray(band).data)
+        if extra is not None:
+            self._f.write(np.ascontiguousarray(extra).data)
+        self._shapes.append((band.shape, extra.shape if extra is not None else None))
+
+    def rewind(self) -> None:
+        self._f.seek(0)
+
+    def get(self) -> tuple[np.ndarray, np.ndarray | None] | None:
+        shape, xshape = self._shapes[self._read]
+        self._read += 1
+        if shape == (0,):
+            return None
+        band = np.empty(shape, np.float32)
+        self._f.readinto(band.data)
+        extra = None
+        if xshape is not None:
+            extra = np.empty(xshape, np.float32)
+            self._f.readinto(extra.data)
+        return band, extra
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def stripe_width_for(grid: TileGrid, scale: int, wanted: int, alignment: int, batch: int) -> int:
+    """The stripe width actually used: at least ``wanted``, one tile and one engine batch of tiles wide,
+    rounded up to a multiple of the writer's alignment and of the checksum blocks."""
+    stride = max(1, grid.tile_size - grid.overlap)
+    unit = math.lcm(alignment, DIGEST_BLOCK * scale)
+    width = max(wanted, grid.tile_width * scale, batch * stride * scale)
+    return -(-width // unit) * unit
+
+
 def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *, tile_size: int | None = None,
              overlap: int | None = None, force: bool = False, samples_uncertainty: bool = False,
-             progress: ProgressFn | None = None, max_stripe_width: int = 8192) -> EnhanceResult:
-    """Enhance one work item into ``sink``; skip it when an identical result already exists."""
+             progress: ProgressFn | None = None, stripe_width: int = 2048) -> EnhanceResult:
+    """Enhance one work item into ``sink``; skip it when an identical result already exists.
+
+    The output is made in vertical stripes ``stripe_width`` output pixels wide (rounded up, see
+    :func:`stripe_width_for`): memory is that of one band of one stripe, whatever the region's width.
+    """
     task = item.task
     engine.check(task, handle.channel_names)
     tile = tile_size or engine.tile_size
@@ -252,87 +313,75 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
     engine.prepare(task, overview)
     prepare_seconds = time.perf_counter() - t0
     grid = TileGrid(item.region.width, item.region.height, tile, ovl)
-    in_hash, out_hash = hashlib.sha256(), hashlib.sha256()
+    r = item.region
+    n_ch = len(channels_out)
+    in_digest = PixelDigest(r.height, r.width, len(handle.channel_names), handle.dtype)
+    out_digest = PixelDigest(spec.height, spec.width, n_ch, out_dtype)
     engine_seconds = prepare_seconds
     done = 0
     total = len(grid)
-    r = item.region
-    n_ch = len(channels_out)
-    # Regions wider than a stripe are processed in vertical stripes so memory stays bounded by one
-    # band of one stripe, however large the region; rows are then assembled on disk in row order.
-    plan_stripes = stripes(grid, max_stripe_width) if grid.width > max_stripe_width else [(0, grid.width, None)]
-    striped = len(plan_stripes) > 1
-    hashed_to = 0  # input rows already hashed (region coordinates); touched by the reader thread only
+    bs = max(1, engine.batch_size)
 
-    def hash_input(row: int, band: np.ndarray | None) -> None:
-        """Hash the region's input rows in row order (full-width bands; read again when striped)."""
-        nonlocal hashed_to
-        y = grid.ys[row]
-        if y + grid.tile_height <= hashed_to:
-            return
-        if band is None:
-            band = handle.read_region(item.level, r.x, r.y + y, r.width, grid.tile_height)
-        in_hash.update(np.ascontiguousarray(band[hashed_to - y :]).tobytes())
-        hashed_to = y + grid.tile_height
-
-    def read_band(row: int, x0: int, x1: int, hash_it: bool) -> np.ndarray:
-        """Reader stage: read one band of tile rows (columns x0..x1), hash new rows, convert to float."""
-        band = handle.read_region(item.level, r.x + x0, r.y + grid.ys[row], x1 - x0, grid.tile_height)
-        if hash_it:
-            hash_input(row, band if (x0, x1) == (0, r.width) else None)
-        return to_float(band)
-
-    def emit_direct(writer: Any, rows: np.ndarray, unc_rows: np.ndarray | None) -> None:
-        out_rows = from_float(rows, out_dtype)
-        out_hash.update(np.ascontiguousarray(out_rows).tobytes())
-        if samples_uncertainty and unc_rows is None:
-            unc_rows = np.zeros(rows.shape[:2] + (1,), np.float32)
-        writer.write_rows(out_rows, unc_rows if samples_uncertainty else None)
-
-    def process(columns: list[int] | None, emit: Callable[[np.ndarray, np.ndarray | None], None],
-                hash_rows: bool) -> None:
-        """Run every tile of the given columns (all when None) through the engine, overlapping I/O."""
+    def process(stripe: Stripe, emit: Callable[[int, np.ndarray, np.ndarray | None], None],
+                carry_in: _CarryFile | None, carry_out: _CarryFile | None) -> None:
+        """Run the stripe's tiles through the engine, band by band, with reading and writing overlapped."""
         nonlocal engine_seconds, done
-        blender = RowBlender(grid, s, n_ch, columns)
-        cols = columns if columns is not None else list(range(len(grid.xs)))
-        x0 = grid.xs[cols[0]]
-        x1 = grid.xs[cols[-1]] + grid.tile_width
+        blender = StripeBlender(grid, s, n_ch, stripe, 1 if samples_uncertainty else 0)
+        own_x0, own_x1 = stripe.lo // s, stripe.hi // s  # input columns this stripe hashes
+        x0, x1 = own_x0, min(r.width, own_x0 + -(-blender.width // s))  # input columns it reads
+        hashed_to = 0
 
-        def finish_row(row: int, results: list[tuple[list[Any], Any]]) -> None:
-            """Writer stage: blend a row of tile outputs, release finished rows, emit them."""
-            for batch, result in results:
-                for i, t in enumerate(batch):
-                    unc = result.uncertainty[i] if result.uncertainty is not None else None
-                    blender.add(t, result.pixels[i], unc)
-            emit(*blender.release(row))
+        def read_band(row: int) -> np.ndarray:
+            """Reader stage: read one band of the stripe, hash the rows not hashed yet, convert to float."""
+            nonlocal hashed_to
+            y = grid.ys[row]
+            band = handle.read_region(item.level, r.x + x0, r.y + y, x1 - x0, grid.tile_height)
+            new = band[hashed_to - y :, : own_x1 - own_x0] if hashed_to > y else band[:, : own_x1 - own_x0]
+            in_digest.update(own_x0, new)
+            hashed_to = y + grid.tile_height
+            return to_float(band)
 
+        def finish_row(row: int, outputs: list[tuple[Any, np.ndarray, np.ndarray | None]]) -> None:
+            """Writer stage: blend a row of tile outputs, hand on the carry, emit the finished rows."""
+            carry = carry_in.get() if carry_in is not None else None
+            handed = blender.add_row(row, outputs, carry)
+            if carry_out is not None:
+                carry_out.put(handed)
+            rows, unc = blender.release(row)
+            if rows.shape[0]:
+                emit(stripe.lo, rows, unc)
+
+        tiles_by_row = [[t for t in grid.row(row) if t.col in stripe.columns] for row in range(grid.n_rows)]
         # Three stages overlap: the reader prefetches the next band and the writer blends and emits
         # the previous row while the engine works. At most one band is read ahead and one row written.
         with ThreadPoolExecutor(1, thread_name_prefix="lpfm-read") as reader, \
                 ThreadPoolExecutor(1, thread_name_prefix="lpfm-write") as post:
-            future = reader.submit(read_band, 0, x0, x1, hash_rows)
+            future = reader.submit(read_band, 0)
             pending = None
             try:
                 for row in range(grid.n_rows):
                     fband = future.result()
                     if row + 1 < grid.n_rows:
-                        future = reader.submit(read_band, row + 1, x0, x1, hash_rows)
-                    tiles = [t for t in grid.row(row) if t.col in cols] if columns is not None else grid.row(row)
-                    bs = max(1, engine.batch_size)
-                    results: list[tuple[list[Any], Any]] = []
+                        future = reader.submit(read_band, row + 1)
+                    tiles = tiles_by_row[row]
+                    outputs: list[tuple[Any, np.ndarray, np.ndarray | None]] = []
                     for b in range(0, len(tiles), bs):
                         batch = tiles[b : b + bs]
-                        stack = np.stack([fband[:, t.x - x0 : t.x - x0 + t.width] for t in batch])
+                        views = [fband[:, t.x - x0 : t.x - x0 + t.width] for t in batch]
+                        stack = views[0][None] if len(views) == 1 else np.stack(views)  # no copy for one tile
                         seeds = [tile_seed(item.seed, item.level, r.x + t.x, r.y + t.y) for t in batch]
                         t0 = time.perf_counter()
-                        results.append((batch, engine.process(stack, task, seeds)))
+                        result = engine.process(stack, task, seeds)
                         engine_seconds += time.perf_counter() - t0
+                        for i, t in enumerate(batch):
+                            unc = result.uncertainty[i] if result.uncertainty is not None else None
+                            outputs.append((t, result.pixels[i], unc))
                         done += len(batch)
                         if progress is not None:
                             progress(done, total)
                     if pending is not None:
                         pending.result()  # back-pressure, and re-raises the writer's errors here
-                    pending = post.submit(finish_row, row, results)
+                    pending = post.submit(finish_row, row, outputs)
                 if pending is not None:
                     pending.result()
                     pending = None
@@ -345,24 +394,44 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
                         pass
 
     with sink.open(spec, key, source) as writer:
-        if not striped:
-            process(None, lambda rows, unc: emit_direct(writer, rows, unc), hash_rows=True)
-        else:
-            total = sum(len(cols) for _, _, cols in plan_stripes) * grid.n_rows  # type: ignore[arg-type]
-            with _StripeAssembly(spec, n_ch, out_dtype, samples_uncertainty) as assembly:
-                for k, (a, b, cols) in enumerate(plan_stripes):
-                    blender_x_lo = grid.xs[cols[0]]  # type: ignore[index]
+        alignment = writer.column_alignment
+        width = stripe_width_for(grid, s, stripe_width, alignment or 1, bs)
+        parts = plan_stripes(grid, s, width)
+        direct = alignment is not None or len(parts) == 1
+        assembly = None if direct else _StripeAssembly(spec, n_ch, out_dtype, samples_uncertainty)
 
-                    def emit_stripe(rows: np.ndarray, unc: np.ndarray | None, a: int = a, b: int = b,
-                                    lo: int = blender_x_lo) -> None:
-                        crop = slice((a - lo) * s, (b - lo) * s)
-                        assembly.put(a * s, from_float(rows[:, crop], out_dtype),
-                                     unc[:, crop] if unc is not None else None)
+        def emit(x: int, rows: np.ndarray, unc: np.ndarray | None) -> None:
+            out_rows = from_float(rows, out_dtype)
+            out_digest.update(x, out_rows)
+            unc_rows = unc if samples_uncertainty else None
+            if assembly is not None:
+                assembly.write_block(x, out_rows, unc_rows)
+            elif alignment is None:
+                writer.write_rows(out_rows, unc_rows)
+            else:
+                writer.write_block(x, out_rows, unc_rows)
 
-                    process(cols, emit_stripe, hash_rows=(k == 0))
+        carries: list[_CarryFile] = []
+        try:
+            carry_in: _CarryFile | None = None
+            for k, stripe in enumerate(parts):
+                carry_out = _CarryFile() if k + 1 < len(parts) else None
+                if carry_out is not None:
+                    carries.append(carry_out)
+                if carry_in is not None:
+                    carry_in.rewind()
+                process(stripe, emit, carry_in, carry_out)
+                if carry_in is not None:
+                    carry_in.close()
+                carry_in = carry_out
+            if assembly is not None:
                 for rows, unc in assembly.rows():
-                    out_hash.update(np.ascontiguousarray(rows).tobytes())
-                    writer.write_rows(rows, unc if samples_uncertainty else None)
+                    writer.write_rows(rows, unc)
+        finally:
+            for c in carries:
+                c.close()
+            if assembly is not None:
+                assembly.__exit__(None)
         total_seconds = time.perf_counter() - t_start
         prov = Provenance(
             source=source,
@@ -371,11 +440,12 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
             engine=engine.describe(),
             seed=item.seed,
             idempotency_key=key,
-            tiling={**tiling, "scale": s, "tiles": total},
+            tiling={**tiling, "scale": s, "tiles": total, "stripe_width": width, "stripes": len(parts),
+                    "checksums": DIGEST_SCHEME},
             output={"name": name, "shape": [spec.height, spec.width, len(channels_out)],
                     "dtype": str(out_dtype), "channels": channels_out, "mpp": list(mpp_out) if mpp_out else None},
-            input_sha256=in_hash.hexdigest(),
-            output_sha256=out_hash.hexdigest(),
+            input_sha256=in_digest.hexdigest(),
+            output_sha256=out_digest.hexdigest(),
             durations={"total_s": round(total_seconds, 4), "engine_s": round(engine_seconds, 4)},
         )
         ref = writer.commit(prov)

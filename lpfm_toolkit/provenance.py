@@ -136,3 +136,53 @@ class Provenance:
             "lpfm.idempotency_key": self.idempotency_key,
         }
         return {k: v for k, v in pairs.items() if v != ""}
+
+
+#: Width of the column blocks a :class:`PixelDigest` hashes separately (pixels).
+DIGEST_BLOCK = 64
+DIGEST_SCHEME = f"sha256 of {DIGEST_BLOCK}-px column blocks (lpfm_toolkit.provenance.pixel_digest)"
+
+
+class PixelDigest:
+    """The checksum of an image that arrives in vertical stripes, whatever their width.
+
+    The image is cut into column blocks ``DIGEST_BLOCK`` pixels wide; each block is hashed (sha256) top
+    to bottom in C order, and the result is the sha256 of the shape, the dtype and the blocks' digests
+    in order. Stripes must start on a block boundary; within a stripe, rows arrive top to bottom.
+    """
+
+    def __init__(self, height: int, width: int, channels: int, dtype: Any) -> None:
+        import numpy as np
+
+        self.shape = (height, width, channels)
+        self.dtype = np.dtype(dtype)
+        self._blocks = [hashlib.sha256() for _ in range(-(-width // DIGEST_BLOCK))]
+        self._rows = [0] * len(self._blocks)
+
+    def update(self, x: int, rows: Any) -> None:
+        """Add ``rows`` ``(n, w, C)`` that start at column ``x`` (a multiple of ``DIGEST_BLOCK``)."""
+        import numpy as np
+
+        if x % DIGEST_BLOCK:
+            raise ValueError(f"column {x} is not on a {DIGEST_BLOCK}-px block boundary")
+        w = rows.shape[1]
+        if (x + w) % DIGEST_BLOCK and x + w != self.shape[1]:
+            raise ValueError(f"columns {x}..{x + w} end inside a block")
+        for b in range(x // DIGEST_BLOCK, -(-(x + w) // DIGEST_BLOCK)):
+            a = b * DIGEST_BLOCK - x
+            part = rows[:, a : a + DIGEST_BLOCK]
+            self._blocks[b].update(np.ascontiguousarray(part, self.dtype).data)
+            self._rows[b] += part.shape[0]
+
+    def hexdigest(self) -> str:
+        if any(n != self.shape[0] for n in self._rows):
+            raise ValueError("not every row of every column block was added")
+        head = f"{self.shape[0]}x{self.shape[1]}x{self.shape[2]}:{self.dtype.str}".encode()
+        return hashlib.sha256(head + b"".join(b.digest() for b in self._blocks)).hexdigest()
+
+
+def pixel_digest(pixels: Any) -> str:
+    """The :class:`PixelDigest` of a whole ``(H, W, C)`` array (what provenance records as a sha256)."""
+    d = PixelDigest(*pixels.shape, dtype=pixels.dtype)
+    d.update(0, pixels)
+    return d.hexdigest()

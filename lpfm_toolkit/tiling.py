@@ -3,9 +3,12 @@
 Pure functions and small classes, no I/O. A :class:`TileGrid` covers a ``width × height`` region with
 tiles of at most ``tile_size`` that overlap by at least ``overlap``; the last tile of a row or column
 is moved back to end exactly at the border, so every tile (but those of regions smaller than a tile)
-has the full size an engine expects. :class:`RowBlender` accumulates weighted tile outputs and
-releases finished rows as soon as no later tile can touch them, so memory is bounded by one band of
-tiles, whatever the region's size.
+has the full size an engine expects. Wide regions are cut into vertical stripes (:func:`plan_stripes`)
+of a fixed width; a :class:`StripeBlender` accumulates one stripe's weighted tile outputs and releases
+finished rows as soon as no later tile can touch them, so memory is bounded by one band of one stripe,
+whatever the region's size. Every tile is computed once: what a stripe's last tiles contribute to the
+next stripe is handed over as a *carry* (their horizontal partial sums), and the sums are formed in the
+same order as without stripes, so the pixels do not depend on the stripe width.
 """
 
 from __future__ import annotations
@@ -102,89 +105,115 @@ def tile_seed(seed: int, level: int, x: int, y: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def stripes(grid: TileGrid, max_width: int) -> list[tuple[int, int, list[int]]]:
-    """Split a wide grid into vertical stripes: ``(own_x0, own_x1, columns)`` each.
+@dataclass(frozen=True)
+class Stripe:
+    """Output columns ``[lo, hi)`` (output pixels) and the tile columns whose left edge lies in them."""
 
-    The owned ranges partition ``[0, width)``; ``columns`` are all tile columns that touch the owned
-    range, so a stripe blends its owned pixels completely (the columns at its edges are computed by both
-    neighbours; per-tile seeds make both copies identical).
+    lo: int
+    hi: int
+    columns: list[int]
+
+
+def plan_stripes(grid: TileGrid, scale: int, width: int) -> list[Stripe]:
+    """Cut the grid's output (``grid.width · scale`` wide) into stripes of ``width`` output pixels.
+
+    ``width`` must be a multiple of ``scale`` and at least one tile (``tile_width · scale``), so the carry a
+    stripe hands on never reaches past the next stripe. Each tile belongs to the stripe holding its left edge.
     """
-    stride = max(1, grid.tile_size - grid.overlap)
-    per = max(1, max_width // stride)
-    starts = list(range(0, len(grid.xs), per))
+    total = grid.width * scale
+    if width % scale or width < grid.tile_width * scale:
+        raise ValueError(f"stripe width {width} must be a multiple of {scale} and at least one tile wide")
     out = []
-    for k, c0 in enumerate(starts):
-        a = 0 if k == 0 else grid.xs[c0]
-        b = grid.width if k == len(starts) - 1 else grid.xs[starts[k + 1]]
-        cols = [c for c, x in enumerate(grid.xs) if x < b and x + grid.tile_width > a]
-        out.append((a, b, cols))
+    for lo in range(0, total, width):
+        hi = min(total, lo + width)
+        out.append(Stripe(lo, hi, [c for c, x in enumerate(grid.xs) if lo <= x * scale < hi]))
     return out
 
 
-class RowBlender:
-    """Blends tile outputs of one :class:`TileGrid` row by row and releases finished output rows.
+def _axis_sum(positions: list[int], size: int, scale: int, lo: int, hi: int) -> np.ndarray:
+    """Sum of all tiles' axis weights over output pixels ``[lo, hi)``, added in tile order (float32)."""
+    total = np.zeros(hi - lo, np.float32)
+    n = size * scale
+    for i, p in enumerate(positions):
+        a, b = max(lo, p * scale), min(hi, p * scale + n)
+        if a < b:
+            w = axis_weights(positions, size, i, scale).astype(np.float32)
+            total[a - lo : b - lo] += w[a - p * scale : b - p * scale]
+    return total
 
-    With ``columns`` it blends only those tile columns (a stripe of the grid); the buffers then span
-    from the first column's left edge to the last one's right edge, ``x_lo`` in region pixels.
+
+class StripeBlender:
+    """Blends the tiles of one stripe of a :class:`TileGrid`, grid row by grid row (separable weights).
+
+    Per grid row, tile outputs are first blended horizontally, ``H += pixels · w_x`` in column order; then
+    ``acc += H · w_y`` over the stripe's own columns. Columns right of the stripe, which the next stripe
+    owns, leave ``H`` there as a carry; the next stripe starts its ``H`` from it, so every sum is formed in
+    the same order as in an unstriped run. Output = ``acc / (Σw_y · Σw_x)``, the weight sums taken over
+    all tiles of the grid.
     """
 
-    def __init__(self, grid: TileGrid, scale: int, channels: int, columns: list[int] | None = None) -> None:
-        self.grid, self.scale, self.channels = grid, scale, channels
-        cols = columns if columns is not None else list(range(len(grid.xs)))
-        self.x_lo = grid.xs[cols[0]]
-        self.out_width = (grid.xs[cols[-1]] + grid.tile_width - self.x_lo) * scale
-        self.out_height = grid.height * scale
-        self._wx = {i: axis_weights(grid.xs, grid.tile_width, i, scale) for i in cols}
-        self._wy = [axis_weights(grid.ys, grid.tile_height, i, scale) for i in range(len(grid.ys))]
-        self._top = 0  # first output row held in the buffers
-        self._acc = np.zeros((0, self.out_width, channels), dtype=np.float32)
-        self._wsum = np.zeros((0, self.out_width, 1), dtype=np.float32)
-        self._extra_acc: np.ndarray | None = None
-        self._scratch: np.ndarray | None = None
-        self._weights: dict[tuple[int, int], np.ndarray] = {}
+    def __init__(self, grid: TileGrid, scale: int, channels: int, stripe: Stripe, extra_channels: int = 0) -> None:
+        self.grid, self.scale, self.channels, self.stripe = grid, scale, channels, stripe
+        s = scale
+        ends = [(grid.xs[c] + grid.tile_width) * s for c in stripe.columns]
+        self.lo = stripe.lo
+        self.own_width = stripe.hi - stripe.lo
+        self.width = max([stripe.hi, *ends]) - stripe.lo  # own columns + the carry handed to the next stripe
+        self.carry_width = self.width - self.own_width
+        self.extra_channels = extra_channels
+        self.out_height = grid.height * s
+        self._wx = {c: axis_weights(grid.xs, grid.tile_width, c, s).astype(np.float32)[None, :, None]
+                    for c in stripe.columns}
+        self._wy = [axis_weights(grid.ys, grid.tile_height, r, s).astype(np.float32)[:, None, None]
+                    for r in range(grid.n_rows)]
+        self._hsum = _axis_sum(grid.xs, grid.tile_width, s, stripe.lo, stripe.hi)[None, :, None]
+        self._vsum = _axis_sum(grid.ys, grid.tile_height, s, 0, self.out_height)[:, None, None]
+        self._top = 0  # first output row held in the accumulators
+        self._acc = np.zeros((0, self.own_width, channels), np.float32)
+        self._extra = np.zeros((0, self.own_width, extra_channels), np.float32) if extra_channels else None
 
-    def _weight(self, row: int, col: int) -> np.ndarray:
-        """The 2-D weight of a tile; interior tiles share one array (only border tiles differ)."""
-        kr = 0 if row == 0 else (2 if row == len(self._wy) - 1 else 1)
-        ncols = len(self.grid.xs)
-        kc = 0 if col == 0 else (2 if col == ncols - 1 else 1)
-        # Inner tiles have equal ramps except next to the last one (its overlap can be larger).
-        key = (row if kr != 1 or row == len(self._wy) - 2 else -1, col if kc != 1 or col == ncols - 2 else -1)
-        w = self._weights.get(key)
-        if w is None:
-            w = np.outer(self._wy[row], self._wx[col]).astype(np.float32)[:, :, None]
-            self._weights[key] = w
-        return w
-
-    def _ensure(self, bottom: int) -> None:
-        held = self._top + self._acc.shape[0]
-        if bottom > held:
-            grow = bottom - held
-            self._acc = np.concatenate([self._acc, np.zeros((grow, self.out_width, self.channels), np.float32)])
-            self._wsum = np.concatenate([self._wsum, np.zeros((grow, self.out_width, 1), np.float32)])
-            if self._extra_acc is not None:
-                self._extra_acc = np.concatenate(
-                    [self._extra_acc, np.zeros((grow, self.out_width, self._extra_acc.shape[2]), np.float32)]
-                )
-
-    def add(self, tile: Tile, pixels: np.ndarray, extra: np.ndarray | None = None) -> None:
-        """Add one tile's output ``(h·s, w·s, C)`` (and an optional extra map, e.g. uncertainty)."""
+    def add_row(self, row: int, outputs: list[tuple[Tile, np.ndarray, np.ndarray | None]],
+                carry: tuple[np.ndarray, np.ndarray | None] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Blend grid row ``row`` (``outputs`` in column order); return the carry for the next stripe."""
         s = self.scale
-        y0, x0 = tile.y * s, (tile.x - self.x_lo) * s
-        h, w = pixels.shape[:2]
-        if (h, w) != (tile.height * s, tile.width * s):
-            raise ValueError(f"engine returned a {h}×{w} tile, expected {tile.height * s}×{tile.width * s}")
-        weight = self._weight(tile.row, tile.col)
-        if extra is not None and self._extra_acc is None:
-            self._extra_acc = np.zeros((self._acc.shape[0], self.out_width, extra.shape[2]), np.float32)
-        self._ensure(y0 + h)
+        h = self.grid.tile_height * s
+        band = np.zeros((h, self.width, self.channels), np.float32)
+        xband = np.zeros((h, self.width, self.extra_channels), np.float32) if self.extra_channels else None
+        if carry is not None:
+            cw = carry[0].shape[1]
+            if cw > self.width:
+                raise ValueError(f"a carry of {cw} columns does not fit a stripe blender {self.width} wide")
+            band[:, :cw] = carry[0]
+            if xband is not None and carry[1] is not None:
+                xband[:, :cw] = carry[1]
+        for tile, pixels, extra in outputs:
+            x0 = tile.x * s - self.lo
+            if pixels.shape[:2] != (h, tile.width * s):
+                raise ValueError(f"engine returned a {pixels.shape[0]}×{pixels.shape[1]} tile, "
+                                 f"expected {h}×{tile.width * s}")
+            w = self._wx[tile.col]
+            band[:, x0 : x0 + pixels.shape[1]] += pixels * w
+            if xband is not None:
+                ex = extra if extra is not None else np.zeros(pixels.shape[:2] + (self.extra_channels,), np.float32)
+                xband[:, x0 : x0 + pixels.shape[1]] += ex * w
+        y0 = self.grid.ys[row] * s
+        need = y0 + h - self._top
+        if need > self._acc.shape[0]:
+            grow = need - self._acc.shape[0]
+            self._acc = np.concatenate([self._acc, np.zeros((grow, self.own_width, self.channels), np.float32)])
+            if self._extra is not None:
+                self._extra = np.concatenate(
+                    [self._extra, np.zeros((grow, self.own_width, self.extra_channels), np.float32)])
         r0 = y0 - self._top
-        self._scratch = np.multiply(pixels, weight, out=self._scratch if self._scratch is not None and
-                                    self._scratch.shape == pixels.shape else None, dtype=np.float32)
-        self._acc[r0 : r0 + h, x0 : x0 + w] += self._scratch
-        self._wsum[r0 : r0 + h, x0 : x0 + w] += weight
-        if extra is not None:
-            self._extra_acc[r0 : r0 + h, x0 : x0 + w] += extra * weight  # type: ignore[index]
+        wy = self._wy[row]
+        self._acc[r0 : r0 + h] += band[:, : self.own_width] * wy
+        if self._extra is not None and xband is not None:
+            self._extra[r0 : r0 + h] += xband[:, : self.own_width] * wy
+        if not self.carry_width:
+            return None
+        return (band[:, self.own_width :].copy(),
+                xband[:, self.own_width :].copy() if xband is not None else None)
 
     def release(self, finished_row: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Output rows no tile after grid row ``finished_row`` can touch, normalised, as float32."""
@@ -194,13 +223,12 @@ class RowBlender:
             limit = self.out_height
         n = limit - self._top
         if n <= 0:
-            return np.zeros((0, self.out_width, self.channels), np.float32), None
-        wsum = self._wsum[:n]
-        rows = self._acc[:n] / wsum
-        extra = self._extra_acc[:n] / wsum if self._extra_acc is not None else None
+            return np.zeros((0, self.own_width, self.channels), np.float32), None
+        norm = self._vsum[self._top : limit] * self._hsum
+        rows = self._acc[:n] / norm
+        extra = self._extra[:n] / norm if self._extra is not None else None
         self._acc = self._acc[n:].copy()
-        self._wsum = self._wsum[n:].copy()
-        if self._extra_acc is not None:
-            self._extra_acc = self._extra_acc[n:].copy()
+        if self._extra is not None:
+            self._extra = self._extra[n:].copy()
         self._top = limit
         return rows, extra

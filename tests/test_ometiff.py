@@ -161,3 +161,126 @@ def test_engine_output_with_uncertainty_streams_to_second_file(sample_slide: Pat
         res = run_item(h, item, Noisy(), OmeTiffSink(tmp_path), tile_size=128, overlap=16, samples_uncertainty=True)
     u = tifffile.imread(res.output.extra["uncertainty"])
     np.testing.assert_allclose(u, 0.25, atol=1e-6)
+
+
+@pytest.mark.parametrize(("compression", "dtype", "channels"), [
+    ("jpeg", np.uint8, 3), ("zlib", np.uint8, 3), ("zstd", np.uint16, 1), ("lzw", np.uint16, 2),
+    ("none", np.uint8, 3), ("jpeg", np.uint8, 1), ("zlib", np.float32, 1),
+])
+def test_tiles_are_compressed_exactly_as_tifffile_would(tmp_path: Path, compression: str, dtype: type,
+                                                        channels: int) -> None:
+    """The writer compresses tiles itself; each must be the byte string tifffile writes for the same image."""
+    from lpfm_toolkit.sinks.base import OutputSpec
+    from lpfm_toolkit.sinks.ometiff import OmeTiffWriter
+
+    rng = np.random.default_rng(3)
+    img = (rng.random((300, 700, channels)) * (1 if dtype == np.float32 else 200)).astype(dtype)
+    names = ["R", "G", "B"] if channels == 3 else [f"C{i}" for i in range(channels)]
+    spec = OutputSpec("t", 700, 300, names, np.dtype(dtype), None)
+    w = OmeTiffWriter(tmp_path / "ours.ome.tiff", spec, 256, compression)
+    w.write_rows(img)
+    w._img.finish()
+    rgb = channels == 3
+    reference = tmp_path / "reference.tif"
+    comp = None if compression == "none" else compression
+    with tifffile.TiffWriter(reference) as tw:  # one page per plane, as the writer lays them out
+        for plane in [img] if rgb else [img[:, :, c] for c in range(channels)]:
+            tw.write(plane, tile=(256, 256), compression=comp, photometric="rgb" if rgb else "minisblack",
+                     metadata=None, compressionargs={"level": 90} if compression == "jpeg" else None)
+    expected = []
+    with tifffile.TiffFile(reference) as tif:
+        for page in tif.pages:
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                tif.filehandle.seek(offset)
+                expected.append(tif.filehandle.read(count))
+    ours = [data for plane in w._img.planes for data, _ in w._img.tiles(plane, 0)]
+    assert ours == expected
+    w.abort()
+
+
+def test_stripes_and_full_rows_give_the_same_file(tmp_path: Path) -> None:
+    """A wide image written in 2048-px stripes equals the one written as full rows, at every level."""
+    from lpfm_toolkit.provenance import Provenance
+    from lpfm_toolkit.sinks.base import OutputSpec
+    from lpfm_toolkit.sinks.ometiff import OmeTiffWriter
+
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 255, (1301, 5000, 3), dtype=np.uint8)
+    spec = OutputSpec("wide", 5000, 1301, ["R", "G", "B"], np.dtype(np.uint8), (0.5, 0.5), uncertainty=True)
+    unc = rng.random((1301, 5000, 1), dtype=np.float32)
+    prov = Provenance(source={}, prompt="p", task={}, engine={}, seed=0, idempotency_key="k")
+    full = OmeTiffWriter(tmp_path / "full.ome.tiff", spec, 256, "zlib")
+    for y in range(0, 1301, 100):
+        full.write_rows(img[y : y + 100], unc[y : y + 100])
+    full.commit(prov)
+    striped = OmeTiffWriter(tmp_path / "striped.ome.tiff", spec, 256, "zlib")
+    assert striped.column_alignment == 2048
+    for x in range(0, 5000, 2048):
+        for y in range(0, 1301, 77):
+            striped.write_block(x, img[y : y + 77, x : x + 2048], unc[y : y + 77, x : x + 2048])
+    striped.commit(prov)
+    for a, b in [("full.ome.tiff", "striped.ome.tiff"), ("full.uncertainty.ome.tiff", "striped.uncertainty.ome.tiff")]:
+        with tifffile.TiffFile(tmp_path / a) as ta, tifffile.TiffFile(tmp_path / b) as tb:
+            la, lb = ta.series[0].levels, tb.series[0].levels
+            assert len(la) == len(lb) == n_pyramid_levels(5000, 1301, 256) == 6
+            for x, y in zip(la, lb):
+                np.testing.assert_array_equal(x.asarray(), y.asarray())
+    with tifffile.TiffFile(tmp_path / "striped.ome.tiff") as t:
+        np.testing.assert_array_equal(t.series[0].asarray(), img)
+
+
+def test_stripes_must_be_aligned_and_complete(tmp_path: Path) -> None:
+    from lpfm_toolkit.sinks.base import OutputSpec
+    from lpfm_toolkit.sinks.ometiff import OmeTiffWriter
+
+    spec = OutputSpec("x", 5000, 100, ["R", "G", "B"], np.dtype(np.uint8), None)
+    w = OmeTiffWriter(tmp_path / "x.ome.tiff", spec, 256, "zlib")
+    with pytest.raises(ValueError, match="multiple of 2048"):
+        w.write_block(1000, np.zeros((10, 1000, 3), np.uint8))
+    w.write_block(0, np.zeros((10, 2048, 3), np.uint8))
+    with pytest.raises(ValueError, match="ended after 10 of 100 rows"):
+        w.write_block(2048, np.zeros((10, 2048, 3), np.uint8))
+    w.abort()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("channels", "mpp"), [(["R", "G", "B"], (0.25, 0.5)), (["DAPI", "FITC ×"], None)])
+def test_ome_xml_is_the_model_ome_types_itself_would_write(channels: list[str], mpp) -> None:
+    """The ElementTree-built OME-XML parses to the same model as ome-types' own serialisation of it."""
+    from ome_types import model as m
+
+    from lpfm_toolkit.provenance import Provenance
+    from lpfm_toolkit.sinks.base import OutputSpec
+    from lpfm_toolkit.sinks.ometiff import JSON_NAMESPACE, build_ome_xml, validate_ome_xml
+
+    rgb = channels == ["R", "G", "B"]
+    dtype = np.dtype(np.uint8 if rgb else np.uint16)
+    spec = OutputSpec("slide µ × <1> & 'x'", 300, 200, channels, dtype, mpp)
+    prov = Provenance(source={"region": [1, 2, 3, 4], "uri": "a&b"}, prompt="sr x2 & <b> → é", task={"kind": "sr"},
+                      engine={"name": "x"}, seed=3, idempotency_key="k")
+    xml = build_ome_xml(spec, prov, channels, dtype, rgb)
+    xml.encode("ascii")  # TIFF descriptions are ASCII
+    validate_ome_xml(xml)
+    ours = from_xml(xml)
+    pairs = [m.Map.M(k=k, value=v) for k, v in prov.summary().items()]
+    phys = {"physical_size_x": mpp[0], "physical_size_x_unit": "µm", "physical_size_y": mpp[1],
+            "physical_size_y_unit": "µm"} if mpp else {}
+    chans = [m.Channel(id="Channel:0:0", name="RGB", samples_per_pixel=3)] if rgb else \
+        [m.Channel(id=f"Channel:0:{i}", name=n, samples_per_pixel=1) for i, n in enumerate(channels)]
+    tiffdata = [m.TiffData(ifd=0, plane_count=1)] if rgb else \
+        [m.TiffData(ifd=i, first_c=i, plane_count=1) for i in range(len(channels))]
+    reference = m.OME(
+        creator=ours.creator,
+        images=[m.Image(id="Image:0", name=spec.name, annotation_refs=[m.AnnotationRef(id="Annotation:0"),
+                                                                          m.AnnotationRef(id="Annotation:1")],
+                        pixels=m.Pixels(id="Pixels:0", dimension_order="XYCZT", type=dtype.name, size_x=300,
+                                        size_y=200, size_c=len(channels), size_z=1, size_t=1, interleaved=rgb,
+                                        big_endian=False, channels=chans, tiff_data_blocks=tiffdata, **phys))],
+        structured_annotations=m.StructuredAnnotations(
+            map_annotations=[m.MapAnnotation(id="Annotation:0", namespace="lpfm-toolkit/provenance",
+                                             value=m.Map(ms=pairs))],
+            comment_annotations=[m.CommentAnnotation(id="Annotation:1", namespace=JSON_NAMESPACE,
+                                                     value=prov.to_json(indent=None))]))
+    assert from_xml(reference.to_xml()) == ours
+    with pytest.raises(ValueError):
+        validate_ome_xml(xml.replace('SizeT="1"', 'SizeT="0"'))

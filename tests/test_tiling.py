@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from lpfm_toolkit.engine.base import IdentityEngine
 from lpfm_toolkit.pipeline import plan, run_item
 from lpfm_toolkit.prompts import Task, TaskKind
+from lpfm_toolkit.provenance import pixel_digest
 from lpfm_toolkit.sinks.memory import ArraySink
 from lpfm_toolkit.sources.base import ImageHandle, Level, Region
-from lpfm_toolkit.tiling import RowBlender, TileGrid, axis_weights, stripes, tile_positions, tile_seed
+from lpfm_toolkit.tiling import StripeBlender, TileGrid, axis_weights, plan_stripes, tile_positions, tile_seed
 
 
 class ArrayHandle(ImageHandle):
@@ -65,30 +66,48 @@ def test_tile_seed_depends_on_position_only() -> None:
     assert tile_seed(7, 0, 0, 0) != tile_seed(8, 0, 0, 0)
 
 
+def _blend(img: np.ndarray, grid: TileGrid, scale: int, width: int) -> np.ndarray:
+    """Blend an image's own tiles through stripes ``width`` output px wide, carries handed on in memory."""
+    channels = img.shape[2]
+    parts = plan_stripes(grid, scale, width)
+    columns = []
+    carries: list = []
+    for stripe in parts:
+        blender = StripeBlender(grid, scale, channels, stripe)
+        out, handed = [], []
+        for r in range(grid.n_rows):
+            outputs = []
+            for t in grid.row(r):
+                if t.col in stripe.columns:
+                    patch = img[t.y : t.y + t.height, t.x : t.x + t.width]
+                    outputs.append((t, patch.repeat(scale, 0).repeat(scale, 1), None))
+            handed.append(blender.add_row(r, outputs, carries[r] if carries else None))
+            out.append(blender.release(r)[0])
+        carries = handed
+        columns.append(np.concatenate(out))
+    return np.concatenate(columns, axis=1)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     width=st.integers(1, 300), height=st.integers(1, 300), tile=st.integers(8, 96),
     overlap_frac=st.floats(0, 0.9), scale=st.sampled_from([1, 2, 4, 8]), channels=st.sampled_from([1, 3]),
+    stripe_tiles=st.integers(1, 4),
 )
 def test_blender_identity_is_exact(width: int, height: int, tile: int, overlap_frac: float, scale: int,
-                                   channels: int) -> None:
+                                   channels: int, stripe_tiles: int) -> None:
     overlap = min(tile - 1, int(tile * overlap_frac))
     rng = np.random.default_rng(width * 1000 + height)
     img = rng.integers(0, 256, size=(height, width, channels)).astype(np.float32) / 255
     grid = TileGrid(width, height, tile, overlap)
-    blender = RowBlender(grid, scale, channels)
-    out = []
-    for r in range(grid.n_rows):
-        for t in grid.row(r):
-            patch = img[t.y : t.y + t.height, t.x : t.x + t.width]
-            blender.add(t, patch.repeat(scale, 0).repeat(scale, 1))
-        rows, _ = blender.release(r)
-        out.append(rows)
-    result = np.concatenate(out)
+    whole = _blend(img, grid, scale, width * scale)
+    striped = _blend(img, grid, scale, grid.tile_width * scale * stripe_tiles)
     expected = img.repeat(scale, 0).repeat(scale, 1)
-    assert result.shape == expected.shape
+    assert whole.shape == expected.shape
     # uint8 round trip is exact: float error stays far below half a grey level
-    np.testing.assert_array_equal(np.floor(result * 255 + 0.5), np.floor(expected * 255 + 0.5))
+    np.testing.assert_array_equal(np.floor(whole * 255 + 0.5), np.floor(expected * 255 + 0.5))
+    # stripes change nothing, not even the last bit: every sum is formed in the same order
+    np.testing.assert_array_equal(striped, whole)
 
 
 @settings(max_examples=30, deadline=None)
@@ -111,16 +130,14 @@ def test_pipeline_identity_is_exact(x: int, y: int, w: int, h: int, level: int, 
     engine = IdentityEngine()
     engine.batch_size = 3
     result = run_item(handle, item, engine, ArraySink(), tile_size=tile, overlap=min(overlap, tile - 1),
-                      max_stripe_width=stripe)
+                      stripe_width=stripe)
     out = result.output.extra["pixels"]
     src = handle.read_region(level, x, y, w, h)
     np.testing.assert_array_equal(out, src.repeat(scale, 0).repeat(scale, 1))
     assert out.dtype == dtype
-    # the recorded input checksum is the checksum of exactly the region's pixels
-    import hashlib
-
-    assert result.provenance.input_sha256 == hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest()
-    assert result.provenance.output_sha256 == hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest()
+    # the recorded checksums are those of exactly the region's pixels and of the output
+    assert result.provenance.input_sha256 == pixel_digest(src)
+    assert result.provenance.output_sha256 == pixel_digest(out)
 
 
 def test_engine_receives_full_tiles_and_memory_stays_banded() -> None:
@@ -140,31 +157,48 @@ def test_engine_receives_full_tiles_and_memory_stays_banded() -> None:
     class RowCounter(ArraySink):
         def open(self, spec, key, source):  # type: ignore[override]
             writer = super().open(spec, key, source)
-            original = writer.write_rows
+            original = writer.write_block
 
-            def write_rows(rows, uncertainty=None):
+            def write_block(x, rows, uncertainty=None):
                 nonlocal peak_rows
                 peak_rows = max(peak_rows, rows.shape[0])
-                original(rows, uncertainty)
+                widths.add(rows.shape[1])
+                original(x, rows, uncertainty)
 
-            writer.write_rows = write_rows  # type: ignore[method-assign]
+            writer.write_block = write_block  # type: ignore[method-assign]
             return writer
 
-    run_item(handle, item, Spy(), RowCounter(), tile_size=128, overlap=16)
+    widths: set[int] = set()
+    run_item(handle, item, Spy(), RowCounter(), tile_size=128, overlap=16, stripe_width=448)
     assert set(seen) == {(128, 128)}
-    assert peak_rows <= 128
+    assert 0 < peak_rows <= 128
+    assert widths == {448, 900 - 2 * 448}  # three stripes (the last made of the carry alone)
 
 
-def test_stripes_partition_and_cover() -> None:
+def test_stripes_partition_and_own_every_tile_once() -> None:
     grid = TileGrid(5000, 300, 256, 32)
-    parts = stripes(grid, 1024)
-    assert parts[0][0] == 0 and parts[-1][1] == 5000
-    assert all(b == a2 for (_, b, _), (a2, _, _) in zip(parts, parts[1:]))
-    for a, b, cols in parts:
-        covered = set()
-        for c in cols:
-            covered |= set(range(grid.xs[c], grid.xs[c] + 256))
-        assert set(range(a, b)) <= covered
+    parts = plan_stripes(grid, 2, 2048)
+    assert parts[0].lo == 0 and parts[-1].hi == 10000
+    assert all(a.hi == b.lo for a, b in zip(parts, parts[1:]))
+    assert sorted(c for p in parts for c in p.columns) == list(range(len(grid.xs)))
+    with pytest.raises(ValueError, match="at least one tile"):
+        plan_stripes(grid, 2, 256)
+
+
+def test_pixel_digest_does_not_depend_on_how_the_image_arrives() -> None:
+    from lpfm_toolkit.provenance import DIGEST_BLOCK, PixelDigest
+
+    img = np.random.default_rng(1).integers(0, 255, (50, 3 * DIGEST_BLOCK + 7, 3), dtype=np.uint8)
+    d = PixelDigest(*img.shape, dtype=img.dtype)
+    d.update(DIGEST_BLOCK, img[:20, DIGEST_BLOCK:])
+    d.update(0, img[:, :DIGEST_BLOCK])
+    d.update(DIGEST_BLOCK, img[20:, DIGEST_BLOCK:])
+    assert d.hexdigest() == pixel_digest(img)
+    changed = img.copy()
+    changed[49, -1, 2] ^= 1
+    assert pixel_digest(changed) != pixel_digest(img)
+    with pytest.raises(ValueError, match="not every row"):
+        PixelDigest(*img.shape, dtype=img.dtype).hexdigest()
 
 
 def test_striped_and_unstriped_runs_give_identical_pixels() -> None:
@@ -181,8 +215,23 @@ def test_striped_and_unstriped_runs_give_identical_pixels() -> None:
     item = plan(handle, Task(TaskKind.DENOISE), seed=5)[0]
     wide = run_item(handle, item, Seeded(), ArraySink(), tile_size=64, overlap=8, samples_uncertainty=True)
     narrow = run_item(handle, item, Seeded(), ArraySink(), tile_size=64, overlap=8, samples_uncertainty=True,
-                      max_stripe_width=100)
+                      stripe_width=128)
+    assert (wide.provenance.tiling["stripes"], narrow.provenance.tiling["stripes"]) == (1, 3)
     np.testing.assert_array_equal(wide.output.extra["pixels"], narrow.output.extra["pixels"])
-    np.testing.assert_allclose(wide.output.extra["uncertainty"], narrow.output.extra["uncertainty"], atol=1e-6)
+    np.testing.assert_array_equal(wide.output.extra["uncertainty"], narrow.output.extra["uncertainty"])
     assert wide.provenance.output_sha256 == narrow.provenance.output_sha256
     assert wide.provenance.input_sha256 == narrow.provenance.input_sha256
+
+    class RowsOnly(ArraySink):
+        """A writer that takes full-width rows only (like OMERO's): stripes are assembled on disk first."""
+
+        def open(self, spec, key, source):  # type: ignore[override]
+            writer = super().open(spec, key, source)
+            writer.column_alignment = None
+            return writer
+
+    assembled = run_item(handle, item, Seeded(), RowsOnly(), tile_size=64, overlap=8, samples_uncertainty=True,
+                         stripe_width=128)
+    assert assembled.provenance.tiling["stripes"] == 3
+    np.testing.assert_array_equal(assembled.output.extra["pixels"], wide.output.extra["pixels"])
+    np.testing.assert_array_equal(assembled.output.extra["uncertainty"], wide.output.extra["uncertainty"])

@@ -161,8 +161,15 @@ class QuPathSinkWriter(SinkWriter):
         self.sink = sink
         self.inner = inner
 
+    @property
+    def column_alignment(self) -> int | None:  # type: ignore[override]
+        return self.inner.column_alignment
+
     def write_rows(self, rows: Any, uncertainty: Any = None) -> None:
         self.inner.write_rows(rows, uncertainty)
+
+    def write_block(self, x: int, rows: Any, uncertainty: Any = None) -> None:
+        self.inner.write_block(x, rows, uncertainty)
 
     def commit(self, provenance: Provenance) -> OutputRef:
         ref = self.inner.commit(provenance)  # the file and its sidecar are complete from here on

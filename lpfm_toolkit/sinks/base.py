@@ -2,7 +2,9 @@
 
 The pipeline calls ``sink.find(key)`` first (idempotency), then ``sink.open(spec)`` and streams
 full-width rows, top to bottom, into the writer; ``commit(provenance)`` finalises atomically and
-``abort()`` removes every trace of a partial write.
+``abort()`` removes every trace of a partial write. A writer that sets ``column_alignment`` also takes
+vertical stripes (``write_block``): each stripe's rows top to bottom, stripes left to right, each
+starting on a multiple of the alignment — then wide results never exist as full-width rows anywhere.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ class OutputRef:
 
 class SinkWriter(abc.ABC):
     """Receives one result's rows; a context manager that aborts unless committed."""
+
+    #: stripes must start on multiples of this many output columns; ``None``: full-width rows only
+    column_alignment: int | None = None
+
+    def write_block(self, x: int, rows: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
+        """Append rows ``(h, w, C)`` of the stripe starting at column ``x`` (writers with an alignment)."""
+        raise NotImplementedError(f"{type(self).__name__} takes full-width rows only")
 
     @abc.abstractmethod
     def write_rows(self, rows: np.ndarray, uncertainty: np.ndarray | None = None) -> None:

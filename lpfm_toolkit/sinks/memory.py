@@ -11,27 +11,34 @@ from lpfm_toolkit.sinks.base import OutputRef, OutputSpec, Sink, SinkWriter
 
 
 class ArrayWriter(SinkWriter):
+    column_alignment = 1
+
     def __init__(self, sink: ArraySink, key: str, spec: OutputSpec) -> None:
         self.sink, self.key, self.spec = sink, key, spec
-        self._rows: list[np.ndarray] = []
-        self._unc: list[np.ndarray] = []
+        self._pixels = np.zeros((spec.height, spec.width, len(spec.channel_names)), spec.dtype)
+        self._unc = np.zeros((spec.height, spec.width, 1), np.float32) if spec.uncertainty else None
+        self._next: dict[int, int] = {}  # stripe x → next row
+
+    def write_block(self, x: int, rows: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
+        y = self._next.get(x, 0)
+        n, w = rows.shape[:2]
+        self._pixels[y : y + n, x : x + w] = rows
+        if self._unc is not None and uncertainty is not None:
+            self._unc[y : y + n, x : x + w] = uncertainty
+        self._next[x] = y + n
 
     def write_rows(self, rows: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
-        self._rows.append(rows.copy())
-        if uncertainty is not None:
-            self._unc.append(uncertainty.copy())
+        self.write_block(0, rows, uncertainty)
 
     def commit(self, provenance: Provenance) -> OutputRef:
-        pixels = np.concatenate(self._rows) if self._rows else np.zeros((0, self.spec.width, 0))
-        unc = np.concatenate(self._unc) if self._unc else None
+        pixels, unc = self._pixels, self._unc
         ref = OutputRef(uri=f"memory:{self.key[:12]}", provenance=provenance,
                         extra={"pixels": pixels, "uncertainty": unc})
         self.sink.results[self.key] = ref
         return ref
 
     def abort(self) -> None:
-        self._rows.clear()
-        self._unc.clear()
+        self._next.clear()
 
 
 class ArraySink(Sink):

@@ -1,12 +1,14 @@
 """Pyramidal, tiled, compressed OME-TIFF output with provenance, written without holding the image.
 
-Rows arrive top to bottom. Level 0 and every 2×-downsampled level are appended to raw scratch files
-while rows stream in (memory: one row pair per level). On commit the TIFF is written tile by tile from
-those files in the standard OME-TIFF layout — full resolution as the main IFD(s), reduced levels in
-SubIFDs (Bio-Formats, QuPath and OMERO read it; tifffile and tiffslide see every level; OpenSlide 4
-sees only the first) — with OME-XML carrying the provenance (MapAnnotation + the full JSON as a
-CommentAnnotation), validated against the OME schema. Everything is written under temporary names
-and renamed when complete, so an interrupted run leaves nothing that looks finished.
+Rows arrive top to bottom, as full-width rows or in vertical stripes. Every pyramid level is built
+from row pairs as they come and cut into tiles, which a thread pool compresses (exactly as tifffile
+would) into a scratch file while the engine works; memory is one tile row per level of one stripe.
+On commit the compressed tiles are laid out in the standard OME-TIFF layout — full resolution as the
+main IFD(s), reduced levels in SubIFDs (Bio-Formats, QuPath and OMERO read it; tifffile and tiffslide
+see every level; OpenSlide 4 sees only the first) — with OME-XML carrying the provenance (MapAnnotation
++ the full JSON as a CommentAnnotation), validated against the OME schema. Everything is written
+under temporary names and renamed when complete, so nothing that looks finished is left by an
+interrupted run.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ log = logging.getLogger(__name__)
 COMPRESSIONS = ("auto", "jpeg", "zlib", "zstd", "lzw", "none")
 SIDECAR_SUFFIX = ".lpfm.json"
 JSON_NAMESPACE = NAMESPACE + "/json"
-# Compression threads (tifffile compresses each buffered batch of tiles in parallel).
+# Threads compressing tiles (the codecs release the GIL).
 _COMMIT_WORKERS = max(1, min(8, os.cpu_count() or 1))
-_BUFFER = 32 << 20  # bytes of tiles tifffile gathers per parallel pass: bounds memory (its default is 256 MB)
 _OME_TYPES = {"uint8": "uint8", "uint16": "uint16", "float32": "float", "int16": "int16", "uint32": "uint32"}
 
 
@@ -58,256 +59,299 @@ def n_pyramid_levels(width: int, height: int, tile: int) -> int:
     return 1 + max(0, math.ceil(math.log2(max(width, height) / tile))) if max(width, height) > tile else 1
 
 
-class _RawPyramid:
-    """Scratch files holding a level-0 image and its 2× reductions, filled row by row."""
+_OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+
+
+def build_ome_xml(spec: OutputSpec, provenance: Provenance | None, channels: list[str], dtype: np.dtype,
+                  interleaved_rgb: bool) -> str:
+    """OME-XML for one image, with the provenance as a MapAnnotation and a JSON CommentAnnotation.
+
+    Built directly with ElementTree (ome-types' model serialiser costs tens of milliseconds per image) and
+    always checked by :func:`validate_ome_xml` before it is written; a test proves it parses to the same
+    model ome-types itself would write.
+    """
+    import xml.etree.ElementTree as ET
+
+    def el(parent: ET.Element, tag: str, **attrs: Any) -> ET.Element:
+        return ET.SubElement(parent, tag, {k: str(v) for k, v in attrs.items()})
+
+    ET.register_namespace("", _OME_NS)
+    ome = ET.Element("OME", {"xmlns": _OME_NS, "xmlns:xsi": "http://www.w3.org/2001/XMLSchema-instance",
+                             "xsi:schemaLocation": f"{_OME_NS} {_OME_NS}/ome.xsd",
+                             "Creator": f"lpfm-toolkit {__version__}"})
+    image = el(ome, "Image", ID="Image:0", Name=spec.name)
+    size = {"SizeX": spec.width, "SizeY": spec.height, "SizeZ": 1, "SizeC": len(channels), "SizeT": 1}
+    phys = {"PhysicalSizeX": repr(float(spec.mpp[0])), "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": repr(float(spec.mpp[1])), "PhysicalSizeYUnit": "µm"} if spec.mpp else {}
+    pixels = el(image, "Pixels", ID="Pixels:0", DimensionOrder="XYCZT", Type=_OME_TYPES[np.dtype(dtype).name],
+                Interleaved=str(interleaved_rgb).lower(), BigEndian="false", **size, **phys)
+    if interleaved_rgb:
+        el(pixels, "Channel", ID="Channel:0:0", Name="RGB", SamplesPerPixel=3)
+        el(pixels, "TiffData", IFD=0, PlaneCount=1)
+    else:
+        for i, name in enumerate(channels):
+            el(pixels, "Channel", ID=f"Channel:0:{i}", Name=name, SamplesPerPixel=1)
+        for i in range(len(channels)):
+            el(pixels, "TiffData", IFD=i, FirstC=i, PlaneCount=1)
+    if provenance is not None:
+        el(image, "AnnotationRef", ID="Annotation:0")
+        el(image, "AnnotationRef", ID="Annotation:1")
+        annotations = el(ome, "StructuredAnnotations")
+        comment = el(annotations, "CommentAnnotation", ID="Annotation:1", Namespace=JSON_NAMESPACE)
+        el(comment, "Value").text = provenance.to_json(indent=None)
+        values = el(el(annotations, "MapAnnotation", ID="Annotation:0", Namespace=NAMESPACE), "Value")
+        for k, v in provenance.summary().items():
+            el(values, "M", K=k).text = v
+    ET.indent(ome)
+    # TIFF strings are 7-bit ASCII: non-ASCII (µm, ×) becomes XML character references, still valid OME-XML.
+    return ET.tostring(ome, encoding="unicode").encode("ascii", "xmlcharrefreplace").decode("ascii")
+
+
+def validate_ome_xml(xml: str) -> None:
+    """Raise ``ValueError`` unless ``xml`` validates against the OME schema (ome-types' copy, with lxml)."""
+    from ome_types import validate_xml
+
+    validate_xml(xml)
+
+
+def _codec(compression: str, rgb: bool) -> Any:
+    """A function that compresses one tile exactly as tifffile does for the same ``write`` arguments."""
+    if compression == "none":
+        return lambda tile: tile.tobytes()
+    import tifffile
+
+    tag = {"jpeg": 7, "zlib": 8, "lzw": 5, "zstd": 50000}[compression]
+    encode = tifffile.TIFF.COMPRESSORS[tag]
+    kwargs: dict[str, Any] = {}
+    if compression == "jpeg":
+        kwargs = {"level": 90}
+        if rgb:  # tifffile stores RGB JPEG tiles as YCbCr with 2×2 chroma subsampling
+            kwargs.update(subsampling=(2, 2), colorspace="RGB", outcolorspace="YCBCR")
+    return lambda tile: encode(tile, **kwargs)
+
+
+def stripe_levels(tile: int) -> int:
+    """How many reduced levels a stripe completes by itself: its width is a multiple of ``tile·2**J``."""
+    j = 0
+    while tile * 2**j < 2048:
+        j += 1
+    return j
+
+
+class _TilePyramid:
+    """Every level of one image as compressed TIFF tiles, encoded while rows arrive.
+
+    Rows come in vertical stripes whose x is a multiple of ``tile·2**J`` (``J`` = :func:`stripe_levels`),
+    each stripe top to bottom. A stripe builds its levels 0..J itself (2×2 means of row pairs) and sends
+    each complete tile to a thread pool that compresses it into a scratch file of tiles; level ``J+1`` is
+    parked in a small raw file, from which the coarser levels are built at the end. Memory is one tile row
+    per level of one stripe, whatever the image's width. One stripe as wide as the image builds all levels.
+    """
 
     def __init__(self, folder: Path, stem: str, width: int, height: int, channels: int, dtype: np.dtype,
-                 n_levels: int, keep_level0: bool = True) -> None:
-        self.dtype, self.channels = np.dtype(dtype), channels
-        self.keep_level0 = keep_level0
+                 tile: int, n_levels: int, compression: str, rgb: bool, pool: Any) -> None:
+        import threading
+
+        self.dtype, self.channels, self.tile, self.rgb = np.dtype(dtype), channels, tile, rgb
+        self.compression = compression
         self.sizes: list[tuple[int, int]] = []
         w, h = width, height
         for _ in range(n_levels):
             self.sizes.append((w, h))
             w, h = (w + 1) // 2, (h + 1) // 2
-        self.paths = [folder / f"{stem}-L{i}.raw" for i in range(n_levels)]
-        self._files = [p.open("wb") for p in self.paths]
-        self._rows_written = [0] * n_levels
-        self._pending: list[np.ndarray | None] = [None] * n_levels
+        self.local = stripe_levels(tile)  # levels 0..local are built inside a stripe
+        self.alignment = tile * 2**self.local
+        self.planes: list[int | None] = [None] if rgb else list(range(channels))
+        self._encode = _codec(compression, rgb)
+        self._pool = pool
+        self._slots = threading.BoundedSemaphore(4 * _COMMIT_WORKERS)  # tiles queued for compression
+        self._lock = threading.Lock()
+        self._store_path = folder / f"{stem}.tiles"
+        self._store = self._store_path.open("wb")
+        self._end = 0
+        self.index: dict[tuple[int | None, int, int, int], tuple[int, int]] = {}
+        self._error: BaseException | None = None
+        self._coarse_path = folder / f"{stem}-coarse.raw"
+        self._coarse: Any = None
+        self._state: dict[str, Any] | None = None
+        self._stripes_done: list[tuple[int, int]] = []
 
-    def append(self, rows: np.ndarray, level: int = 0) -> None:
+    # -- rows ---------------------------------------------------------------------------------------------------
+    def _start(self, x: int, width: int, base: int, full: bool) -> dict[str, Any]:
+        top = len(self.sizes) - 1 if full else min(len(self.sizes) - 1, self.local)
+        return {"x": x, "width": width, "base": base, "top": top, "full": full,
+                "strip": {lv: [] for lv in range(base, top + 1)}, "strip_rows": dict.fromkeys(range(base, top + 1), 0),
+                "emitted": dict.fromkeys(range(base, top + 1), 0), "pending": {}, "rows": dict.fromkeys(
+                    range(base, len(self.sizes)), 0)}
+
+    def write(self, x: int, rows: np.ndarray) -> None:
+        """Rows ``(h, w, C)`` of the stripe starting at level-0 column ``x``."""
+        if self._error is not None:
+            raise self._error
+        st = self._state
+        if st is None or st["x"] != x:
+            if st is not None:
+                raise ValueError(f"stripe at column {st['x']} ended after {st['rows'][0]} of "
+                                 f"{self.sizes[0][1]} rows")
+            if x % self.alignment:
+                raise ValueError(f"stripe at column {x} is not on a multiple of {self.alignment}")
+            full = x == 0 and rows.shape[1] == self.sizes[0][0]
+            st = self._state = self._start(x, rows.shape[1], 0, full)
+        if rows.shape[1:] != (st["width"], self.channels):
+            raise ValueError(f"rows of shape {rows.shape[1:]} do not fit the stripe ({st['width']}, {self.channels})")
+        self._feed(st, 0, np.ascontiguousarray(rows, self.dtype))
+        if st["rows"][0] == self.sizes[0][1]:
+            self._finish_stripe(st)
+            self._stripes_done.append((x, st["width"]))
+            self._state = None
+
+    def _feed(self, st: dict[str, Any], level: int, rows: np.ndarray) -> None:
         if rows.shape[0] == 0:
             return
-        w = self.sizes[level][0]
-        if rows.shape[1:] != (w, self.channels):
-            raise ValueError(f"rows of shape {rows.shape[1:]} do not fit level {level} ({w}, {self.channels})")
-        if level or self.keep_level0:
-            self._files[level].write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
-        self._rows_written[level] += rows.shape[0]
-        if level + 1 < len(self.sizes):
-            pending = self._pending[level]
+        y = st["rows"][level]
+        st["rows"][level] = y + rows.shape[0]
+        if level > st["top"]:  # a coarse level: parked in the raw file at this stripe's columns
+            self._park(level, st["x"] >> level, y, rows)
+            return
+        strip, n = st["strip"], st["strip_rows"]
+        strip[level].append(rows)
+        n[level] += rows.shape[0]
+        while n[level] >= self.tile:
+            block = np.concatenate(strip[level]) if len(strip[level]) > 1 else strip[level][0]
+            self._emit(st, level, block[: self.tile])
+            rest = block[self.tile :]
+            strip[level] = [rest] if rest.shape[0] else []
+            n[level] = rest.shape[0]
+        if level + 1 < len(self.sizes) and (level < st["top"] or not st["full"]):
+            pending = st["pending"].pop(level, None)
             buf = rows if pending is None else np.concatenate([pending, rows])
             even = buf.shape[0] - buf.shape[0] % 2
-            self._pending[level] = buf[even:] if buf.shape[0] % 2 else None
+            if buf.shape[0] % 2:
+                st["pending"][level] = buf[even:]
             if even:
-                self.append(downsample2(buf[:even]), level + 1)
+                self._feed(st, level + 1, downsample2(buf[:even]))
+
+    def _finish_stripe(self, st: dict[str, Any]) -> None:
+        """The stripe's last rows: odd rows averaged with themselves, partial tile rows padded."""
+        for level in range(st["base"], st["top"] + 1):
+            pending = st["pending"].pop(level, None)
+            if pending is not None and level + 1 < len(self.sizes):
+                self._feed(st, level + 1, downsample2(pending))
+            if st["strip_rows"][level]:
+                self._emit(st, level, np.concatenate(st["strip"][level]))
+                st["strip"][level], st["strip_rows"][level] = [], 0
+        for level in range(st["base"], min(st["top"] + 2, len(self.sizes))):
+            if st["rows"][level] != self.sizes[level][1]:
+                raise RuntimeError(f"level {level} received {st['rows'][level]} rows, expected {self.sizes[level][1]}")
+
+    def _park(self, level: int, x: int, y: int, rows: np.ndarray) -> None:
+        w = self.sizes[level][0]
+        if self._coarse is None:
+            self._coarse = self._coarse_path.open("w+b")
+            self._coarse_level = level
+        px = self.channels * self.dtype.itemsize
+        for i in range(rows.shape[0]):
+            os.pwrite(self._coarse.fileno(), rows[i].tobytes(), ((y + i) * w + x) * px)
+
+    # -- tiles --------------------------------------------------------------------------------------------------
+    def _emit(self, st: dict[str, Any], level: int, block: np.ndarray) -> None:
+        """Queue the tiles of one tile row of ``level`` for compression."""
+        t = self.tile
+        ty = st["emitted"][level]
+        st["emitted"][level] += 1
+        x0 = st["x"] >> level
+        for bx in range(0, block.shape[1], t):
+            part = block[:, bx : bx + t]
+            if part.shape[:2] != (t, t):
+                padded = np.zeros((t, t, self.channels), self.dtype)
+                padded[: part.shape[0], : part.shape[1]] = part
+                part = padded
+            for plane in self.planes:
+                data = np.ascontiguousarray(part if plane is None else part[:, :, plane : plane + 1])
+                self._slots.acquire()
+                fut = self._pool.submit(self._compress, (plane, level, ty, (x0 + bx) // t), data)
+                fut.add_done_callback(lambda _f: self._slots.release())
+
+    def _compress(self, key: tuple[int | None, int, int, int], data: np.ndarray) -> None:
+        try:
+            payload = self._encode(data)
+            with self._lock:
+                offset = self._end
+                self._end += len(payload)
+            os.pwrite(self._store.fileno(), payload, offset)
+            self.index[key] = (offset, len(payload))
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by write()/finish()
+            self._error = self._error or exc
 
     def finish(self) -> None:
-        for level in range(len(self.sizes)):
-            pending = self._pending[level]
-            if pending is not None and pending.shape[0]:
-                self._pending[level] = None
-                self.append(downsample2(pending), level + 1)  # the odd last row is averaged with itself
-        for level, f in enumerate(self._files):
-            f.close()
-            expected = self.sizes[level][1]
-            if self._rows_written[level] != expected:
-                raise RuntimeError(f"level {level} received {self._rows_written[level]} rows, expected {expected}")
+        """Build the coarse levels, wait for every tile; raise the first compression error."""
+        if self._state is not None:
+            raise ValueError(f"stripe at column {self._state['x']} is incomplete")
+        covered = sum(w for _, w in self._stripes_done)
+        if covered != self.sizes[0][0]:
+            raise RuntimeError(f"stripes cover {covered} of {self.sizes[0][0]} columns")
+        if self._coarse is not None:
+            level = self._coarse_level
+            w, h = self.sizes[level]
+            st = self._start(0, w, level, full=True)
+            row_bytes = w * self.channels * self.dtype.itemsize
+            for y in range(0, h, self.tile):
+                n = min(self.tile, h - y)
+                raw = os.pread(self._coarse.fileno(), n * row_bytes, y * row_bytes)
+                self._feed(st, level, np.frombuffer(raw, self.dtype).reshape(n, w, self.channels))
+            self._finish_stripe(st)
+            self._coarse.close()
+            self._coarse = None
+        for _ in range(4 * _COMMIT_WORKERS):  # every queued tile has finished once all slots are free
+            self._slots.acquire()
+        for _ in range(4 * _COMMIT_WORKERS):
+            self._slots.release()
+        self._store.close()
+        if self._error is not None:
+            raise self._error
 
-    def tiles(self, level: int, tile: int, channel: int | None) -> Iterator[np.ndarray]:
-        """Tiles of one level in row-major order, padded to ``tile`` at the edges."""
+    def tiles(self, plane: int | None, level: int) -> Iterator[tuple[bytes, int]]:
+        """The compressed tiles of one level and plane in TIFF order, as ``(bytes, bytecount)``."""
         w, h = self.sizes[level]
-        row_bytes = w * self.channels * self.dtype.itemsize
-        with self.paths[level].open("rb") as fh:
-            for y in range(0, h, tile):
-                n = min(tile, h - y)
-                fh.seek(y * row_bytes)
-                strip = np.frombuffer(fh.read(n * row_bytes), dtype=self.dtype).reshape(n, w, self.channels)
-                if channel is not None:
-                    strip = strip[:, :, channel : channel + 1]
-                for x in range(0, w, tile):
-                    block = strip[:, x : x + tile]
-                    if block.shape[0] != tile or block.shape[1] != tile:
-                        padded = np.zeros((tile, tile, block.shape[2]), self.dtype)
-                        padded[: block.shape[0], : block.shape[1]] = block
-                        block = padded
-                    yield block if channel is None else block[:, :, 0]
-
-
-def build_ome_xml(spec: OutputSpec, provenance: Provenance | None, channels: list[str], dtype: np.dtype,
-                  interleaved_rgb: bool) -> str:
-    """OME-XML for one image, with the provenance as a MapAnnotation and a JSON CommentAnnotation."""
-    from ome_types import model as m
-
-    annotations = None
-    refs: list[Any] = []
-    if provenance is not None:
-        pairs = [m.Map.M(k=k, value=v) for k, v in provenance.summary().items()]
-        annotations = m.StructuredAnnotations(
-            map_annotations=[m.MapAnnotation(id="Annotation:0", namespace=NAMESPACE, value=m.Map(ms=pairs))],
-            comment_annotations=[m.CommentAnnotation(id="Annotation:1", namespace=JSON_NAMESPACE,
-                                                     value=provenance.to_json(indent=None))],
-        )
-        refs = [m.AnnotationRef(id="Annotation:0"), m.AnnotationRef(id="Annotation:1")]
-    if interleaved_rgb:
-        chans = [m.Channel(id="Channel:0:0", name="RGB", samples_per_pixel=3)]
-        tiffdata = [m.TiffData(ifd=0, plane_count=1)]
-    else:
-        chans = [m.Channel(id=f"Channel:0:{i}", name=name, samples_per_pixel=1) for i, name in enumerate(channels)]
-        tiffdata = [m.TiffData(ifd=i, first_c=i, plane_count=1) for i in range(len(channels))]
-    kwargs: dict[str, Any] = {}
-    if spec.mpp:
-        kwargs = {"physical_size_x": spec.mpp[0], "physical_size_x_unit": "µm",
-                  "physical_size_y": spec.mpp[1], "physical_size_y_unit": "µm"}
-    pixels = m.Pixels(id="Pixels:0", dimension_order="XYCZT", type=_OME_TYPES[np.dtype(dtype).name],
-                      size_x=spec.width, size_y=spec.height, size_c=len(channels), size_z=1, size_t=1,
-                      interleaved=interleaved_rgb, big_endian=False, channels=chans, tiff_data_blocks=tiffdata,
-                      **kwargs)
-    image = m.Image(id="Image:0", name=spec.name, pixels=pixels, annotation_refs=refs)
-    ome = m.OME(images=[image], structured_annotations=annotations, creator=f"lpfm-toolkit {__version__}")
-    # TIFF strings are 7-bit ASCII: non-ASCII (µm, ×) becomes XML character references, still valid OME-XML.
-    return ome.to_xml().encode("ascii", "xmlcharrefreplace").decode("ascii")
-
-
-def validate_ome_xml(xml: str) -> None:
-    """Raise ``ValueError`` unless ``xml`` validates against the OME schema."""
-    from ome_types import from_xml
-
-    from_xml(xml, validate=True)
-
-
-def _tiff_options(raw: _RawPyramid, spec: OutputSpec, tile: int, compression: str,
-                  channel_names: list[str]) -> tuple[bool, dict[str, Any], tuple[float, float] | None]:
-    rgb = channel_names == ["R", "G", "B"] and raw.dtype == np.uint8
-    comp: Any = None if compression == "none" else compression
-    comp_args = {"level": 90} if compression == "jpeg" else None
-    resolution = (1e4 / spec.mpp[0], 1e4 / spec.mpp[1]) if spec.mpp else None
-    common = {"tile": (tile, tile), "compression": comp, "compressionargs": comp_args, "dtype": raw.dtype,
-              "metadata": None, "software": f"lpfm-toolkit {__version__}",
-              "photometric": "rgb" if rgb else "minisblack"}
-    return rgb, common, resolution
-
-
-def _write_levels(tw: Any, raw: _RawPyramid, rgb: bool, common: dict[str, Any],
-                  resolution: tuple[float, float] | None, channel: int | None) -> None:
-    """Write the reduced levels (SubIFDs) of one page from the scratch files."""
-    for level in range(1, len(raw.sizes)):
-        lw, lh = raw.sizes[level]
-        lres = (resolution[0] / 2**level, resolution[1] / 2**level) if resolution else None
-        tw.write(raw.tiles(level, common["tile"][0], channel), shape=(lh, lw, 3) if rgb else (lh, lw),
-                 subfiletype=1, resolution=lres, resolutionunit="CENTIMETER" if lres else None,
-                 maxworkers=_COMMIT_WORKERS, buffersize=_BUFFER, **common)
-
-
-def _write_tiff(path: Path, raw: _RawPyramid, spec: OutputSpec, xml: str, tile: int, compression: str,
-                channel_names: list[str]) -> None:
-    """Write a whole OME-TIFF from scratch files: one page per plane, each followed by its SubIFDs."""
-    import tifffile
-
-    rgb, common, resolution = _tiff_options(raw, spec, tile, compression, channel_names)
-    planes = [None] if rgb else list(range(raw.channels))
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for i, ch in enumerate(planes):
-            w, h = raw.sizes[0]
-            tw.write(raw.tiles(0, tile, ch), shape=(h, w, 3) if rgb else (h, w), subifds=len(raw.sizes) - 1,
-                     description=xml if i == 0 else None, resolution=resolution,
-                     resolutionunit="CENTIMETER" if resolution else None, maxworkers=_COMMIT_WORKERS,
-                     buffersize=_BUFFER, **common)
-            _write_levels(tw, raw, rgb, common, resolution, ch)
-
-
-class _StreamedTiff:
-    """Writes the full-resolution level of a one-page image while rows arrive, on its own thread.
-
-    Tiles are compressed as soon as a tile row is complete, overlapping the engine's work; the reduced
-    levels follow from the scratch files at commit, and the OME-XML (which needs the final checksums)
-    replaces the provisional description then.
-    """
-
-    def __init__(self, path: Path, raw: _RawPyramid, spec: OutputSpec, tile: int, compression: str,
-                 provisional_xml: str) -> None:
-        import queue
-        import threading
-
-        self.path, self.raw, self.tile = path, raw, tile
-        self.rgb, self.common, self.resolution = _tiff_options(raw, spec, tile, compression, spec.channel_names)
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=8)  # bounded: a few tiles in flight
-        self._levels_ready = threading.Event()
-        self._abort = False
-        self._error: BaseException | None = None
-        self._strip = np.zeros((0, spec.width, raw.channels), raw.dtype)
-        self._thread = threading.Thread(target=self._run, args=(spec, provisional_xml), name="lpfm-tiff",
-                                        daemon=True)
-        self._thread.start()
-
-    def _tiles(self) -> Iterator[np.ndarray]:
-        while True:
-            block = self._queue.get()
-            if block is None:
-                return
-            yield block if self.rgb else block[:, :, 0]
-
-    def _run(self, spec: OutputSpec, xml: str) -> None:
-        import tifffile
-
-        try:
-            with tifffile.TiffWriter(self.path, bigtiff=True) as tw:
-                shape = (spec.height, spec.width, 3) if self.rgb else (spec.height, spec.width)
-                tw.write(self._tiles(), shape=shape, subifds=len(self.raw.sizes) - 1, description=xml,
-                         resolution=self.resolution, resolutionunit="CENTIMETER" if self.resolution else None,
-                         maxworkers=_COMMIT_WORKERS, buffersize=_BUFFER, **self.common)
-                self._levels_ready.wait()
-                if not self._abort:
-                    _write_levels(tw, self.raw, self.rgb, self.common, self.resolution, None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller in finish()
-            self._error = exc
-            while not self._abort:  # keep draining so the producer never blocks
-                if self._queue.get() is None:
-                    break
-
-    def _emit(self, strip: np.ndarray) -> None:
         t = self.tile
-        for x in range(0, strip.shape[1], t):
-            block = strip[:, x : x + t]
-            if block.shape[:2] != (t, t):
-                padded = np.zeros((t, t, block.shape[2]), block.dtype)
-                padded[: block.shape[0], : block.shape[1]] = block
-                block = padded
-            self._queue.put(np.ascontiguousarray(block))
+        with self._store_path.open("rb") as fh:
+            for ty in range(-(-h // t)):
+                for tx in range(-(-w // t)):
+                    offset, n = self.index[(plane, level, ty, tx)]
+                    data = os.pread(fh.fileno(), n, offset)
+                    yield data, n
 
-    def add_rows(self, rows: np.ndarray) -> None:
-        if self._error is not None:
-            raise self._error
-        self._strip = np.concatenate([self._strip, rows]) if self._strip.shape[0] else rows
-        while self._strip.shape[0] >= self.tile:
-            self._emit(self._strip[: self.tile])
-            self._strip = self._strip[self.tile :]
+    def close(self) -> None:
+        for f in (self._store, self._coarse):
+            if f is not None and not f.closed:
+                f.close()
 
-    def start_levels(self) -> None:
-        """Flush the last tile row and let the thread write the reduced levels (scratch files are complete)."""
-        if self._strip.shape[0]:
-            self._emit(self._strip)
-            self._strip = self._strip[:0]
-        self._queue.put(None)
-        self._levels_ready.set()
-
-    def finish(self, xml: str) -> None:
-        """Wait for the levels, then put the final OME-XML in place."""
+    def write_tiff(self, path: Path, spec: OutputSpec, xml: str) -> None:
+        """The OME-TIFF: per plane, a full-resolution page followed by its reduced levels in SubIFDs."""
         import tifffile
 
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        tifffile.tiffcomment(self.path, xml)
-
-    def abort(self) -> None:
-        import queue
-
-        self._abort = True
-        self._levels_ready.set()
-        while True:  # empty the queue so the end marker fits and the thread stops at once
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        comp: Any = None if self.compression == "none" else self.compression
+        common = {"tile": (self.tile, self.tile), "compression": comp,
+                  "compressionargs": {"level": 90} if self.compression == "jpeg" else None, "dtype": self.dtype,
+                  "metadata": None, "software": f"lpfm-toolkit {__version__}",
+                  "photometric": "rgb" if self.rgb else "minisblack"}
+        resolution = (1e4 / spec.mpp[0], 1e4 / spec.mpp[1]) if spec.mpp else None
+        with tifffile.TiffWriter(path, bigtiff=True) as tw:
+            for i, plane in enumerate(self.planes):
+                for level, (lw, lh) in enumerate(self.sizes):
+                    lres = (resolution[0] / 2**level, resolution[1] / 2**level) if resolution else None
+                    extra = {"subifds": len(self.sizes) - 1, "description": xml if i == 0 else None} if level == 0 \
+                        else {"subfiletype": 1}
+                    tw.write(self.tiles(plane, level), shape=(lh, lw, 3) if self.rgb else (lh, lw), resolution=lres,
+                             resolutionunit="CENTIMETER" if lres else None, **extra, **common)
 
 
 class OmeTiffWriter(SinkWriter):
-    """Streams one result into scratch files; ``commit`` writes the OME-TIFF and sidecar atomically."""
+    """Encodes one result into compressed tiles as it arrives; ``commit`` writes the OME-TIFF and sidecar."""
 
     def __init__(self, final: Path, spec: OutputSpec, tile: int, compression: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.final, self.spec, self.tile = final, spec, tile
         if compression == "auto":
             compression = "jpeg" if spec.is_rgb else "zlib"
@@ -318,57 +362,49 @@ class OmeTiffWriter(SinkWriter):
         final.parent.mkdir(parents=True, exist_ok=True)
         self._scratch = Path(tempfile.mkdtemp(prefix=".lpfm-scratch-", dir=final.parent))
         n_levels = n_pyramid_levels(spec.width, spec.height, tile)
-        # One-page images (RGB, or one channel) stream their full resolution straight into the TIFF;
-        # multi-channel images are planar (one page per channel) and are written from scratch files.
-        one_page = spec.is_rgb or len(spec.channel_names) == 1
-        self._raw = _RawPyramid(self._scratch, "img", spec.width, spec.height, len(spec.channel_names),
-                                np.dtype(spec.dtype), n_levels, keep_level0=not one_page)
-        self._tmp_tiff = self._scratch / "out.ome.tiff"
-        # The description is a placeholder until commit, when the OME-XML with the provenance replaces it
-        # (the file is only renamed into place after that, so no reader ever sees the placeholder).
-        self._stream = _StreamedTiff(self._tmp_tiff, self._raw, spec, tile, self.compression,
-                                     "lpfm-toolkit: incomplete") if one_page else None
-        self._unc = _RawPyramid(self._scratch, "unc", spec.width, spec.height, 1, np.dtype(np.float32), n_levels) \
-            if spec.uncertainty else None
+        self._pool = ThreadPoolExecutor(_COMMIT_WORKERS, thread_name_prefix="lpfm-encode")
+        self._img = _TilePyramid(self._scratch, "img", spec.width, spec.height, len(spec.channel_names),
+                                 np.dtype(spec.dtype), tile, n_levels, compression, spec.is_rgb, self._pool)
+        self._unc = _TilePyramid(self._scratch, "unc", spec.width, spec.height, 1, np.dtype(np.float32), tile,
+                                 n_levels, "zlib", False, self._pool) if spec.uncertainty else None
+        self.column_alignment = self._img.alignment
         self._done = False
 
-    def write_rows(self, rows: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
-        if self._stream is not None:
-            self._stream.add_rows(rows)
-        self._raw.append(rows)
+    def write_block(self, x: int, rows: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
+        self._img.write(x, rows)
         if self._unc is not None:
             if uncertainty is None:
                 raise ValueError("this output expects an uncertainty map with every row")
-            self._unc.append(uncertainty.astype(np.float32))
+            self._unc.write(x, uncertainty.astype(np.float32))
+
+    def write_rows(self, rows: np.ndarray, uncertainty: np.ndarray | None = None) -> None:
+        self.write_block(0, rows, uncertainty)
 
     @property
     def uncertainty_path(self) -> Path:
         return self.final.with_name(self.final.name.replace(".ome.tiff", ".uncertainty.ome.tiff"))
 
     def commit(self, provenance: Provenance) -> OutputRef:
-        self._raw.finish()
-        extra: dict[str, Any] = {"sidecar": str(sidecar_path(self.final)), "levels": [list(s) for s in self._raw.sizes],
+        extra: dict[str, Any] = {"sidecar": str(sidecar_path(self.final)), "levels": [list(s) for s in self._img.sizes],
                                  "compression": self.compression, "tile": self.tile}
         if self._unc is not None:
             extra["uncertainty"] = str(self.uncertainty_path)
         provenance.output.update({"uri": str(self.final.resolve()), "format": "ome-tiff", **extra})
-        if self._stream is not None:
-            self._stream.start_levels()  # the levels are written while the OME-XML is built and validated
-        xml = build_ome_xml(self.spec, provenance, self.spec.channel_names, self._raw.dtype, self.spec.is_rgb)
+        # The OME-XML is built and validated while the last tiles are still being compressed.
+        xml = build_ome_xml(self.spec, provenance, self.spec.channel_names, self._img.dtype, self.spec.is_rgb)
         validate_ome_xml(xml)
-        tmp_tiff = self._tmp_tiff
-        if self._stream is not None:
-            self._stream.finish(xml)
-        else:
-            _write_tiff(tmp_tiff, self._raw, self.spec, xml, self.tile, self.compression, self.spec.channel_names)
+        self._img.finish()
+        tmp_tiff = self._scratch / "out.ome.tiff"
+        self._img.write_tiff(tmp_tiff, self.spec, xml)
         tmp_unc = None
         if self._unc is not None:
-            self._unc.finish()
             unc_spec = OutputSpec(self.spec.name + " uncertainty", self.spec.width, self.spec.height,
                                   ["uncertainty"], np.dtype(np.float32), self.spec.mpp)
             unc_xml = build_ome_xml(unc_spec, provenance, ["uncertainty"], np.dtype(np.float32), False)
+            self._unc.finish()
             tmp_unc = self._scratch / "unc.ome.tiff"
-            _write_tiff(tmp_unc, self._unc, unc_spec, unc_xml, self.tile, "zlib", ["uncertainty"])
+            self._unc.write_tiff(tmp_unc, unc_spec, unc_xml)
+        self._pool.shutdown()
         tmp_json = self._scratch / "out.json"
         tmp_json.write_text(provenance.to_json(), encoding="utf-8")
         # The sidecar lands last: its presence is what marks the result complete for find().
@@ -383,10 +419,10 @@ class OmeTiffWriter(SinkWriter):
 
     def abort(self) -> None:
         if not self._done:
-            if self._stream is not None:
-                self._stream.abort()
-            for f in (*self._raw._files, *(self._unc._files if self._unc else ())):
-                f.close()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._img.close()
+            if self._unc is not None:
+                self._unc.close()
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from lpfm_toolkit.cli.common import console, handle_errors, levels_table, progress_bar
 from lpfm_toolkit.config import load_settings
-from lpfm_toolkit.errors import SlideNotFoundError
+from lpfm_toolkit.errors import ConfigError, SlideNotFoundError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lpfm_toolkit" / "data" / "cmu_small_region.svs"
 DEMO_REGION = "900,1200,512,512"
@@ -204,12 +204,16 @@ def reproduce(output: Path, trust_pickle: bool) -> None:
     from lpfm_toolkit.engine import engine_from_description
     from lpfm_toolkit.pipeline import WorkItem, run_item
     from lpfm_toolkit.prompts import Task
+    from lpfm_toolkit.provenance import DIGEST_SCHEME
     from lpfm_toolkit.sinks.ometiff import OmeTiffSink, read_provenance
     from lpfm_toolkit.sources import Region, open_image
     from lpfm_toolkit.sources.local import file_fingerprint
 
     prov = read_provenance(output)
     src = prov.source
+    if prov.tiling.get("checksums") != DIGEST_SCHEME:
+        raise ConfigError(f"{output.name} records its checksum in an older form, which cannot be compared",
+                          "re-make it with `lpfm enhance ... --force`, then reproduce that")
     if src.get("system") != "file":
         raise SlideNotFoundError(f"the source of {output.name} is on {src.get('system')}",
                                  "reproduce it with the matching command (lpfm qupath / lpfm omero)")

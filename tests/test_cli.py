@@ -127,6 +127,13 @@ def test_provenance_show_and_reproduce(runner: CliRunner, sample_slide: Path, tm
     assert json.loads(as_json.output)["engine"]["method"] == "tv"
     rep = invoke(runner, "reproduce", str(out))
     assert rep.exit_code == 0 and "identical pixels" in rep.output
+    # an output whose checksum was recorded in the earlier (whole-array sha256) form is refused clearly
+    side = next(tmp_path.glob("*.lpfm.json"))
+    old = json.loads(side.read_text())
+    del old["tiling"]["checksums"]
+    side.write_text(json.dumps(old))
+    rep = invoke(runner, "reproduce", str(out))
+    assert rep.exit_code == 2 and "older form" in rep.output and "--force" in rep.output
 
 
 @pytest.mark.parametrize("args,message", [

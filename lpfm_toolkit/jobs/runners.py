@@ -1,0 +1,294 @@
+"""Run queued jobs on a local process pool or a Dask cluster; the store stays in this (coordinating) process.
+
+:func:`run_queued` claims jobs as workers free up, sends each spec to the runner, and records what comes
+back. Workers only compute (:func:`lpfm_toolkit.jobs.spec.run_job`); the coordinator writes the store and
+does the follow-up (QuPath entries), so a cluster never needs the SQLite file. A heartbeat thread renews the
+leases of the jobs this process holds; if it dies, another runner requeues them when the lease runs out.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import logging
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lpfm_toolkit.errors import ConfigError, ConnectionFailedError, require
+from lpfm_toolkit.jobs.spec import JobResult, finalize, run_job
+from lpfm_toolkit.jobs.store import FAILED, Job, JobStore, one_line_error, worker_id
+
+log = logging.getLogger(__name__)
+
+#: on_event(event, job, detail): event is start · done · skipped · retry · failed; detail a URI or an error line
+EventFn = Callable[[str, Job, str], None]
+
+
+class Runner(Protocol):
+    """Somewhere jobs run: ``submit`` a spec, ``wait`` for some to finish."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    def submit(self, spec: dict[str, Any]) -> Any: ...
+
+    def wait(self, futures: Iterable[Any], timeout: float) -> set[Any]: ...
+
+    def close(self) -> None: ...
+
+
+def free_cores() -> int:
+    """Cores this process may use (its CPU affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+class LocalRunner:
+    """``workers`` processes on this machine (spawned, each capped at ``cores // workers`` math threads).
+
+    ``workers=1`` runs each job in this process, one after another.
+    """
+
+    def __init__(self, workers: int = 1, threads: int | None = None) -> None:
+        if workers < 1:
+            raise ConfigError(f"--workers {workers} must be at least 1")
+        self.workers = workers
+        self.threads = threads if threads is not None else max(1, free_cores() // workers)
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.workers
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        from lpfm_toolkit.jobs.spec import configure_threads
+
+        # spawn, not fork: this process may hold torch threads and open files a fork would copy half-made
+        return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=configure_threads, initargs=(self.threads,))
+
+    def submit(self, spec: dict[str, Any]) -> cf.Future:
+        if self.workers == 1:
+            fut: cf.Future = cf.Future()
+            fut.set_result(run_job(spec, None))  # in-process: leave the thread settings of this process alone
+            return fut
+        if self._pool is None:
+            self._pool = self._new_pool()
+        try:
+            return self._pool.submit(run_job, spec, self.threads)
+        except cf.process.BrokenProcessPool:  # a worker was killed (out of memory?): start a fresh pool
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            return self._pool.submit(run_job, spec, self.threads)
+
+    def wait(self, futures: Iterable[Any], timeout: float) -> set[Any]:
+        return set(cf.wait(list(futures), timeout=timeout, return_when=cf.FIRST_COMPLETED).done)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class DaskRunner:
+    """Jobs as tasks on a ``dask.distributed`` cluster.
+
+    ``resources``: Dask worker resources each job needs (``{"lpfm": 1}`` on clusters whose workers declare
+    them, so one job runs per worker and uses all its cores); ``threads``: math threads per job.
+    ``cluster``: a cluster object to close with the runner (the Slurm cluster this process started).
+    """
+
+    def __init__(self, client: Any, *, resources: dict[str, float] | None = None, threads: int | None = None,
+                 cluster: Any = None, min_capacity: int = 1) -> None:
+        self.client = client
+        self.resources = resources
+        self.threads = threads
+        self.cluster = cluster
+        self.min_capacity = min_capacity
+
+    @property
+    def capacity(self) -> int:
+        """Jobs kept in flight: one per worker thread (or per worker with resources), at least ``min_capacity``."""
+        try:
+            info = self.client.scheduler_info()["workers"].values()
+            n = sum(1 for _ in info) if self.resources else sum(int(w.get("nthreads", 1)) for w in info)
+        except Exception:  # noqa: BLE001 - a scheduler that does not answer: keep the floor
+            n = 0
+        return max(self.min_capacity, n)
+
+    def submit(self, spec: dict[str, Any]) -> Any:
+        return self.client.submit(run_job, spec, self.threads, pure=False, resources=self.resources)
+
+    def wait(self, futures: Iterable[Any], timeout: float) -> set[Any]:
+        from distributed import wait
+
+        futures = list(futures)
+        with contextlib.suppress(TimeoutError):
+            wait(futures, timeout=timeout, return_when="FIRST_COMPLETED")
+        return {f for f in futures if f.done()}
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def dask_runner(address: str, *, threads: int | None = None, timeout_s: float = 30.0) -> DaskRunner:
+    """A :class:`DaskRunner` on the scheduler at ``address`` (``tcp://host:8786``)."""
+    require("distributed", "dask", "running jobs on a Dask cluster")
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=f"{timeout_s}s")
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionFailedError(f"no Dask scheduler answered at {address} ({exc})",
+                                    "start one (dask scheduler) or check --dask-scheduler") from exc
+    return DaskRunner(client, threads=threads)
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """A Slurm cluster of Dask workers, one per Slurm job (``dask_jobqueue.SLURMCluster``)."""
+
+    jobs: int = 1  # Slurm jobs (= Dask workers) to start
+    cores: int = 4  # CPU cores per Slurm job
+    memory: str = "16GB"  # memory per Slurm job
+    walltime: str = "04:00:00"
+    queue: str | None = None  # the Slurm partition
+    account: str | None = None
+    gpus: int = 0  # --gres=gpu:N per Slurm job
+    job_extra: tuple[str, ...] = ()  # more #SBATCH directives, e.g. "--qos=normal"
+    local_directory: str | None = None  # scratch space on the compute nodes
+    python: str | None = None  # the Python on the compute nodes (default: this one)
+
+
+def slurm_kwargs(opts: SlurmOptions) -> dict[str, Any]:
+    """``SLURMCluster`` keyword arguments for ``opts``: one worker process per job, one lpfm job at a time."""
+    if opts.jobs < 1 or opts.cores < 1:
+        raise ConfigError("--slurm-jobs and --slurm-cores must be at least 1")
+    extra = list(opts.job_extra) + ([f"--gres=gpu:{opts.gpus}"] if opts.gpus else [])
+    kwargs: dict[str, Any] = {"cores": opts.cores, "processes": 1, "memory": opts.memory, "walltime": opts.walltime,
+                              "job_extra_directives": extra, "worker_extra_args": ["--resources", "lpfm=1"],
+                              "job_name": "lpfm-jobs"}
+    for name in ("queue", "account", "local_directory", "python"):
+        if getattr(opts, name):
+            kwargs[name] = getattr(opts, name)
+    return kwargs
+
+
+def slurm_runner(opts: SlurmOptions) -> DaskRunner:
+    """Start a Slurm cluster (``opts.jobs`` Slurm jobs) and a :class:`DaskRunner` on it."""
+    jobqueue = require("dask_jobqueue", "dask", "running jobs on Slurm")
+    from distributed import Client
+
+    cluster = jobqueue.SLURMCluster(**slurm_kwargs(opts))
+    cluster.scale(jobs=opts.jobs)
+    log.info("Slurm job script:\n%s", cluster.job_script())
+    return DaskRunner(Client(cluster), resources={"lpfm": 1}, threads=opts.cores, cluster=cluster,
+                      min_capacity=opts.jobs)
+
+
+@dataclass
+class RunSummary:
+    """What one :func:`run_queued` call did."""
+
+    done: int = 0
+    skipped: int = 0  # done, but the output already existed
+    retried: int = 0  # failed attempts that went back to the queue
+    failed: int = 0  # jobs that used their last attempt
+    requeued: list[str] = field(default_factory=list)  # keys found abandoned by a dead runner
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.skipped + self.failed
+
+
+def _heartbeat(store: JobStore, worker: str, lease_s: float, stop: threading.Event) -> None:
+    while not stop.wait(min(30.0, lease_s / 3)):
+        try:
+            store.renew(worker, lease_s)
+        except Exception:  # noqa: BLE001 - a missed renewal is retried; the lease has slack
+            log.warning("could not renew job leases", exc_info=True)
+
+
+def run_queued(store: JobStore, runner: Runner, *, max_attempts: int = 3, lease_s: float = 600.0,
+               limit: int | None = None, worker: str | None = None, on_event: EventFn | None = None,
+               poll_s: float = 1.0) -> RunSummary:
+    """Run queued jobs on ``runner`` until none are left (or ``limit`` have started); returns what happened.
+
+    Jobs abandoned by dead runners are requeued first. A job that fails is queued again until it has used
+    ``max_attempts`` attempts, then stays ``failed`` until :meth:`JobStore.retry`. Interrupting this call
+    (Ctrl-C) hands the jobs in flight back to the queue.
+    """
+    if max_attempts < 1:
+        raise ConfigError(f"--max-attempts {max_attempts} must be at least 1")
+    worker = worker or worker_id()
+    emit = on_event or (lambda event, job, detail: None)
+    summary = RunSummary(requeued=store.requeue_stale(max_attempts))
+    in_flight: dict[Any, Job] = {}
+    started = 0
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(store, worker, lease_s, stop), name="lpfm-jobs-lease",
+                            daemon=True)
+    beat.start()
+    try:
+        while True:
+            free = runner.capacity - len(in_flight)
+            if limit is not None:
+                free = min(free, limit - started)
+            if free > 0:
+                for job in store.claim(worker, free, lease_s):
+                    emit("start", job, "")
+                    in_flight[runner.submit(job.spec)] = job
+                    started += 1
+            if not in_flight:
+                break
+            for fut in runner.wait(list(in_flight), poll_s):
+                job = in_flight.pop(fut)
+                _record(store, worker, job, fut, max_attempts, summary, emit)
+    finally:
+        stop.set()
+        if in_flight:
+            store.release([j.key for j in in_flight.values()], worker, "interrupted: the runner stopped")
+            for fut in in_flight:
+                with contextlib.suppress(Exception):
+                    fut.cancel()
+    return summary
+
+
+def _record(store: JobStore, worker: str, job: Job, fut: Any, max_attempts: int, summary: RunSummary,
+            emit: EventFn) -> None:
+    """Write one finished future's outcome to the store."""
+    try:
+        status, payload = fut.result()
+    except Exception as exc:  # noqa: BLE001 - the worker itself died (killed, out of memory, lost)
+        status, payload = "error", one_line_error(f"worker lost: {type(exc).__name__}: {exc}")
+    if status == "ok":
+        result: JobResult = payload
+        try:
+            uri = finalize(job.spec, result)
+        except Exception as exc:  # noqa: BLE001 - recorded as this job's failure
+            status, payload = "error", one_line_error(exc)
+        else:
+            store.complete(job.key, worker, uri)
+            summary.skipped += result.skipped
+            summary.done += not result.skipped
+            emit("skipped" if result.skipped else "done", job, uri)
+            return
+    state = store.fail(job.key, worker, payload, max_attempts)
+    if state == FAILED:
+        summary.failed += 1
+        emit("failed", job, payload)
+    else:
+        summary.retried += 1
+        emit("retry", job, payload)
+
+
+__all__ = ["DaskRunner", "LocalRunner", "RunSummary", "Runner", "SlurmOptions", "dask_runner",
+           "run_queued", "slurm_kwargs", "slurm_runner"]

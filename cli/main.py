@@ -23,6 +23,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("lpfm_toolkit.cli.models", "models"),
     "train": ("lpfm_toolkit.cli.models", "train"),
     "evaluate": ("lpfm_toolkit.cli.models", "evaluate"),
+    "jobs": ("lpfm_toolkit.cli.jobs", "jobs"),
 }
 
 SHORT_HELP = {
@@ -37,6 +38,7 @@ SHORT_HELP = {
     "models": "List, inspect and verify model bundles.",
     "train": "Train model bundles from clean slides.",
     "evaluate": "Score bundles and classical baselines on degraded slides.",
+    "jobs": "Queue, run and watch enhancement jobs (local pool, Dask, Slurm).",
 }
 
 

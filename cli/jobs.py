@@ -1,0 +1,352 @@
+"""``lpfm jobs``: queue work in a SQLite job store, run it on a local pool, Dask or Slurm, watch folders."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from lpfm_toolkit.cli.common import console, err_console, handle_errors, progress_bar
+from lpfm_toolkit.errors import ConfigError
+
+STORE_ENV = "LPFM_JOBS_STORE"
+
+
+def store_option(func: Any) -> Any:
+    return click.option("--store", "store_path", type=click.Path(path_type=Path), envvar=STORE_ENV,
+                        default="lpfm-jobs.sqlite", show_default=True,
+                        help=f"The job store (SQLite, on a local disk; or ${STORE_ENV}).")(func)
+
+
+def spec_options(func: Any) -> Any:
+    """Options that say what each job does (defaults from lpfm's settings, as for `lpfm enhance`)."""
+    opts = [
+        click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to read."),
+        click.option("--engine", type=click.Choice(["auto", "lpfm", "classical", "identity"]), default=None,
+                     help="auto: the default model bundle if installed, else classical (fixed when added)."),
+        click.option("--method", default=None, help="Classical method (bicubic, wavelet, macenko, …)."),
+        click.option("--model", default=None, help="Model bundle name or folder (engine lpfm)."),
+        click.option("--device", default=None, help="cuda, cpu, … (default: the best on each worker)."),
+        click.option("--steps", type=int, default=None, help="Diffusion steps (0: restorer only)."),
+        click.option("--samples", type=int, default=None, help="Samples per tile (>1 adds an uncertainty map)."),
+        click.option("--trust-pickle", is_flag=True, help="Allow pickled weights. Only for files you trust."),
+        click.option("--seed", type=int, default=None, help="Global seed."),
+        click.option("--tile", "tile_size", type=int, default=None, help="Tile size in input pixels."),
+        click.option("--overlap", type=int, default=None, help="Tile overlap in input pixels."),
+        click.option("--compression", type=click.Choice(["auto", "jpeg", "zlib", "zstd", "lzw", "none"]),
+                     default=None, help="Output compression (auto: JPEG for 8-bit RGB, zlib otherwise)."),
+        click.option("--tiff-tile", type=click.Choice(["256", "512"]), default=None, help="Output TIFF tile size."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def run_options(func: Any) -> Any:
+    """Where and how queued jobs run."""
+    opts = [
+        click.option("--workers", type=int, default=1, show_default=True,
+                     help="Local worker processes (1: in this process). Each gets cores/N math threads."),
+        click.option("--dask-scheduler", default=None, metavar="ADDRESS",
+                     help="Run on this Dask scheduler (tcp://host:8786) instead of locally."),
+        click.option("--slurm", is_flag=True, help="Start Dask workers as Slurm jobs (dask-jobqueue) and run there."),
+        click.option("--slurm-jobs", type=int, default=1, show_default=True, help="Slurm jobs (one Dask worker each)."),
+        click.option("--slurm-cores", type=int, default=4, show_default=True, help="Cores per Slurm job."),
+        click.option("--slurm-memory", default="16GB", show_default=True, help="Memory per Slurm job."),
+        click.option("--slurm-walltime", default="04:00:00", show_default=True, help="Time limit per Slurm job."),
+        click.option("--slurm-queue", default=None, help="Slurm partition."),
+        click.option("--slurm-account", default=None, help="Slurm account to charge."),
+        click.option("--slurm-gpus", type=int, default=0, show_default=True, help="GPUs per Slurm job (--gres)."),
+        click.option("--slurm-extra", multiple=True, help="More #SBATCH directives, e.g. --slurm-extra=--qos=long."),
+        click.option("--slurm-local-directory", default=None, help="Scratch folder on the compute nodes."),
+        click.option("--max-attempts", type=int, default=3, show_default=True,
+                     help="Attempts per job before it stays failed (until `lpfm jobs retry`)."),
+        click.option("--lease", "lease_s", type=float, default=600, show_default=True,
+                     help="Seconds after which a job whose runner stopped renewing it is requeued."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _template(prompt: str, out: str | None, level: int, region: tuple[int, int, int, int] | None,
+              trust_pickle: bool, flags: dict[str, Any]) -> Any:
+    """A :class:`JobSpec` without a source, from the options and the user's settings."""
+    from lpfm_toolkit.cli.local import settings_from_flags
+    from lpfm_toolkit.jobs import JobSpec
+
+    st = settings_from_flags(**flags)
+    return JobSpec(source="", prompt=prompt, out=out if out is not None else st.output_dir, level=level,
+                   region=region, engine=st.engine, method=st.method, model=st.model, device=st.device,
+                   steps=st.steps, samples=st.samples, trust_pickle=trust_pickle, seed=st.seed, tile=st.tile_size,
+                   overlap=st.overlap, compression=st.compression, tiff_tile=st.tiff_tile)
+
+
+def _open_store(path: Path) -> Any:
+    from lpfm_toolkit.jobs import JobStore
+
+    return JobStore(path)
+
+
+def _report_added(report: Any, store_path: Path) -> None:
+    for source, error in report.rejected:
+        err_console.print(f"not added: {source}: {error}", style="red", markup=False)
+    console.print(f"added {len(report.added)} job(s), {len(report.existing)} already in {store_path}"
+                  + (f", {len(report.rejected)} not added" if report.rejected else "")
+                  + (f", {len(report.waiting)} file(s) still changing" if getattr(report, "waiting", None) else ""))
+
+
+@click.group()
+def jobs() -> None:
+    """Queue enhancements in a job store and run them (local pool, Dask, Slurm); watch folders.
+
+    Jobs are keyed by lpfm's idempotency key: adding the same work twice adds nothing, and a run that
+    crashes resumes where it stopped. See docs/jobs.md.
+    """
+
+
+@jobs.command("add")
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True, help='What to do, e.g. "sr x2", "denoise".')
+@click.option("--out", default=None, help="Output folder (default: the output_dir setting, lpfm-out/).")
+@click.option("--region", "region_text", default=None, help="x,y,width,height at the level (default: all).")
+@spec_options
+@store_option
+@handle_errors
+def add(slides: tuple[Path, ...], prompt: str, out: str | None, region_text: str | None, level: int,
+        trust_pickle: bool, store_path: Path, **flags: Any) -> None:
+    """Queue SLIDES (files, or folders of slides) for enhancement by PROMPT."""
+    import dataclasses
+
+    from lpfm_toolkit.jobs import add_jobs, scan_folder
+    from lpfm_toolkit.sources import Region
+
+    region = Region.parse(region_text).as_tuple() if region_text else None
+    template = _template(prompt, out, level, region, trust_pickle, flags)
+    files: list[Path] = []
+    for s in slides:
+        files += scan_folder(s) if s.is_dir() else [s]
+    if not files:
+        raise ConfigError("no slides found in " + ", ".join(map(str, slides)), "give slide files or a folder of them")
+    with _open_store(store_path) as store:
+        report = add_jobs(store, [dataclasses.replace(template, source=str(f)) for f in files])
+    _report_added(report, store_path)
+
+
+@jobs.command("add-qupath")
+@click.argument("project", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", default=None,
+              help="The prompt (for --image entries, or entries whose flag is just 'true').")
+@click.option("--image", "images", multiple=True, help="Entry ID or name (repeatable). Default: flagged entries.")
+@click.option("--flag-key", default="lpfm.enhance", show_default=True,
+              help="Metadata key that flags an entry; its value is the prompt.")
+@click.option("--out", default=None, help="Output folder (default: the project's lpfm-outputs/).")
+@click.option("--remap", "remaps", multiple=True, metavar="OLD=NEW", help="Where moved images are now.")
+@spec_options
+@store_option
+@handle_errors
+def add_qupath(project: Path, prompt: str | None, images: tuple[str, ...], flag_key: str, out: str | None,
+               remaps: tuple[str, ...], level: int, trust_pickle: bool, store_path: Path, **flags: Any) -> None:
+    """Queue entries of a QuPath PROJECT: those flagged in their metadata (lpfm.enhance = prompt), or --image ones.
+
+    Each result is added to the project as a new entry when its job finishes (close the project in QuPath).
+    """
+    import dataclasses
+
+    from lpfm_toolkit.jobs import add_jobs, qupath_specs
+
+    if images and not prompt:
+        raise ConfigError("--image needs --prompt", "say what to do with the chosen entries")
+    template = dataclasses.replace(_template(prompt or "", out or "", level, None, trust_pickle, flags),
+                                   remaps=tuple(remaps))
+    specs = qupath_specs(project, template, prompt=prompt, images=list(images) or None, flag_key=flag_key)
+    if not specs:
+        raise ConfigError(f"no entry of {project} is flagged with {flag_key}",
+                          f"set the metadata {flag_key} = a prompt on entries in QuPath, or use --image")
+    with _open_store(store_path) as store:
+        report = add_jobs(store, specs)
+    _report_added(report, store_path)
+
+
+def _runner(workers: int, dask_scheduler: str | None, slurm: bool, opts: dict[str, Any]) -> Any:
+    from lpfm_toolkit.jobs import LocalRunner, SlurmOptions, dask_runner, slurm_runner
+
+    if dask_scheduler and slurm:
+        raise ConfigError("--dask-scheduler and --slurm exclude each other", "choose one")
+    if dask_scheduler:
+        return dask_runner(dask_scheduler)
+    if slurm:
+        return slurm_runner(SlurmOptions(
+            jobs=opts["slurm_jobs"], cores=opts["slurm_cores"], memory=opts["slurm_memory"],
+            walltime=opts["slurm_walltime"], queue=opts["slurm_queue"], account=opts["slurm_account"],
+            gpus=opts["slurm_gpus"], job_extra=tuple(opts["slurm_extra"]),
+            local_directory=opts["slurm_local_directory"]))
+    return LocalRunner(workers)
+
+
+@contextmanager
+def _events(total: int) -> Iterator[Callable[[str, Any, str], None]]:
+    """A progress bar over jobs, and one line per finished job."""
+    finished = 0
+    with progress_bar("jobs", total=total or None) as update:
+        def on_event(event: str, job: Any, detail: str) -> None:
+            nonlocal finished
+            if event == "start":
+                return
+            if event in ("done", "skipped", "failed"):
+                finished += 1
+            style = {"done": "green", "skipped": None, "retry": "yellow", "failed": "red"}[event]
+            word = {"skipped": "already done"}.get(event, event)
+            console.print(f"{word}: {job.label} → {detail}", style=style, markup=False)
+            update(finished, max(total, finished))
+
+        yield on_event
+
+
+def _run(store: Any, runner: Any, max_attempts: int, lease_s: float) -> Any:
+    from lpfm_toolkit.jobs import run_queued
+
+    counts = store.counts()
+    with _events(counts["queued"] + counts["running"]) as on_event:
+        try:
+            return run_queued(store, runner, max_attempts=max_attempts, lease_s=lease_s, on_event=on_event)
+        finally:
+            runner.close()
+
+
+def _summary_line(summary: Any) -> str:
+    return (f"{summary.done} done, {summary.skipped} already done, {summary.failed} failed, "
+            f"{summary.retried} retried" + (f", {len(summary.requeued)} requeued after a crash"
+                                             if summary.requeued else ""))
+
+
+@jobs.command("run")
+@run_options
+@store_option
+@handle_errors
+def run(workers: int, dask_scheduler: str | None, slurm: bool, max_attempts: int, lease_s: float,
+        store_path: Path, **slurm_opts: Any) -> None:
+    """Run every queued job (exit status 1 if any job failed for good)."""
+    import sys
+
+    with _open_store(store_path) as store:
+        summary = _run(store, _runner(workers, dask_scheduler, slurm, slurm_opts), max_attempts, lease_s)
+    console.print(_summary_line(summary))
+    if summary.failed:
+        sys.exit(1)
+
+
+@jobs.command("status")
+@click.option("--all", "show_all", is_flag=True, help="List every job, not only failed and running ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_option
+@handle_errors
+def status(show_all: bool, as_json: bool, store_path: Path) -> None:
+    """Jobs per state, and the failed ones with their last error."""
+    if not store_path.exists():
+        raise ConfigError(f"no job store at {store_path}", "add jobs first (lpfm jobs add), or give --store")
+    with _open_store(store_path) as store:
+        counts = store.counts()
+        listed = store.jobs() if show_all else [*store.jobs("running"), *store.jobs("failed")]
+    if as_json:
+        console.print_json(json.dumps({"counts": counts, "jobs": [
+            {"key": j.key, "state": j.state, "source": j.source, "label": j.label, "attempts": j.attempts,
+             "last_error": j.last_error, "result": j.result_uri, "worker": j.worker} for j in listed]}))
+        return
+    table = Table(title=f"jobs in {store_path}")
+    for state in counts:
+        table.add_column(state, justify="right")
+    table.add_row(*(str(n) for n in counts.values()))
+    console.print(table)
+    if not listed:
+        return
+    detail = Table(show_lines=False)
+    for col in ("key", "state", "job", "attempts", "worker / result / last error"):
+        detail.add_column(col, overflow="fold")
+    for j in listed:
+        info = {"running": j.worker, "failed": j.last_error, "done": j.result_uri}.get(j.state) or j.last_error or ""
+        style = {"failed": "red", "running": "yellow"}.get(j.state)
+        detail.add_row(j.key[:12], j.state, j.label, str(j.attempts), info, style=style)
+    console.print(detail)
+
+
+@jobs.command("retry")
+@click.argument("keys", nargs=-1)
+@click.option("--failed", "all_failed", is_flag=True, help="Retry every failed job.")
+@store_option
+@handle_errors
+def retry(keys: tuple[str, ...], all_failed: bool, store_path: Path) -> None:
+    """Queue failed jobs again (KEYS: key prefixes as `status` shows them, or --failed for all)."""
+    if not keys and not all_failed:
+        raise ConfigError("say which jobs to retry", "give key prefixes from `lpfm jobs status`, or --failed")
+    with _open_store(store_path) as store:
+        chosen = store.retry(None if all_failed else list(keys))
+    if keys and not chosen:
+        raise ConfigError(f"no failed job matches {', '.join(keys)}", "see `lpfm jobs status`")
+    console.print(f"queued {len(chosen)} failed job(s) again")
+
+
+@jobs.command("watch")
+@click.argument("folders", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--qupath", "projects", multiple=True, type=click.Path(path_type=Path),
+              help="Also watch this QuPath project for entries flagged with --flag-key (repeatable).")
+@click.option("-p", "--prompt", default=None, help="What to do with new slides (and entries flagged 'true').")
+@click.option("--out", default=None, help="Output folder (default: the output_dir setting; for QuPath, "
+              "the project's lpfm-outputs/).")
+@click.option("--every", type=float, default=300, show_default=True, help="Seconds between looks.")
+@click.option("--once", is_flag=True, help="Look once, run what is queued, and exit (for cron/systemd timers).")
+@click.option("--settle", "settle_s", type=float, default=30, show_default=True,
+              help="A file is taken once its size has not changed for this many seconds.")
+@click.option("--ext", "extensions", multiple=True, help="Extensions to take (default: whole-slide formats).")
+@click.option("--recursive", is_flag=True, help="Also look in subfolders.")
+@click.option("--flag-key", default="lpfm.enhance", show_default=True, help="QuPath metadata key to look for.")
+@click.option("--region", "region_text", default=None, help="x,y,width,height at the level (default: all).")
+@spec_options
+@run_options
+@store_option
+@handle_errors
+def watch(folders: tuple[Path, ...], projects: tuple[Path, ...], prompt: str | None, out: str | None, every: float,
+          once: bool, settle_s: float, extensions: tuple[str, ...], recursive: bool, flag_key: str,
+          region_text: str | None, level: int, trust_pickle: bool, workers: int, dask_scheduler: str | None,
+          slurm: bool, max_attempts: int, lease_s: float, store_path: Path, **opts: Any) -> None:
+    """Find new slides in FOLDERS (and flagged QuPath entries), queue them, run them; repeat every --every seconds."""
+    import dataclasses
+    import sys
+
+    from lpfm_toolkit.jobs import SLIDE_EXTENSIONS, watch_folder, watch_qupath
+    from lpfm_toolkit.sources import Region
+
+    if not folders and not projects:
+        raise ConfigError("nothing to watch", "give a FOLDER, or --qupath PROJECT")
+    if folders and not prompt:
+        raise ConfigError("watching a folder needs --prompt", 'say what to do with new slides, e.g. -p "sr x2"')
+    slurm_opts = {k: v for k, v in opts.items() if k.startswith("slurm_")}
+    flags = {k: v for k, v in opts.items() if not k.startswith("slurm_")}
+    region = Region.parse(region_text).as_tuple() if region_text else None
+    template = _template(prompt or "", out, level, region, trust_pickle, flags)
+    qupath_template = dataclasses.replace(template, out=out or "")
+    failed = 0
+    with _open_store(store_path) as store:
+        while True:
+            for folder in folders:
+                report = watch_folder(store, folder, template, extensions=extensions or SLIDE_EXTENSIONS,
+                                      recursive=recursive, settle_s=settle_s, wait=once)
+                _report_added(report, store_path)
+            for project in projects:
+                _report_added(watch_qupath(store, project, qupath_template, prompt=prompt, flag_key=flag_key),
+                              store_path)
+            if store.counts()["queued"]:
+                summary = _run(store, _runner(workers, dask_scheduler, slurm, slurm_opts), max_attempts, lease_s)
+                console.print(_summary_line(summary))
+                failed += summary.failed
+            if once:
+                break
+            time.sleep(every)
+    if failed:
+        sys.exit(1)

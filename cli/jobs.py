@@ -65,6 +65,8 @@ def run_options(func: Any) -> Any:
         click.option("--slurm-gpus", type=int, default=0, show_default=True, help="GPUs per Slurm job (--gres)."),
         click.option("--slurm-extra", multiple=True, help="More #SBATCH directives, e.g. --slurm-extra=--qos=long."),
         click.option("--slurm-local-directory", default=None, help="Scratch folder on the compute nodes."),
+        click.option("--slurm-interface", default=None,
+                     help="Network interface the compute nodes reach this host on (e.g. ib0)."),
         click.option("--max-attempts", type=int, default=3, show_default=True,
                      help="Attempts per job before it stays failed (until `lpfm jobs retry`)."),
         click.option("--lease", "lease_s", type=float, default=600, show_default=True,
@@ -186,7 +188,7 @@ def _runner(workers: int, dask_scheduler: str | None, slurm: bool, opts: dict[st
             jobs=opts["slurm_jobs"], cores=opts["slurm_cores"], memory=opts["slurm_memory"],
             walltime=opts["slurm_walltime"], queue=opts["slurm_queue"], account=opts["slurm_account"],
             gpus=opts["slurm_gpus"], job_extra=tuple(opts["slurm_extra"]),
-            local_directory=opts["slurm_local_directory"]))
+            local_directory=opts["slurm_local_directory"], interface=opts["slurm_interface"]))
     return LocalRunner(workers)
 
 

@@ -139,7 +139,7 @@ class DaskRunner:
             self.cluster.close()
 
 
-def dask_runner(address: str, *, threads: int | None = None, timeout_s: float = 30.0) -> DaskRunner:
+def dask_runner(address: str, *, threads: int | None = None, timeout_s: float = 10.0) -> DaskRunner:
     """A :class:`DaskRunner` on the scheduler at ``address`` (``tcp://host:8786``)."""
     require("distributed", "dask", "running jobs on a Dask cluster")
     from distributed import Client
@@ -166,6 +166,7 @@ class SlurmOptions:
     job_extra: tuple[str, ...] = ()  # more #SBATCH directives, e.g. "--qos=normal"
     local_directory: str | None = None  # scratch space on the compute nodes
     python: str | None = None  # the Python on the compute nodes (default: this one)
+    interface: str | None = None  # network interface the compute nodes reach this host on (e.g. ib0)
 
 
 def slurm_kwargs(opts: SlurmOptions) -> dict[str, Any]:
@@ -176,7 +177,7 @@ def slurm_kwargs(opts: SlurmOptions) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"cores": opts.cores, "processes": 1, "memory": opts.memory, "walltime": opts.walltime,
                               "job_extra_directives": extra, "worker_extra_args": ["--resources", "lpfm=1"],
                               "job_name": "lpfm-jobs"}
-    for name in ("queue", "account", "local_directory", "python"):
+    for name in ("queue", "account", "local_directory", "python", "interface"):
         if getattr(opts, name):
             kwargs[name] = getattr(opts, name)
     return kwargs

@@ -133,13 +133,6 @@ def engine_for(spec: JobSpec) -> Engine:
     return cache[spec.engine_options]
 
 
-def resolve_engine(spec: JobSpec) -> JobSpec:
-    """``spec`` with ``engine="auto"`` replaced by the engine it resolves to here, so every worker agrees."""
-    if spec.engine != "auto":
-        return spec
-    return dataclasses.replace(spec, engine=engine_for(spec).name)
-
-
 def _open(spec: JobSpec) -> tuple[ImageHandle, Any]:
     """The source as an image handle (and the QuPath project, for ``qupath`` jobs)."""
     if spec.kind == "qupath":
@@ -167,16 +160,28 @@ def _tiling(spec: JobSpec, engine: Engine) -> dict[str, int]:
     return {"tile": spec.tile or engine.tile_size, "overlap": engine.overlap if spec.overlap is None else spec.overlap}
 
 
-def job_key(spec: JobSpec) -> str:
-    """The pipeline's idempotency key of ``spec``: opens the source, checks prompt, region and engine."""
+def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
+    """``spec`` ready to queue, and its idempotency key (the pipeline's); checks source, prompt, region, engine.
+
+    The source is opened first (a missing file fails before any model loads); ``engine="auto"`` is replaced
+    by the engine it resolves to here, so every worker runs the same one.
+    """
     from lpfm_toolkit.pipeline import key_for
 
-    engine = engine_for(spec)
     handle, _ = _open(spec)
     with handle:
         item = _item(handle, spec)
+        engine = engine_for(spec)
+        if spec.engine == "auto":
+            spec = dataclasses.replace(spec, engine=engine.name)
+            _engines.cache[spec.engine_options] = engine
         engine.check(item.task, handle.channel_names)
-        return key_for(handle, item, engine, _tiling(spec, engine))
+        return spec, key_for(handle, item, engine, _tiling(spec, engine))
+
+
+def job_key(spec: JobSpec) -> str:
+    """The pipeline's idempotency key of ``spec`` (see :func:`prepare`)."""
+    return prepare(spec)[1]
 
 
 def output_dir(spec: JobSpec) -> Path:

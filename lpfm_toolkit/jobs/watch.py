@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lpfm_toolkit.errors import ConfigError, LpfmError, SlideNotFoundError
-from lpfm_toolkit.jobs.spec import JobSpec, job_key, resolve_engine
+from lpfm_toolkit.jobs.spec import JobSpec, prepare
 from lpfm_toolkit.jobs.store import JobStore, NewJob, one_line_error
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,7 @@ def add_jobs(store: JobStore, specs: Iterable[JobSpec], *, strict: bool = True) 
     new: dict[str, NewJob] = {}
     for spec in specs:
         try:
-            spec = resolve_engine(absolute(spec))
-            key = job_key(spec)
+            spec, key = prepare(absolute(spec))
         except (LpfmError, OSError, ValueError) as exc:
             if strict:
                 raise

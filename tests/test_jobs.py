@@ -1,0 +1,378 @@
+"""Jobs: the SQLite store, runners (in-process, process pool, Dask), watchers and ``lpfm jobs`` end to end.
+
+Engines are identity/classical on small images cut from the sample slide, so every test takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from lpfm_toolkit.cli.main import cli
+from lpfm_toolkit.errors import MissingDependencyError, SlideNotFoundError
+from lpfm_toolkit.jobs import (
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    JobSpec,
+    JobStore,
+    LocalRunner,
+    NewJob,
+    SlurmOptions,
+    add_jobs,
+    execute,
+    run_queued,
+    scan_folder,
+    slurm_kwargs,
+    watch_folder,
+)
+from lpfm_toolkit.jobs.store import one_line_error, worker_id
+from lpfm_toolkit.sinks.ometiff import read_provenance
+
+REGION = (1000, 1300, 256, 192)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> JobStore:
+    with JobStore(tmp_path / "jobs.sqlite") as s:
+        yield s
+
+
+def spec(slide: Path, out: Path, **kw: object) -> JobSpec:
+    base = {"prompt": "sr x2", "engine": "identity", "region": REGION}
+    return JobSpec(source=str(slide), out=str(out), **{**base, **kw})  # type: ignore[arg-type]
+
+
+def small_tiff(path: Path, sample_slide: Path, x: int = 1000, y: int = 1300, size: int = 256) -> Path:
+    """A small RGB TIFF cut from the sample slide (whole-image jobs on it take a fraction of a second)."""
+    from lpfm_toolkit.sources import open_image
+
+    with open_image(sample_slide) as h:
+        tifffile.imwrite(path, h.read_region(0, x, y, size, size), photometric="rgb")
+    return path
+
+
+def synthetic(n: int) -> list[NewJob]:
+    return [NewJob(f"{i:064x}", {"source": f"s{i}", "prompt": "denoise", "out": "o"}, f"s{i}", f"job {i}")
+            for i in range(n)]
+
+
+# -- the store ------------------------------------------------------------------------------------------
+
+def test_adding_the_same_work_twice_adds_it_once(store: JobStore, sample_slide: Path, tmp_path: Path) -> None:
+    s = spec(sample_slide, tmp_path / "out")
+    first = add_jobs(store, [s, s])
+    assert len(first.added) == 1 and not first.existing
+    again = add_jobs(store, [s])
+    assert again.added == [] and again.existing == first.added
+    assert store.counts() == {QUEUED: 1, RUNNING: 0, DONE: 0, FAILED: 0}
+    # the job key is the pipeline's idempotency key: the output's provenance carries the same one
+    run_queued(store, LocalRunner(1))
+    job = store.get(first.added[0])
+    assert job is not None and job.state == DONE and job.attempts == 1
+    assert read_provenance(job.result_uri).idempotency_key == job.key
+    assert add_jobs(store, [s]).added == []  # done work is not queued again either
+
+
+def test_two_claimers_never_take_the_same_job(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    with JobStore(path) as s:
+        s.add(synthetic(60))
+    taken: dict[str, list[str]] = {}
+    barrier = threading.Barrier(4)
+
+    def claimer(name: str) -> None:
+        with JobStore(path) as own:  # one connection each: real SQLite locking, as between processes
+            barrier.wait()
+            got: list[str] = []
+            while jobs := own.claim(name, n=2):
+                got += [j.key for j in jobs]
+            taken[name] = got
+
+    threads = [threading.Thread(target=claimer, args=(f"host:{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    keys = [k for got in taken.values() for k in got]
+    assert len(keys) == 60 and len(set(keys)) == 60
+    with JobStore(path) as s:
+        assert s.counts()[RUNNING] == 60
+
+
+def test_a_job_left_running_by_a_dead_runner_is_requeued(store: JobStore) -> None:
+    store.add(synthetic(3))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = socket.gethostname()
+    a, b, c = (store.claim(w, lease_s=60)[0] for w in (f"{here}:{dead.pid}", worker_id(), "elsewhere:1"))
+    assert store.requeue_stale() == [a.key]  # pid gone on this host; the live holder and the remote lease stay
+    assert store.get(a.key).state == QUEUED and "died" in store.get(a.key).last_error
+    assert store.get(b.key).state == RUNNING
+    far_future = store.get(c.key).lease_until + 1
+    assert set(store.requeue_stale(now=far_future)) == {b.key, c.key}  # leases expired
+    # the attempt that crashed counts: at max_attempts it becomes failed instead
+    job = store.claim("elsewhere:2", lease_s=-1)[0]
+    assert store.requeue_stale(max_attempts=job.attempts) == [job.key]
+    assert store.get(job.key).state == FAILED
+
+
+def test_a_failing_job_records_one_line_and_fails_after_max_attempts(store: JobStore, sample_slide: Path,
+                                                                    tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    (key,) = add_jobs(store, [spec(sample_slide, blocker / "out")]).added
+    events: list[str] = []
+    summary = run_queued(store, LocalRunner(1), max_attempts=2, on_event=lambda e, j, d: events.append(e))
+    assert events == ["start", "retry", "start", "failed"]
+    assert (summary.failed, summary.retried, summary.done) == (1, 1, 0)
+    job = store.get(key)
+    assert job.state == FAILED and job.attempts == 2
+    assert "\n" not in job.last_error and job.last_error.startswith(("NotADirectoryError", "FileExistsError"))
+    assert run_queued(store, LocalRunner(1)).finished == 0  # failed stays failed until retried
+
+    blocker.unlink()
+    assert store.retry([key[:8]]) == [key]
+    assert store.get(key).state == QUEUED and store.get(key).attempts == 0
+    assert run_queued(store, LocalRunner(1)).done == 1
+    assert store.get(key).state == DONE and Path(store.get(key).result_uri).exists()
+
+
+def test_errors_are_one_line_without_secrets() -> None:
+    exc = RuntimeError("login failed\npassword=hunter2 for alice; session key: 0123-abcd")
+    line = one_line_error(exc)
+    assert line == "RuntimeError: login failed password=*** for alice; session key: ***"
+    assert len(one_line_error("x" * 2000)) == 500
+
+
+def test_execute_is_idempotent(sample_slide: Path, tmp_path: Path) -> None:
+    s = spec(sample_slide, tmp_path)
+    uri = execute(s.to_dict())
+    mtime = Path(uri).stat().st_mtime_ns
+    assert execute(s) == uri and Path(uri).stat().st_mtime_ns == mtime
+
+
+# -- runners --------------------------------------------------------------------------------------------
+
+def _specs(sample_slide: Path, out: Path) -> list[JobSpec]:
+    return [spec(sample_slide, out, engine="classical", prompt=p, region=(x, 1300, 192, 160))
+            for p, x in (("sr x2", 900), ("denoise", 1100), ("deblur", 1300), ("sr x4", 700))]
+
+
+def _checksums(store: JobStore) -> dict[str, str]:
+    return {j.key: read_provenance(j.result_uri).output_sha256 for j in store.jobs(DONE)}
+
+
+def test_a_pool_of_two_workers_gives_the_same_pixels_as_one(sample_slide: Path, tmp_path: Path) -> None:
+    sums = []
+    for workers in (1, 2):
+        with JobStore(tmp_path / f"jobs{workers}.sqlite") as s:
+            add_jobs(s, _specs(sample_slide, tmp_path / f"out{workers}"))
+            runner = LocalRunner(workers)
+            try:
+                summary = run_queued(s, runner)
+            finally:
+                runner.close()
+            assert summary.done == 4 and s.counts()[DONE] == 4
+            sums.append(_checksums(s))
+    assert sums[0] == sums[1]
+    assert LocalRunner(2).threads == max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_dask_in_process_cluster_runs_jobs_end_to_end(sample_slide: Path, tmp_path: Path) -> None:
+    distributed = pytest.importorskip(
+        "distributed", reason="dask.distributed is not installed: the Dask runner is NOT tested here")
+    from lpfm_toolkit.jobs import DaskRunner
+
+    with JobStore(tmp_path / "jobs.sqlite") as s:
+        add_jobs(s, _specs(sample_slide, tmp_path / "out")[:2])
+        client = distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None)
+        runner = DaskRunner(client)
+        try:
+            assert runner.capacity == 2
+            summary = run_queued(s, runner)
+        finally:
+            runner.close()
+        assert summary.done == 2 and s.counts()[DONE] == 2
+        with JobStore(tmp_path / "local.sqlite") as local:  # the same pixels as in this process
+            add_jobs(local, _specs(sample_slide, tmp_path / "out-local")[:2])
+            run_queued(local, LocalRunner(1))
+            assert _checksums(local) == _checksums(s)
+
+
+def test_slurm_options_and_a_clear_error_without_dask_jobqueue(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lpfm_toolkit.jobs import slurm_runner
+
+    kw = slurm_kwargs(SlurmOptions(jobs=3, cores=8, memory="32GB", queue="gpu", account="lab", gpus=1,
+                                   job_extra=("--qos=long",)))
+    assert kw["cores"] == 8 and kw["processes"] == 1 and kw["queue"] == "gpu" and kw["account"] == "lab"
+    assert kw["job_extra_directives"] == ["--qos=long", "--gres=gpu:1"]
+    assert kw["worker_extra_args"] == ["--resources", "lpfm=1"]
+    jobqueue = sys.modules.get("dask_jobqueue")
+    if jobqueue is None:
+        jobqueue = pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed: the Slurm job "
+                                       "script is NOT checked here")
+    with jobqueue.SLURMCluster(**kw, scheduler_options={"dashboard_address": None}) as cluster:
+        script = cluster.job_script()  # what sbatch would get; nothing is submitted
+    for line in ("#SBATCH -p gpu", "#SBATCH -A lab", "#SBATCH --cpus-per-task=8", "#SBATCH --qos=long",
+                 "#SBATCH --gres=gpu:1", "--resources lpfm=1", "--nthreads 8"):
+        assert line in script
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # as if it were not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'lpfm-toolkit\[dask\]'"):
+        slurm_runner(SlurmOptions())
+
+
+# -- watchers -------------------------------------------------------------------------------------------
+
+def test_watcher_takes_settled_slides_skips_growing_files_and_its_own_outputs(
+        store: JobStore, sample_slide: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    small_tiff(folder / "a.tif", sample_slide)
+    full = small_tiff(tmp_path / "b.tif", sample_slide, x=1200).read_bytes()
+    growing = folder / "b.tif"
+    growing.write_bytes(full[: len(full) // 2])
+    (folder / "notes.txt").write_text("not a slide")
+    template = JobSpec(source="", prompt="denoise", out=str(folder / "out"), engine="identity")
+
+    def copy_more(seconds: float) -> None:  # the copy goes on between the two looks
+        growing.write_bytes(full[: 3 * len(full) // 4])
+
+    report = watch_folder(store, folder, template, settle_s=0, sleep=copy_more)
+    assert len(report.added) == 1 and report.waiting == [str(growing.resolve())]
+    assert store.jobs()[0].source == str((folder / "a.tif").resolve())
+    run_queued(store, LocalRunner(1))
+    assert any((folder / "out").glob("*.ome.tiff"))
+
+    growing.write_bytes(full)  # the copy finished
+    first = watch_folder(store, folder, template, settle_s=0, sleep=lambda s: None)
+    assert len(first.added) == 1 and not first.waiting and not first.rejected
+    assert watch_folder(store, folder, template, settle_s=0).added == []  # nothing new; outputs not taken
+    assert [p.name for p in scan_folder(folder, recursive=True)] == ["a.tif", "b.tif"]
+
+
+def test_watcher_reports_an_unreadable_file_once(store: JobStore, tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "broken.svs").write_bytes(b"II*\x00 not really a slide")
+    template = JobSpec(source="", prompt="denoise", out=str(tmp_path / "out"), engine="identity")
+    first = watch_folder(store, folder, template, settle_s=0, sleep=lambda s: None)
+    assert len(first.rejected) == 1 and first.added == []
+    assert watch_folder(store, folder, template, settle_s=0).rejected == []
+    with pytest.raises(SlideNotFoundError):
+        watch_folder(store, tmp_path / "missing", template)
+
+
+# -- QuPath --------------------------------------------------------------------------------------------
+
+def write_project(folder: Path, image: Path, metadata: dict[str, str]) -> Path:
+    """A one-entry QuPath 0.5 project around ``image`` (entry 1) with entry ``metadata``."""
+    from lpfm_toolkit.integrations.qupath import uri_from_path
+
+    folder.mkdir(parents=True)
+    builder = {"builderType": "uri", "providerClassName": "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder",
+               "uri": uri_from_path(image.resolve()), "args": [], "metadata": {"name": image.name}}
+    entry = {"serverBuilder": builder, "entryID": 1, "randomizedName": "0e1f2a3b-4c5d-4e6f-8a7b-9c0d1e2f3a4b",
+             "imageName": image.name, "metadata": metadata}
+    project = {"version": "0.5.1", "createTimestamp": 1700000000000, "modifyTimestamp": 1700000000000,
+               "uri": uri_from_path((folder / "project.qpproj").resolve()), "lastID": 1, "images": [entry]}
+    (folder / "project.qpproj").write_text(json.dumps(project, indent=2), encoding="utf-8")
+    return folder
+
+
+def test_cli_qupath_flagged_entries_become_new_entries_once(sample_slide: Path, tmp_path: Path) -> None:
+    image = small_tiff(tmp_path / "slide.tif", sample_slide)
+    project = write_project(tmp_path / "project", image, {"lpfm.enhance": "sr x2"})
+    store = str(tmp_path / "jobs.sqlite")
+    runner = CliRunner()
+    for _ in range(2):
+        res = runner.invoke(cli, ["jobs", "add-qupath", str(project), "--engine", "identity", "--store", store])
+        assert res.exit_code == 0, res.output
+    assert "added 0 job(s), 1 already" in res.output
+    for _ in range(2):
+        res = runner.invoke(cli, ["jobs", "run", "--store", store])
+        assert res.exit_code == 0, res.output
+    data = json.loads((project / "project.qpproj").read_text())
+    results = [e for e in data["images"] if "lpfm.idempotency_key" in e["metadata"]]
+    assert len(results) == 1 and results[0]["metadata"]["lpfm.source.entry"] == "1"
+    with JobStore(store) as s:
+        (job,) = s.jobs(DONE)
+        assert job.result_uri.endswith(f"#entry={results[0]['entryID']}")
+        assert results[0]["metadata"]["lpfm.idempotency_key"] == job.key
+
+
+# -- the CLI -------------------------------------------------------------------------------------------
+
+def test_cli_add_run_status_retry(sample_slide: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    store = str(tmp_path / "jobs.sqlite")
+    out = tmp_path / "out"
+    region = ",".join(map(str, REGION))
+
+    def jobs(*args: str):
+        return runner.invoke(cli, ["jobs", *args, "--store", store])
+
+    res = jobs("add", str(sample_slide), "-p", "sr x2", "--region", region, "--engine", "identity", "--out", str(out))
+    assert res.exit_code == 0 and "added 1 job(s)" in res.output, res.output
+    res = jobs("add", str(sample_slide), "-p", "sr x2", "--region", region, "--engine", "identity", "--out", str(out))
+    assert "added 0 job(s), 1 already" in res.output
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    jobs("add", str(sample_slide), "-p", "denoise", "--region", region, "--engine", "identity", "--out", str(blocker))
+
+    res = jobs("run", "--max-attempts", "1")
+    assert res.exit_code == 1, res.output  # one job failed for good
+    assert "1 done, 0 already done, 1 failed" in res.output
+    res = jobs("status")
+    assert res.exit_code == 0 and "failed" in res.output and "Error" in res.output
+    status = json.loads(jobs("status", "--json").output)
+    assert status["counts"] == {"queued": 0, "running": 0, "done": 1, "failed": 1}
+
+    res = jobs("retry")
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "error:" in res.output
+    assert "queued 1 failed job(s) again" in jobs("retry", "--failed").output
+    blocker.unlink()
+    res = jobs("run", "--workers", "1")
+    assert res.exit_code == 0 and "1 done" in res.output, res.output
+    assert len(list(out.glob("*.ome.tiff"))) == 1 and len(list(blocker.glob("*.ome.tiff"))) == 1
+
+    res = jobs("add", str(tmp_path / "missing.svs"), "-p", "sr x2", "--out", str(out))
+    assert res.exit_code == 2 and "missing.svs does not exist" in res.output and "Traceback" not in res.output
+
+
+def test_cli_watch_once(sample_slide: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    small_tiff(folder / "a.tif", sample_slide)
+    store = str(tmp_path / "jobs.sqlite")
+    args = ["jobs", "watch", str(folder), "-p", "denoise", "--engine", "identity", "--out", str(folder / "out"),
+            "--once", "--settle", "0", "--store", store]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and "added 1 job(s)" in res.output and "1 done" in res.output, res.output
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and "added 0 job(s)" in res.output and "done" not in res.output.split("store")[-1]
+    assert len(list((folder / "out").glob("*.ome.tiff"))) == 1
+    res = CliRunner().invoke(cli, ["jobs", "watch", "--store", store])
+    assert res.exit_code == 2 and "nothing to watch" in res.output
+
+
+def test_importing_jobs_imports_no_torch_and_no_dask() -> None:
+    code = ("import sys, lpfm_toolkit.jobs, lpfm_toolkit.cli.jobs; "
+            "print(sorted(m for m in ('torch', 'dask', 'distributed', 'paquo', 'omero') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_spec_round_trips_through_json() -> None:
+    s = JobSpec(source="/a.svs", prompt="sr x2", out="/o", region=(1, 2, 3, 4), remaps=("C:/x=/y",))
+    assert JobSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s

@@ -65,6 +65,8 @@ def run_options(func: Any) -> Any:
         click.option("--slurm-gpus", type=int, default=0, show_default=True, help="GPUs per Slurm job (--gres)."),
         click.option("--slurm-extra", multiple=True, help="More #SBATCH directives, e.g. --slurm-extra=--qos=long."),
         click.option("--slurm-local-directory", default=None, help="Scratch folder on the compute nodes."),
+        click.option("--slurm-python", default=None,
+                     help="The Python (with lpfm-toolkit) on the compute nodes (default: this one's path)."),
         click.option("--slurm-interface", default=None,
                      help="Network interface the compute nodes reach this host on (e.g. ib0)."),
         click.option("--max-attempts", type=int, default=3, show_default=True,
@@ -188,7 +190,8 @@ def _runner(workers: int, dask_scheduler: str | None, slurm: bool, opts: dict[st
             jobs=opts["slurm_jobs"], cores=opts["slurm_cores"], memory=opts["slurm_memory"],
             walltime=opts["slurm_walltime"], queue=opts["slurm_queue"], account=opts["slurm_account"],
             gpus=opts["slurm_gpus"], job_extra=tuple(opts["slurm_extra"]),
-            local_directory=opts["slurm_local_directory"], interface=opts["slurm_interface"]))
+            local_directory=opts["slurm_local_directory"], interface=opts["slurm_interface"],
+            python=opts["slurm_python"]))
     return LocalRunner(workers)
 
 

@@ -210,10 +210,13 @@ class RunSummary:
         return self.done + self.skipped + self.failed
 
 
-def _heartbeat(store: JobStore, worker: str, lease_s: float, stop: threading.Event) -> None:
+def _heartbeat(store: JobStore, worker: str, lease_s: float, max_attempts: int, stop: threading.Event) -> None:
+    """Renew this runner's leases; requeue jobs of runners that died meanwhile."""
     while not stop.wait(min(30.0, lease_s / 3)):
         try:
             store.renew(worker, lease_s)
+            for key in store.requeue_stale(max_attempts):
+                log.warning("job %s was abandoned by a stopped runner: queued again", key[:12])
         except Exception:  # noqa: BLE001 - a missed renewal is retried; the lease has slack
             log.warning("could not renew job leases", exc_info=True)
 
@@ -235,7 +238,7 @@ def run_queued(store: JobStore, runner: Runner, *, max_attempts: int = 3, lease_
     in_flight: dict[Any, Job] = {}
     started = 0
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(store, worker, lease_s, stop), name="lpfm-jobs-lease",
+    beat = threading.Thread(target=_heartbeat, args=(store, worker, lease_s, max_attempts, stop), name="lpfm-jobs-lease",
                             daemon=True)
     beat.start()
     try:
@@ -277,7 +280,9 @@ def _record(store: JobStore, worker: str, job: Job, fut: Any, max_attempts: int,
         except Exception as exc:  # noqa: BLE001 - recorded as this job's failure
             status, payload = "error", one_line_error(exc)
         else:
-            store.complete(job.key, worker, uri)
+            if not store.complete(job.key, worker, uri):
+                log.warning("job %s finished after its lease ran out; it may run again (and find this result)",
+                            job.key[:12])
             summary.skipped += result.skipped
             summary.done += not result.skipped
             emit("skipped" if result.skipped else "done", job, uri)

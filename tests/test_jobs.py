@@ -127,6 +127,17 @@ def test_a_job_left_running_by_a_dead_runner_is_requeued(store: JobStore) -> Non
     assert store.get(job.key).state == FAILED
 
 
+def test_a_run_after_a_crash_finishes_the_abandoned_job(store: JobStore, sample_slide: Path, tmp_path: Path) -> None:
+    (key,) = add_jobs(store, [spec(sample_slide, tmp_path / "out")]).added
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.claim(f"{socket.gethostname()}:{dead.pid}")  # as if a runner took it and was killed
+    summary = run_queued(store, LocalRunner(1))
+    assert summary.requeued == [key] and summary.done == 1
+    job = store.get(key)
+    assert job.state == DONE and job.attempts == 2 and job.worker is None
+
+
 def test_a_failing_job_records_one_line_and_fails_after_max_attempts(store: JobStore, sample_slide: Path,
                                                                     tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"

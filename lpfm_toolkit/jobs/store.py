@@ -133,6 +133,7 @@ class JobStore:
         if self.path.is_dir():
             raise ConfigError(f"job store {self.path} is a folder", "give a file name such as lpfm-jobs.sqlite")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
         try:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
@@ -152,16 +153,12 @@ class JobStore:
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"job store {self.path} cannot be opened: {exc}",
                               "is it an lpfm job store on a local disk (SQLite does not lock over NFS)?") from exc
-        self._lock = threading.RLock()
 
     # -- plumbing ---------------------------------------------------------------------------------
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken up front (``BEGIN IMMEDIATE``) so readers never upgrade and deadlock."""
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
-            lock.acquire()
-        try:
+        with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -169,9 +166,6 @@ class JobStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        finally:
-            if lock is not None:
-                lock.release()
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

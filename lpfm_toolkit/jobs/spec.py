@@ -23,6 +23,7 @@ from typing import Any
 
 from lpfm_toolkit.engine.base import Engine
 from lpfm_toolkit.errors import ConfigError
+from lpfm_toolkit.jobs.store import one_line_error, worker_id
 from lpfm_toolkit.pipeline import ProgressFn
 from lpfm_toolkit.sources.base import ImageHandle
 
@@ -133,17 +134,17 @@ def engine_for(spec: JobSpec) -> Engine:
     return cache[spec.engine_options]
 
 
-def _open(spec: JobSpec) -> tuple[ImageHandle, Any]:
-    """The source as an image handle (and the QuPath project, for ``qupath`` jobs)."""
+def _open(spec: JobSpec) -> ImageHandle:
+    """The source as an image handle (a QuPath entry's reads its image file; the project is only read)."""
     if spec.kind == "qupath":
         from lpfm_toolkit.integrations.qupath import QuPathProject, parse_remaps
 
         project = QuPathProject.open(spec.source, backend="file", remaps=parse_remaps(list(spec.remaps)),
                                      readonly=True)
-        return project.open_entry(project.entry(spec.entry or "")), project
+        return project.open_entry(project.entry(spec.entry or ""))
     from lpfm_toolkit.sources import open_image
 
-    return open_image(spec.source), None
+    return open_image(spec.source)
 
 
 def _item(handle: ImageHandle, spec: JobSpec) -> Any:
@@ -168,7 +169,7 @@ def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
     """
     from lpfm_toolkit.pipeline import key_for
 
-    handle, _ = _open(spec)
+    handle = _open(spec)
     with handle:
         item = _item(handle, spec)
         engine = engine_for(spec)
@@ -204,17 +205,14 @@ def compute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) 
     t0 = time.perf_counter()
     engine = engine_for(spec)
     sink = OmeTiffSink(output_dir(spec), compression=spec.compression, tile=spec.tiff_tile)
-    handle, _ = _open(spec)
+    handle = _open(spec)
     with handle:
         item = _item(handle, spec)
         result = run_item(handle, item, engine, sink, tile_size=spec.tile, overlap=spec.overlap,
                           samples_uncertainty=spec.samples > 1, progress=progress)
         name = output_name(handle, item.task, item)
-    import socket
-
     return JobResult(key=result.provenance.idempotency_key, uri=result.output.uri, name=name,
-                     skipped=result.skipped, seconds=round(time.perf_counter() - t0, 3),
-                     worker=f"{socket.gethostname()}:{os.getpid()}")
+                     skipped=result.skipped, seconds=round(time.perf_counter() - t0, 3), worker=worker_id())
 
 
 def finalize(spec: JobSpec | dict[str, Any], result: JobResult) -> str:
@@ -264,8 +262,6 @@ def run_job(spec: dict[str, Any], threads: int | None = None) -> tuple[str, Any]
 
     Errors travel as text because not every exception pickles across processes.
     """
-    from lpfm_toolkit.jobs.store import one_line_error
-
     try:
         configure_threads(threads)
         return "ok", compute(spec)

@@ -197,7 +197,18 @@ def test_a_pool_of_two_workers_gives_the_same_pixels_as_one(sample_slide: Path, 
             assert summary.done == 4 and s.counts()[DONE] == 4
             sums.append(_checksums(s))
     assert sums[0] == sums[1]
-    assert LocalRunner(2).threads == max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_pool_workers_get_a_share_of_the_cores() -> None:
+    runner = LocalRunner(2)
+    assert runner.threads == max(1, len(os.sched_getaffinity(0)) // 2)
+    pool = runner._new_pool()
+    try:
+        got = pool.submit(os.getenv, "LPFM_THREADS").result(timeout=60)
+        omp = pool.submit(os.getenv, "OMP_NUM_THREADS").result(timeout=60)
+    finally:
+        pool.shutdown()
+    assert got == omp == str(runner.threads)  # set before torch loads; the lpfm engine reads LPFM_THREADS
 
 
 def test_dask_in_process_cluster_runs_jobs_end_to_end(sample_slide: Path, tmp_path: Path) -> None:

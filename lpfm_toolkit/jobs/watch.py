@@ -118,43 +118,51 @@ def watch_folder(store: JobStore, folder: str | Path, template: JobSpec, *,
     report = AddReport()
     exclude = [template.out] if template.out else []
 
-    def look() -> list[Path]:
-        """Record this look; returns the files that have settled and are not handled yet."""
-        ready, report.waiting = [], []
+    def look() -> list[tuple[str, int, int]]:
+        """Record this look; returns ``(path, size, mtime)`` of files settled and not handled yet."""
+        ready: list[tuple[str, int, int]] = []
+        report.waiting = []
         now = time.time()
         for p in scan_folder(folder, extensions, recursive=recursive, exclude=exclude):
             try:
                 st = p.stat()
             except FileNotFoundError:  # moved away between listing and looking
                 continue
-            path = str(p.resolve())
+            path, stamp = str(p.resolve()), (st.st_size, st.st_mtime_ns)
             prev = store.sighting(path, recipe)
-            if prev is None or (prev["size"], prev["mtime"]) != (st.st_size, st.st_mtime_ns):
-                store.record_sighting(path, recipe, st.st_size, st.st_mtime_ns, PENDING)
+            if prev is None or (prev["size"], prev["mtime"]) != stamp:
+                store.record_sighting(path, recipe, *stamp, PENDING)
                 report.waiting.append(path)
+            elif prev["status"] == PENDING and now - prev["seen"] >= settle_s:
+                ready.append((path, *stamp))
             elif prev["status"] == PENDING:
-                (ready if now - prev["seen"] >= settle_s else report.waiting).append(p)
+                report.waiting.append(path)
         return ready
 
     ready = look()
     if report.waiting and wait:
         sleep(settle_s)
         ready = look()
-    for p in ready:
-        st = p.stat()
-        path = str(p.resolve())
-        one = add_jobs(store, [dataclasses.replace(template, source=path)], strict=False)
-        if one.rejected:
-            store.record_sighting(path, recipe, st.st_size, st.st_mtime_ns, REJECTED, one.rejected[0][1],
-                                  keep_seen=True)
-            log.warning("not adding %s: %s", p, one.rejected[0][1])
-        else:
-            store.record_sighting(path, recipe, st.st_size, st.st_mtime_ns, ADDED, (one.added or one.existing)[0],
-                                  keep_seen=True)
-        report.added += one.added
-        report.existing += one.existing
-        report.rejected += one.rejected
-    report.waiting = [str(w) for w in report.waiting]
+    for path, size, mtime in ready:
+        try:
+            spec, key = prepare(absolute(dataclasses.replace(template, source=path)))
+        except (LpfmError, OSError, ValueError) as exc:
+            error = one_line_error(exc)
+            store.record_sighting(path, recipe, size, mtime, REJECTED, error, keep_seen=True)
+            report.rejected.append((path, error))
+            log.warning("not adding %s: %s", path, error)
+            continue
+        try:
+            st = Path(path).stat()
+            unchanged = (st.st_size, st.st_mtime_ns) == (size, mtime)
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:  # it changed while it was read: look again next time
+            report.waiting.append(path)
+            continue
+        added = store.add([NewJob(key, spec.to_dict(), spec.source, spec.label())])
+        (report.added if added else report.existing).append(key)
+        store.record_sighting(path, recipe, size, mtime, ADDED, key, keep_seen=True)
     return report
 
 

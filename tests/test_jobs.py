@@ -138,6 +138,19 @@ def test_a_run_after_a_crash_finishes_the_abandoned_job(store: JobStore, sample_
     assert job.state == DONE and job.attempts == 2 and job.worker is None
 
 
+def test_an_interrupted_run_gives_its_job_back(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.add(synthetic(1))
+
+    def interrupted(spec: dict, threads: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lpfm_toolkit.jobs.runners.run_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_queued(store, LocalRunner(1))
+    (job,) = store.jobs()
+    assert job.state == QUEUED and job.attempts == 0 and "interrupted" in job.last_error
+
+
 def test_a_failing_job_records_one_line_and_fails_after_max_attempts(store: JobStore, sample_slide: Path,
                                                                     tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"

@@ -236,6 +236,7 @@ def run_queued(store: JobStore, runner: Runner, *, max_attempts: int = 3, lease_
     emit = on_event or (lambda event, job, detail: None)
     summary = RunSummary(requeued=store.requeue_stale(max_attempts))
     in_flight: dict[Any, Job] = {}
+    held: set[str] = set()
     started = 0
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(store, worker, lease_s, max_attempts, stop), name="lpfm-jobs-lease",
@@ -248,18 +249,20 @@ def run_queued(store: JobStore, runner: Runner, *, max_attempts: int = 3, lease_
                 free = min(free, limit - started)
             if free > 0:
                 for job in store.claim(worker, free, lease_s):
+                    held.add(job.key)
                     emit("start", job, "")
-                    in_flight[runner.submit(job.spec)] = job
+                    in_flight[runner.submit(job.spec)] = job  # in-process runners run it right here
                     started += 1
             if not in_flight:
                 break
             for fut in runner.wait(list(in_flight), poll_s):
                 job = in_flight.pop(fut)
                 _record(store, worker, job, fut, max_attempts, summary, emit)
+                held.discard(job.key)
     finally:
         stop.set()
-        if in_flight:
-            store.release([j.key for j in in_flight.values()], worker, "interrupted: the runner stopped")
+        if held:  # claimed but not finished (Ctrl-C, an error here): back to the queue, attempt not counted
+            store.release(sorted(held), worker, "interrupted: the runner stopped")
             for fut in in_flight:
                 with contextlib.suppress(Exception):
                     fut.cancel()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lpfm_toolkit.engine import degrade
-from lpfm_toolkit.engine.models.encoder import StainEncoder, hed_jitter, info_nce
+from lpfm_toolkit.engine.models.encoder import StainEncoder, hed_jitter, info_nce, macenko_restain
 from lpfm_toolkit.engine.models.refiner import Refiner, make_scheduler
 from lpfm_toolkit.engine.models.restorer import Restorer
 from lpfm_toolkit.engine.taskcodes import TASK_NAMES
@@ -400,7 +400,8 @@ def train_restorer(bank: TileBank, config: TrainConfig, work_dir: Path, progress
 
 def train_encoder(bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None,
                   resume: bool = True) -> StainEncoder:
-    """SimCLR/InfoNCE: two HED-jittered views of each crop map together, other crops apart."""
+    """SimCLR/InfoNCE: a HED-jittered view and a Macenko re-stained (then jittered) view of each crop map
+    together, other crops apart."""
     torch.manual_seed(config.seed + 1)
     dev = _device(config)
     model = StainEncoder(**config.encoder).to(dev)
@@ -409,7 +410,7 @@ def train_encoder(bank: TileBank, config: TrainConfig, work_dir: Path, progress:
         rng, g = batch_rng(config.seed, step, stream=2)
         clean = bank.crops(max(config.batch, 8), config.crop, rng)
         z1 = model.project(model(hed_jitter(clean, g).to(dev)))
-        z2 = model.project(model(hed_jitter(clean, g).to(dev)))
+        z2 = model.project(model(hed_jitter(macenko_restain(clean, g), g).to(dev)))
         loss = info_nce(z1, z2)
         return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
 

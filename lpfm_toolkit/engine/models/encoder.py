@@ -1,7 +1,8 @@
 """The StainEncoder: a small CNN trained contrastively to be invariant to stain colour.
 
-Two views of a tile under different HED-space stain jitter (haematoxylin/eosin/DAB concentrations scaled
-and shifted, the colour-deconvolution analogue of re-staining) must map together (InfoNCE, SimCLR).
+Two views of a tile under different stain colour must map together (InfoNCE, SimCLR): one view with
+HED-space jitter (haematoxylin/eosin/DAB concentrations scaled and shifted), the other re-stained with the
+Macenko stain vectors and concentration scale of another tile of the batch, then jittered too.
 Its pooled features condition the refiner, as LPFM's stain-invariant encoder conditions its diffusion model.
 """
 
@@ -75,6 +76,39 @@ def hed_jitter(rgb: torch.Tensor, generator: torch.Generator | None = None, sigm
     alpha = 1 + (torch.rand((n, 3, 1, 1), generator=generator) * 2 - 1) * sigma
     beta = (torch.rand((n, 3, 1, 1), generator=generator) * 2 - 1) * bias
     return hed_to_rgb(rgb_to_hed(rgb) * alpha.to(rgb) + beta.to(rgb))
+
+
+def macenko_restain(rgb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Re-render each tile with the stain of another tile of the batch (Macenko et al. 2009).
+
+    Each tile's H&E stain vectors and stain concentrations are estimated; the concentrations, rescaled to
+    the partner's 99th percentiles, are rendered with the partner's stain vectors. A tile (or partner) with
+    too little stained tissue to estimate keeps its own colours.
+    """
+    import numpy as np
+
+    from lpfm_toolkit.engine.classical import macenko_stain_matrix, stain_concentrations
+    from lpfm_toolkit.errors import ConfigError
+
+    x = rgb.detach().cpu().permute(0, 2, 3, 1).double().numpy()
+    stains: list[tuple[Any, Any, Any] | None] = []
+    for img in x:
+        try:
+            he = macenko_stain_matrix(img)
+        except (ConfigError, np.linalg.LinAlgError):
+            stains.append(None)
+            continue
+        c = stain_concentrations(img, he)
+        stains.append((he, c, np.maximum(np.percentile(c, 99, axis=0), 1e-6)))
+    partner = torch.randperm(len(x), generator=generator).tolist()
+    out = x.copy()
+    for i, j in enumerate(partner):
+        own, other = stains[i], stains[j]
+        if own is None or other is None:
+            continue
+        od = (own[1] * (other[2] / own[2])) @ other[0]
+        out[i] = np.exp(-od).reshape(x[i].shape)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).clamp(0, 1).to(rgb.dtype).to(rgb.device)
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Engine efficiency: achieved GFLOP/s of the network forwards vs this machine's float32 matmul GFLOP/s.
 
 FLOPs are counted with ``torch.utils.flop_counter`` (convolutions and matmuls; element-wise work is not
-counted, so the ratio is a lower bound on the real work rate). Usage::
+counted, so the ratio is a lower bound on the real work rate). On a shared machine the achievable rate
+moves from second to second, so the matmul ceiling and the networks are timed in alternation (round robin,
+best of ``--repeat`` each): a ratio compares runs made under the same load. Usage::
 
-    python benchmarks/engine_throughput.py [--model lpfm-tiny] [--threads N] [--tile 256] [--repeat 5]
+    python benchmarks/engine_throughput.py [--model lpfm-tiny] [--threads N] [--tile 256] [--repeat 7]
 
 Writes ``benchmarks/results/engine_throughput.json``; numbers go into docs/benchmarks.md.
 """
@@ -33,9 +35,17 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
-def matmul_gflops(n: int = 1024, repeat: int = 5) -> float:
-    a, b = torch.rand(n, n), torch.rand(n, n)
-    return 2 * n**3 / best_time(lambda: a @ b, repeat) / 1e9
+def best_times_interleaved(fns: dict, repeat: int) -> dict[str, float]:
+    """Best time of each function, timed round robin so that all of them see the same load."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def count_flops(fn) -> int:
@@ -49,7 +59,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_throughput.json")
     args = parser.parse_args()
 
@@ -68,19 +78,21 @@ def main() -> None:
     step_t = torch.tensor([500])
     results: dict = {"threads": threads, "tile": t, "model": bundle.name, "model_sha256": bundle.sha256,
                      "loadavg_1min": os.getloadavg()[0], "torch": torch.__version__}
-    results["matmul_gflops"] = matmul_gflops(repeat=args.repeat)
+    n = 1024
+    a, b = torch.rand(n, n), torch.rand(n, n)
     with torch.inference_mode():
         nets = {
             "restorer": lambda: restorer(x, task),
             "refiner (one evaluation)": lambda: refiner(x, step_t, x, task, feats),
             "encoder": lambda: encoder(x),
         }
-        for name, fn in nets.items():
-            flops = count_flops(fn)
-            seconds = best_time(fn, args.repeat)
-            results[name] = {"gflop_per_tile": flops / 1e9, "seconds_per_tile": seconds,
-                             "gflops": flops / seconds / 1e9, "ratio_to_matmul": flops / seconds / 1e9
-                             / results["matmul_gflops"]}
+        flops = {name: count_flops(fn) for name, fn in nets.items()}
+        best = best_times_interleaved({"matmul": lambda: a @ b, **nets}, args.repeat)
+    results["matmul_gflops"] = 2 * n**3 / best["matmul"] / 1e9
+    for name in nets:
+        gflops = flops[name] / best[name] / 1e9
+        results[name] = {"gflop_per_tile": flops[name] / 1e9, "seconds_per_tile": best[name], "gflops": gflops,
+                         "ratio_to_matmul": gflops / results["matmul_gflops"]}
     tiles = np.random.default_rng(0).random((2, t, t, 3), dtype=np.float32)
     for label, steps, samples, tk in [("denoise steps=0", 0, 1, Task(TaskKind.DENOISE)),
                                       ("sr x2 steps=0", 0, 1, Task(TaskKind.SUPER_RESOLUTION, scale=2)),

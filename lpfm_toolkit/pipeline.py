@@ -214,10 +214,7 @@ class _StripeAssembly:
                 unc = np.frombuffer(raw, np.float32).reshape(n, self.width, 1)
             yield rows, unc
 
-    def __enter__(self) -> _StripeAssembly:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self._img.close()
         if self._unc is not None:
             self._unc.close()
@@ -431,7 +428,7 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
             for c in carries:
                 c.close()
             if assembly is not None:
-                assembly.__exit__(None)
+                assembly.close()
         total_seconds = time.perf_counter() - t_start
         prov = Provenance(
             source=source,

@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from lpfm_toolkit.cli.common import console, err_console, handle_errors, progress_bar
+from lpfm_toolkit.cli.local import engine_option_list
 from lpfm_toolkit.errors import ConfigError
 
 STORE_ENV = "LPFM_JOBS_STORE"
@@ -28,20 +29,7 @@ def spec_options(func: Any) -> Any:
     """Options that say what each job does (defaults from lpfm's settings, as for `lpfm enhance`)."""
     opts = [
         click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to read."),
-        click.option("--engine", type=click.Choice(["auto", "lpfm", "classical", "identity"]), default=None,
-                     help="auto: the default model bundle if installed, else classical (fixed when added)."),
-        click.option("--method", default=None, help="Classical method (bicubic, wavelet, macenko, …)."),
-        click.option("--model", default=None, help="Model bundle name or folder (engine lpfm)."),
-        click.option("--device", default=None, help="cuda, cpu, … (default: the best on each worker)."),
-        click.option("--steps", type=int, default=None, help="Diffusion steps (0: restorer only)."),
-        click.option("--samples", type=int, default=None, help="Samples per tile (>1 adds an uncertainty map)."),
-        click.option("--trust-pickle", is_flag=True, help="Allow pickled weights. Only for files you trust."),
-        click.option("--seed", type=int, default=None, help="Global seed."),
-        click.option("--tile", "tile_size", type=int, default=None, help="Tile size in input pixels."),
-        click.option("--overlap", type=int, default=None, help="Tile overlap in input pixels."),
-        click.option("--compression", type=click.Choice(["auto", "jpeg", "zlib", "zstd", "lzw", "none"]),
-                     default=None, help="Output compression (auto: JPEG for 8-bit RGB, zlib otherwise)."),
-        click.option("--tiff-tile", type=click.Choice(["256", "512"]), default=None, help="Output TIFF tile size."),
+        *engine_option_list("auto: the default model bundle if installed, else classical (fixed when added)."),
     ]
     for opt in reversed(opts):
         func = opt(func)

@@ -28,11 +28,11 @@ def sample_slide_path() -> Path:
     return path
 
 
-def engine_options(func: Any) -> Any:
-    """Options shared by every command that runs an engine."""
-    opts = [
+def engine_option_list(engine_help: str = "auto: the default model bundle if installed, else classical.") -> list[Any]:
+    """The click options that choose and tune an engine (shared with `lpfm jobs add`)."""
+    return [
         click.option("--engine", type=click.Choice(["auto", "lpfm", "classical", "identity"]), default=None,
-                     help="auto: the default model bundle if installed, else classical."),
+                     help=engine_help),
         click.option("--method", default=None, help="Classical method (bicubic, lanczos, richardson_lucy, wiener, "
                      "nlm, tv, wavelet, macenko, beer_lambert)."),
         click.option("--model", default=None, help="Model bundle name or folder (engine lpfm)."),
@@ -47,8 +47,13 @@ def engine_options(func: Any) -> Any:
                      default=None, help="auto: JPEG for 8-bit RGB, zlib otherwise."),
         click.option("--tiff-tile", type=click.Choice(["256", "512"]), default=None,
                      help="Tile size of the output OME-TIFF (default 512)."),
-        click.option("--force", is_flag=True, help="Redo work even if an identical result exists."),
     ]
+
+
+def engine_options(func: Any) -> Any:
+    """Options shared by every command that runs an engine, and ``--force``."""
+    opts = [*engine_option_list(),
+            click.option("--force", is_flag=True, help="Redo work even if an identical result exists.")]
     for opt in reversed(opts):
         func = opt(func)
     return func

@@ -25,6 +25,10 @@ class SlideNotFoundError(LpfmError, FileNotFoundError):
     """The image file (or server object) does not exist."""
 
 
+class SlideUnreadableError(LpfmError, PermissionError):
+    """The image file exists but this user may not read it."""
+
+
 class UnsupportedFormatError(LpfmError, ValueError):
     """The file exists but no reader understands it."""
 

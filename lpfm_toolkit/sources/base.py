@@ -7,6 +7,7 @@ the toolkit writes through a handle, so originals cannot be modified by a run.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,4 +233,8 @@ class StoredMetadataHandle(ImageHandle):
 
     @property
     def mpp(self) -> tuple[float, float] | None:
-        return self._mpp
+        """The recorded pixel size; None when the file records none, or nonsense (zero, negative, NaN, inf)."""
+        mpp = self._mpp
+        if mpp is not None and not all(math.isfinite(v) and 0 < v < 1e6 for v in mpp):
+            return None
+        return mpp

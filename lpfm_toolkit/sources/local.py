@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import stat
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lpfm_toolkit.errors import CorruptImageError, SlideNotFoundError, UnsupportedFormatError
+from lpfm_toolkit.errors import CorruptImageError, SlideNotFoundError, SlideUnreadableError, UnsupportedFormatError
 from lpfm_toolkit.sources.base import ImageHandle, Level, StoredMetadataHandle
 
 log = logging.getLogger(__name__)
@@ -22,18 +24,40 @@ OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", 
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".tf2"}
 PILLOW_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SUPPORTED = "SVS, NDPI, MRXS, SCN, BIF, OME-TIFF, TIFF, PNG, JPEG"
+#: the largest level-0 side accepted (pixels); the biggest scanned slides are about 250 000 px wide
+MAX_SIDE = 1 << 21
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    """An exception as one short line (damaged headers can make tifffile quote kilobytes)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_declared_size(path: Path, level0: Level) -> None:
+    """Refuse a header that declares an impossible image (a crafted or damaged file), before any planning."""
+    if not 0 < level0.width <= MAX_SIDE or not 0 < level0.height <= MAX_SIDE:
+        raise CorruptImageError(
+            f"{path.name} declares {level0.width}×{level0.height} px, beyond any slide (at most {MAX_SIDE} px a side)",
+            "the header is damaged or not a slide's",
+        )
+
+
+FINGERPRINT_PREFIX = "file-sha256:"
 
 
 def file_fingerprint(path: Path) -> str:
-    """sha256 over the file's size, first and last MiB: cheap, and stable when the file is moved."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
+    """sha256 of the whole file: any edit, even one that keeps the size, changes it; moving the file does not.
+
+    Costs one read of the file (about 1 GB/s here; see docs/reliability.md), done once per run.
+    """
+    h = hashlib.sha256()
     with path.open("rb") as fh:
-        h.update(fh.read(1 << 20))
-        if size > 2 << 20:
-            fh.seek(-(1 << 20), 2)
-            h.update(fh.read(1 << 20))
-    return f"file-sha256-ends:{h.hexdigest()}"
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return f"{FINGERPRINT_PREFIX}{h.hexdigest()}"
 
 
 class _FileHandle(StoredMetadataHandle):
@@ -71,13 +95,28 @@ class OpenSlideHandle(_FileHandle):
         try:
             self._slide = openslide.OpenSlide(str(path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise UnsupportedFormatError(f"{path.name} is not a format OpenSlide reads", f"supported: {SUPPORTED}") \
-                from exc
+            raise UnsupportedFormatError(
+                f"{path.name} is not a format OpenSlide reads", f"supported: {SUPPORTED}"
+            ) from exc
         except openslide.OpenSlideError as exc:
-            raise CorruptImageError(f"{path.name} could not be opened: {exc}", "the file may be truncated or damaged; "
-                                    "copy it again from its source") from exc
-        self._levels = [Level(int(w), int(h), float(ds)) for (w, h), ds in
-                        zip(self._slide.level_dimensions, self._slide.level_downsamples)]
+            raise CorruptImageError(
+                f"{path.name} could not be opened: {exc}",
+                "the file may be truncated or damaged; copy it again from its source",
+            ) from exc
+        try:
+            self._levels = [
+                Level(int(w), int(h), float(ds))
+                for (w, h), ds in zip(self._slide.level_dimensions, self._slide.level_downsamples)
+            ]
+            if not self._levels:
+                raise CorruptImageError(
+                    f"{path.name} holds no image level",
+                    "the file may be truncated or damaged; copy it again from its source",
+                )
+            check_declared_size(path, self._levels[0])
+        except CorruptImageError:
+            self._slide.close()
+            raise
         props = self._slide.properties
         try:
             self._mpp: tuple[float, float] | None = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
@@ -94,8 +133,10 @@ class OpenSlideHandle(_FileHandle):
         try:
             rgba = np.asarray(self._slide.read_region((round(x * ds), round(y * ds)), level, (width, height)))
         except openslide.OpenSlideError as exc:
-            raise CorruptImageError(f"reading {self.path.name} failed: {exc}",
-                                    "the file may be truncated or damaged; copy it again from its source") from exc
+            raise CorruptImageError(
+                f"reading {self.path.name} failed: {exc}",
+                "the file may be truncated or damaged; copy it again from its source",
+            ) from exc
         alpha = rgba[:, :, 3:4].astype(np.uint16)
         rgb = rgba[:, :, :3].astype(np.uint16)
         # OpenSlide returns premultiplied RGBA; transparent (no tissue scanned) becomes white.
@@ -121,16 +162,36 @@ class TiffHandle(_FileHandle):
 
         try:
             self._tif = tifffile.TiffFile(str(path))
-            series = self._tif.series[0]
-            self._axes = series.axes
-            self._zarr = [zarr.open(series.aszarr(level=i), mode="r") for i in range(len(series.levels))]
-        except (tifffile.TiffFileError, ValueError, IndexError, OSError) as exc:
-            raise CorruptImageError(f"{path.name} is not a readable TIFF: {exc}",
-                                    "the file may be truncated or damaged; copy it again from its source") from exc
+        except (tifffile.TiffFileError, ValueError, IndexError, KeyError, OSError, struct.error) as exc:
+            raise CorruptImageError(
+                f"{path.name} is not a readable TIFF: {_short(exc)}",
+                "the file may be truncated or damaged; copy it again from its source",
+            ) from exc
+        try:
+            self._parse(path, zarr)
+        except CorruptImageError:
+            self._tif.close()
+            raise
+        except Exception as exc:  # tifffile and zarr raise many types on damaged headers
+            self._tif.close()
+            raise CorruptImageError(
+                f"{path.name} is not a readable TIFF: {_short(exc)}",
+                "the file may be truncated or damaged; copy it again from its source",
+            ) from exc
+
+    def _parse(self, path: Path, zarr: Any) -> None:
+        if not self._tif.series:
+            raise CorruptImageError(f"{path.name} holds no image", "the file may be truncated or damaged")
+        series = self._tif.series[0]
+        self._axes = series.axes
+        if "Y" not in self._axes or "X" not in self._axes:
+            raise CorruptImageError(f"{path.name} is not an image (axes {self._axes})", "give a 2-D image or slide")
         shapes = [lv.shape for lv in series.levels]
         yi, xi = self._axes.index("Y"), self._axes.index("X")
         w0 = shapes[0][xi]
         self._levels = [Level(int(s[xi]), int(s[yi]), float(w0 / s[xi])) for s in shapes]
+        check_declared_size(path, self._levels[0])
+        self._zarr = [zarr.open(series.aszarr(level=i), mode="r") for i in range(len(series.levels))]
         self._dtype = np.dtype(series.dtype)
         self._channels = self._channel_names(series)
         self._mpp = self._read_mpp()
@@ -194,8 +255,10 @@ class TiffHandle(_FileHandle):
         try:
             arr = np.asarray(self._zarr[level][tuple(index)])
         except Exception as exc:  # decoders raise many types on damaged data
-            raise CorruptImageError(f"reading {self.path.name} failed: {exc}",
-                                    "the file may be truncated or damaged; copy it again from its source") from exc
+            raise CorruptImageError(
+                f"reading {self.path.name} failed: {exc}",
+                "the file may be truncated or damaged; copy it again from its source",
+            ) from exc
         kept = [ax for ax in self._axes if ax in "YXCS"]
         order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax in "CS"]
         arr = arr.transpose(order)
@@ -234,9 +297,16 @@ class PillowHandle(_FileHandle):
                 elif mode not in ("RGB", "L"):
                     im = im.convert("RGB")
                 self._pixels = np.asarray(im)
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise CorruptImageError(f"{path.name} is not a readable image: {exc}",
-                                    "the file may be truncated or damaged; export it again") from exc
+        except Image.DecompressionBombError as exc:
+            raise CorruptImageError(
+                f"{path.name} declares too many pixels for a PNG/JPEG crop ({_short(exc)})",
+                "convert it to a tiled (OME-)TIFF pyramid first",
+            ) from exc
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise CorruptImageError(
+                f"{path.name} is not a readable image: {_short(exc)}",
+                "the file may be truncated or damaged; export it again",
+            ) from exc
         if self._pixels.ndim == 2:
             self._pixels = self._pixels[:, :, None]
         self._mpp = (mpp, mpp) if mpp else None
@@ -256,8 +326,34 @@ def open_local(path: str | Path, mpp: float | None = None) -> ImageHandle:
         raise SlideNotFoundError(f"{p} does not exist", "check the path (and that the drive is mounted)")
     if p.is_dir():
         raise UnsupportedFormatError(f"{p} is a folder", "give the slide file itself (for MRXS, the .mrxs file)")
+    mode = p.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a named pipe (FIFO)"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise UnsupportedFormatError(
+            f"{p.name} is {kind}, not an image file", "give a slide file; copy streamed data to a file first"
+        )
     if p.stat().st_size == 0:
         raise CorruptImageError(f"{p.name} is empty (0 bytes)", "copy it again from its source")
+    try:
+        with p.open("rb"):
+            pass
+    except PermissionError as exc:
+        raise SlideUnreadableError(
+            f"{p.name} cannot be read (permission denied)",
+            "ask its owner for read access, or copy it somewhere readable",
+        ) from exc
+    if mpp is not None:
+        from lpfm_toolkit.config import check_mpp
+
+        check_mpp(mpp)
     name = p.name.lower()
     suffix = p.suffix.lower()
     if suffix in PILLOW_SUFFIXES:

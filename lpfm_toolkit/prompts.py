@@ -34,6 +34,8 @@ class Stain(str, enum.Enum):
 
 
 SUPPORTED_SCALES = (2, 4, 8)
+#: longer prompts are refused: a task is a few words, and an error must not echo a pasted document
+MAX_PROMPT = 500
 
 # Longest aliases first so "hematoxylin and eosin" wins over "eosin".
 _STAIN_ALIASES: list[tuple[str, Stain]] = sorted(
@@ -51,7 +53,7 @@ _STAIN_ALIASES: list[tuple[str, Stain]] = sorted(
         ("label-free", Stain.AF),
         ("fluorescence", Stain.FLUORESCENCE),
         ("fluorescent", Stain.FLUORESCENCE),
-        ("if", Stain.FLUORESCENCE),
+        ("IF", Stain.FLUORESCENCE),  # immunofluorescence: upper case only, never the word "if"
         ("dapi", Stain.FLUORESCENCE),
         ("periodic acid-schiff", Stain.PAS),
         ("periodic acid schiff", Stain.PAS),
@@ -147,13 +149,21 @@ def _stain_slug(stain: Stain | None) -> str:
     return {Stain.HE: "he"}.get(stain, stain.value.lower()) if stain else "unknown"  # type: ignore[arg-type]
 
 
-def _find_stains(text: str) -> list[tuple[int, Stain]]:
-    """Stains mentioned in ``text`` with their positions, left to right, without overlaps."""
+def _find_stains(text: str, cased: str = "") -> list[tuple[int, Stain]]:
+    """Stains mentioned in ``text`` (lower case) with their positions, left to right, without overlaps.
+
+    Upper-case aliases (``IF``) are matched in ``cased``, the same text before lower-casing.
+    """
     found: list[tuple[int, int, Stain]] = []
     taken = [False] * len(text)
     for alias, stain in _STAIN_ALIASES:
-        pattern = r"(?<![a-z0-9])" + re.escape(alias) + r"(?![a-z0-9])"
-        for m in re.finditer(pattern, text):
+        where = text
+        if alias.isupper():
+            if len(cased) != len(text):
+                continue
+            where = cased
+        pattern = r"(?<![A-Za-z0-9])" + re.escape(alias) + r"(?![A-Za-z0-9])"
+        for m in re.finditer(pattern, where):
             if any(taken[m.start() : m.end()]):
                 continue
             for i in range(m.start(), m.end()):
@@ -181,11 +191,17 @@ _TRANSLATE = re.compile(r"->|→|=>|\bto\b|\binto\b|translat|transfer|convert|vi
 def parse_prompt(prompt: str) -> Task:
     """Map a free-text prompt to a :class:`Task`; raise :class:`PromptError` listing what is understood."""
     raw = prompt
-    text = " ".join(prompt.lower().replace("’", "'").split())
+    cased = " ".join(prompt.replace("’", "'").split())
+    text = cased.lower()
     if not text:
         raise PromptError("empty prompt", _understood())
+    if len(text) > MAX_PROMPT:
+        raise PromptError(
+            f"prompt of {len(text)} characters ({_quote(raw)}) is too long to be a task",
+            f"say what to do in a few words (at most {MAX_PROMPT} characters); {_understood()}",
+        )
 
-    stains = _find_stains(text)
+    stains = _find_stains(text, cased)
     distinct = []
     for _, stain in stains:
         if not distinct or distinct[-1] is not stain:
@@ -202,7 +218,7 @@ def parse_prompt(prompt: str) -> Task:
         scale = _parse_scale(text)
         if scale is None:
             raise PromptError(
-                f"super-resolution prompt without a scale: {raw!r}",
+                f"super-resolution prompt without a scale: {_quote(raw)}",
                 "say ×2, ×4 or ×8, e.g. 'sr x4' or 'super-resolve by 2'",
             )
         return Task(TaskKind.SUPER_RESOLUTION, scale=scale, prompt=raw)
@@ -219,10 +235,16 @@ def parse_prompt(prompt: str) -> Task:
         return Task(TaskKind.RESTORE, prompt=raw)
     if len(distinct) == 1 and _TRANSLATE.search(text):
         raise PromptError(
-            f"virtual staining needs a source and a target stain: {raw!r}",
+            f"virtual staining needs a source and a target stain: {_quote(raw)}",
             "e.g. 'AF -> H&E' or 'H&E -> PAS'",
         )
-    raise PromptError(f"prompt not understood: {raw!r}", _understood())
+    raise PromptError(f"prompt not understood: {_quote(raw)}", _understood())
+
+
+def _quote(raw: str, limit: int = 60) -> str:
+    """The prompt as quoted in an error: at most ``limit`` characters, one line."""
+    one = " ".join(raw.split())
+    return repr(one if len(one) <= limit else one[: limit - 1] + "…")
 
 
 def _parse_scale(text: str) -> int | None:

@@ -142,6 +142,15 @@ def _axis_sum(positions: list[int], size: int, scale: int, lo: int, hi: int) -> 
     return total
 
 
+def _with_channels(pixels: np.ndarray, channels: int, what: str) -> np.ndarray:
+    """``(h, w, C)`` from a tile; a single-channel tile may come as ``(h, w)`` (squeezed by an engine)."""
+    if pixels.ndim == 2 and channels == 1:
+        return pixels[:, :, None]
+    if pixels.ndim != 3 or pixels.shape[2] != channels:
+        raise ValueError(f"{what} a tile of shape {tuple(pixels.shape)}, expected (h, w, {channels})")
+    return pixels
+
+
 class StripeBlender:
     """Blends the tiles of one stripe of a :class:`TileGrid`, grid row by grid row (separable weights).
 
@@ -189,6 +198,9 @@ class StripeBlender:
                 xband[:, :cw] = carry[1]
         for tile, pixels, extra in outputs:
             x0 = tile.x * s - self.lo
+            pixels = _with_channels(pixels, self.channels, "engine returned")
+            if extra is not None and self.extra_channels:
+                extra = _with_channels(extra, self.extra_channels, "engine returned an uncertainty")
             if pixels.shape[:2] != (h, tile.width * s):
                 raise ValueError(f"engine returned a {pixels.shape[0]}×{pixels.shape[1]} tile, "
                                  f"expected {h}×{tile.width * s}")

@@ -171,7 +171,7 @@ def test_tiles_are_compressed_exactly_as_tifffile_would(tmp_path: Path, compress
                                                         channels: int) -> None:
     """The writer compresses tiles itself; each must be the byte string tifffile writes for the same image."""
     from lpfm_toolkit.sinks.base import OutputSpec
-    from lpfm_toolkit.sinks.ometiff import OmeTiffWriter
+    from lpfm_toolkit.sinks.ometiff import JPEG_QUALITY, JPEG_SUBSAMPLING, OmeTiffWriter
 
     rng = np.random.default_rng(3)
     img = (rng.random((300, 700, channels)) * (1 if dtype == np.float32 else 200)).astype(dtype)
@@ -185,8 +185,11 @@ def test_tiles_are_compressed_exactly_as_tifffile_would(tmp_path: Path, compress
     comp = None if compression == "none" else compression
     with tifffile.TiffWriter(reference) as tw:  # one page per plane, as the writer lays them out
         for plane in [img] if rgb else [img[:, :, c] for c in range(channels)]:
+            jpeg = {"compressionargs": {"level": JPEG_QUALITY}} if compression == "jpeg" else {}
+            if jpeg and rgb:
+                jpeg["subsampling"] = {"4:4:4": (1, 1), "4:2:0": (2, 2)}[JPEG_SUBSAMPLING]
             tw.write(plane, tile=(256, 256), compression=comp, photometric="rgb" if rgb else "minisblack",
-                     metadata=None, compressionargs={"level": 90} if compression == "jpeg" else None)
+                     metadata=None, **jpeg)
     expected = []
     with tifffile.TiffFile(reference) as tif:
         for page in tif.pages:
@@ -259,7 +262,7 @@ def test_ome_xml_is_the_model_ome_types_itself_would_write(channels: list[str], 
     prov = Provenance(source={"region": [1, 2, 3, 4], "uri": "a&b"}, prompt="sr x2 & <b> → é", task={"kind": "sr"},
                       engine={"name": "x"}, seed=3, idempotency_key="k")
     xml = build_ome_xml(spec, prov, channels, dtype, rgb)
-    xml.encode("ascii")  # TIFF descriptions are ASCII
+    assert "&#" not in xml  # written as UTF-8: Bio-Formats' sanitiser breaks character references
     validate_ome_xml(xml)
     ours = from_xml(xml)
     pairs = [m.Map.M(k=k, value=v) for k, v in prov.summary().items()]
@@ -284,3 +287,133 @@ def test_ome_xml_is_the_model_ome_types_itself_would_write(channels: list[str], 
     assert from_xml(reference.to_xml()) == ours
     with pytest.raises(ValueError):
         validate_ome_xml(xml.replace('SizeT="1"', 'SizeT="0"'))
+
+
+def _prov(key: str = "k" * 64, prompt: str = "denoise"):
+    from lpfm_toolkit.provenance import Provenance
+
+    return Provenance(source={"system": "memory"}, prompt=prompt, task={"kind": "denoise"}, engine={"name": "x"},
+                      seed=0, idempotency_key=key)
+
+
+def test_ome_xml_is_stored_as_utf8_without_character_references(tmp_path: Path) -> None:
+    """Regression (issue 9): ``&#181;m`` made Bio-Formats fall back to its plain TIFF reader."""
+    from lpfm_toolkit.sinks.base import OutputSpec
+
+    spec = OutputSpec("slide µ × → ü 細胞", 300, 200, ["DAPI µ", "FITC ×2"], np.dtype(np.uint16), (0.25, 0.25))
+    with OmeTiffSink(tmp_path, tile=128).open(spec, "k" * 64, {"system": "memory"}) as w:
+        w.write_rows(np.zeros((200, 300, 2), np.uint16))
+        ref = w.commit(_prov(prompt="AF → H&E ×2"))
+    with tifffile.TiffFile(ref.uri) as tif:
+        raw = tif.pages[0].tags["ImageDescription"].value
+        raw = raw.encode("utf-8") if isinstance(raw, str) else raw
+        assert b"&#" not in raw
+        assert 'PhysicalSizeXUnit="µm"'.encode() in raw and "細胞".encode() in raw
+        ome = from_xml(tif.ome_metadata, validate=True)
+    assert ome.images[0].pixels.physical_size_x_unit.value == "µm"
+    assert [c.name for c in ome.images[0].pixels.channels] == ["DAPI µ", "FITC ×2"]
+    assert read_provenance(ref.uri).prompt == "AF → H&E ×2"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "uint8", "uint16", "uint32", "float32", "float64"])
+def test_every_ome_pixel_type_is_written(tmp_path: Path, dtype: str) -> None:
+    """Regression (issue 10): float64, int32 and int8 results failed with a bare KeyError at commit."""
+    from lpfm_toolkit.sinks.base import OutputSpec
+    from lpfm_toolkit.sinks.ometiff import OME_PIXEL_TYPES
+
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    rng = np.random.default_rng(1)
+    img = (rng.integers(info.min, info.max, (150, 260, 2), dtype=dtype, endpoint=True) if info is not None
+           else rng.standard_normal((150, 260, 2)).astype(dtype) * 1e3)
+    spec = OutputSpec("t", 260, 150, ["a", "b"], np.dtype(dtype), None)
+    with OmeTiffSink(tmp_path, tile=64, compression="zlib").open(spec, "k" * 64, {"system": "memory"}) as w:
+        w.write_rows(img)
+        ref = w.commit(_prov())
+    with tifffile.TiffFile(ref.uri) as tif:
+        assert tif.series[0].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(tif.series[0].asarray(), img.transpose(2, 0, 1))
+        assert from_xml(tif.ome_metadata).images[0].pixels.type.value == OME_PIXEL_TYPES[dtype]
+
+
+def test_unsupported_dtype_is_one_clear_error(tmp_path: Path) -> None:
+    from lpfm_toolkit.errors import ConfigError
+    from lpfm_toolkit.sinks.base import OutputSpec
+
+    spec = OutputSpec("t", 10, 10, ["a"], np.dtype(np.int64), None)
+    with pytest.raises(ConfigError, match="cannot store int64"):
+        OmeTiffSink(tmp_path).open(spec, "k" * 64, {"system": "memory"})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("compression", "channels"), [("none", 3), ("none", 2)])
+def test_compression_none_writes_the_pixels(tmp_path: Path, compression: str, channels: int) -> None:
+    """Regression (issue 9): ``--compression none`` crashed on the way into tifffile."""
+    from lpfm_toolkit.sinks.base import OutputSpec
+
+    img = np.random.default_rng(2).integers(0, 255, (300, 500, channels), dtype=np.uint8)
+    names = ["R", "G", "B"] if channels == 3 else ["a", "b"]
+    spec = OutputSpec("t", 500, 300, names, np.dtype(np.uint8), (0.5, 0.5))
+    with OmeTiffSink(tmp_path, tile=128, compression=compression).open(spec, "k" * 64, {}) as w:
+        w.write_rows(img)
+        ref = w.commit(_prov())
+    with tifffile.TiffFile(ref.uri) as tif:
+        assert tif.pages[0].compression == 1
+        full = tif.series[0].asarray()
+        smallest = tif.series[0].levels[-1].asarray()
+    np.testing.assert_array_equal(full, img if channels == 3 else img.transpose(2, 0, 1))
+    assert smallest.shape[-2 if channels == 3 else -1] == 500 // 4 + (500 % 4 > 0)
+    assert ref.provenance.output["compression"] == "none"
+
+
+def test_ome_tif_with_one_f_keeps_its_uncertainty_file(tmp_path: Path) -> None:
+    """Regression (issue 10): for ``x.ome.tif`` the image was renamed over its uncertainty file."""
+    from lpfm_toolkit.sinks.base import OutputSpec
+
+    img = np.full((100, 120, 3), 200, np.uint8)
+    unc = np.full((100, 120, 1), 0.5, np.float32)
+    spec = OutputSpec("t", 120, 100, ["R", "G", "B"], np.dtype(np.uint8), None, uncertainty=True)
+    target = tmp_path / "result.ome.tif"
+    with OmeTiffSink(path=target, compression="zlib").open(spec, "k" * 64, {}) as w:
+        w.write_rows(img, unc)
+        ref = w.commit(_prov())
+    assert ref.extra["uncertainty"] == str(tmp_path / "result.uncertainty.ome.tif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.lpfm.json", "result.ome.tif",
+                                                          "result.uncertainty.ome.tif"]
+    np.testing.assert_array_equal(tifffile.imread(target), img)
+    np.testing.assert_array_equal(tifffile.imread(ref.extra["uncertainty"]), unc[:, :, 0])
+
+
+def test_explicit_path_never_overwrites_a_file_that_is_not_ours(tmp_path: Path) -> None:
+    from lpfm_toolkit.sinks.base import OutputSpec
+
+    target = tmp_path / "mine.ome.tiff"
+    target.write_bytes(b"a user's file")
+    spec = OutputSpec("t", 16, 16, ["a"], np.dtype(np.uint8), None)
+    with pytest.raises(OutputExistsError, match="not an lpfm output"):
+        OmeTiffSink(path=target).open(spec, "k" * 64, {})
+    assert target.read_bytes() == b"a user's file"
+
+
+@pytest.mark.parametrize(("compression", "quality", "subsampling", "expected"), [
+    ("auto", 95, "4:4:4", {"compression": "zstd"}),
+    ("jpeg", 95, "4:4:4", {"compression": "jpeg", "jpeg_quality": 95, "jpeg_subsampling": "4:4:4"}),
+    ("jpeg", 85, "4:2:0", {"compression": "jpeg", "jpeg_quality": 85, "jpeg_subsampling": "4:2:0"}),
+])
+def test_compression_settings_are_recorded_in_provenance(tmp_path: Path, compression: str, quality: int,
+                                                         subsampling: str, expected: dict) -> None:
+    from lpfm_toolkit.sinks.base import OutputSpec
+
+    img = np.random.default_rng(4).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    spec = OutputSpec("t", 96, 64, ["R", "G", "B"], np.dtype(np.uint8), None)
+    sink = OmeTiffSink(tmp_path, compression=compression, jpeg_quality=quality, jpeg_subsampling=subsampling)
+    with sink.open(spec, "k" * 64, {}) as w:
+        w.write_rows(img)
+        ref = w.commit(_prov())
+    for key in ("compression", "jpeg_quality", "jpeg_subsampling"):
+        assert ref.provenance.output.get(key) == expected.get(key)
+        assert read_provenance(ref.uri).output.get(key) == expected.get(key)  # the sidecar
+    with tifffile.TiffFile(ref.uri) as tif:
+        page = tif.pages[0]
+        assert page.compression == (7 if compression == "jpeg" else 50000)
+        if compression == "jpeg":  # YCbCr sub-sampling as recorded
+            assert page.tags["YCbCrSubSampling"].value == ((1, 1) if subsampling == "4:4:4" else (2, 2))

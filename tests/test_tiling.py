@@ -235,3 +235,33 @@ def test_striped_and_unstriped_runs_give_identical_pixels() -> None:
     assert assembled.provenance.tiling["stripes"] == 3
     np.testing.assert_array_equal(assembled.output.extra["pixels"], wide.output.extra["pixels"])
     np.testing.assert_array_equal(assembled.output.extra["uncertainty"], wide.output.extra["uncertainty"])
+
+
+def test_single_channel_tiles_without_channel_axis_blend() -> None:
+    """Regression (issue 9): an engine returning (h, w) for one channel broke the blender's broadcast."""
+    rng = np.random.default_rng(7)
+    img = rng.random((300, 280, 1), dtype=np.float32)
+    grid = TileGrid(280, 300, 128, 16)
+    (stripe,) = plan_stripes(grid, 1, 280)
+    blender = StripeBlender(grid, 1, 1, stripe)
+    out = []
+    for r in range(grid.n_rows):
+        blender.add_row(r, [(t, img[t.y : t.y + t.height, t.x : t.x + t.width, 0], None) for t in grid.row(r)])
+        out.append(blender.release(r)[0])
+    np.testing.assert_allclose(np.concatenate(out), img, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected \(h, w, 1\)"):
+        StripeBlender(grid, 1, 1, stripe).add_row(0, [(grid.row(0)[0], np.zeros((128, 128, 3), np.float32), None)])
+
+
+def test_single_channel_image_through_the_classical_engine(tmp_path) -> None:
+    """Regression (issue 9): single-channel images crashed in blending with the classical denoiser."""
+    from lpfm_toolkit.engine.classical import ClassicalEngine
+
+    img = (np.random.default_rng(8).random((300, 340, 1)) * 60000).astype(np.uint16)
+    handle = ArrayHandle(img)
+    for prompt in (TaskKind.DENOISE, TaskKind.DEBLUR):
+        item = plan(handle, Task(prompt))[0]
+        res = run_item(handle, item, ClassicalEngine(), ArraySink(), tile_size=128, overlap=16)
+        pixels = res.output.extra["pixels"]
+        assert pixels.shape == (300, 340, 1) and pixels.dtype == np.uint16
+        assert abs(float(pixels.mean()) - float(img.mean())) < 0.02 * float(img.mean())

@@ -39,7 +39,14 @@ SIDECAR_SUFFIX = ".lpfm.json"
 JSON_NAMESPACE = NAMESPACE + "/json"
 # Threads compressing tiles (the codecs release the GIL).
 _COMMIT_WORKERS = max(1, min(8, os.cpu_count() or 1))
-_OME_TYPES = {"uint8": "uint8", "uint16": "uint16", "float32": "float", "int16": "int16", "uint32": "uint32"}
+#: numpy dtype → OME pixel type: every OME type numpy has (OME's "bit" and complex types are never written)
+OME_PIXEL_TYPES = {"int8": "int8", "int16": "int16", "int32": "int32", "uint8": "uint8", "uint16": "uint16",
+                   "uint32": "uint32", "float32": "float", "float64": "double"}
+#: JPEG settings of ``--compression jpeg`` (and of ``auto`` where it picks JPEG); docs/benchmarks.md, "Compression"
+JPEG_QUALITY = 95
+JPEG_SUBSAMPLING = "4:4:4"
+_SUBSAMPLING = {"4:4:4": (1, 1), "4:2:2": (2, 1), "4:2:0": (2, 2)}
+_TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
 
 
 def safe_filename(name: str) -> str:
@@ -49,9 +56,35 @@ def safe_filename(name: str) -> str:
     return name[:120] or "lpfm-output"
 
 
+def _split_suffix(path: Path) -> tuple[str, str]:
+    """``x.ome.tif`` → ``("x", ".ome.tif")``; a name without a TIFF suffix → ``(name, "")``."""
+    for ext in _TIFF_SUFFIXES:
+        if path.name.lower().endswith(ext):
+            return path.name[: -len(ext)], path.name[-len(ext) :]
+    return path.name, ""
+
+
 def sidecar_path(tiff_path: Path) -> Path:
-    return tiff_path.with_name(tiff_path.name + SIDECAR_SUFFIX) if not tiff_path.name.endswith(".ome.tiff") \
-        else tiff_path.with_name(tiff_path.name[: -len(".ome.tiff")] + SIDECAR_SUFFIX)
+    """``x.ome.tiff`` (or ``x.ome.tif``) → ``x.lpfm.json``; other names get the suffix appended."""
+    stem, ext = _split_suffix(tiff_path)
+    if ext.lower() in (".ome.tiff", ".ome.tif"):
+        return tiff_path.with_name(stem + SIDECAR_SUFFIX)
+    return tiff_path.with_name(tiff_path.name + SIDECAR_SUFFIX)
+
+
+def uncertainty_path(tiff_path: Path) -> Path:
+    """``x.ome.tiff`` → ``x.uncertainty.ome.tiff``, ``x.ome.tif`` → ``x.uncertainty.ome.tif``: never the image."""
+    stem, ext = _split_suffix(tiff_path)
+    return tiff_path.with_name(f"{stem}.uncertainty{ext or '.ome.tiff'}")
+
+
+def ome_pixel_type(dtype: np.dtype | type) -> str:
+    """The OME pixel type of a numpy dtype; ``ConfigError`` for dtypes OME-TIFF cannot hold."""
+    name = np.dtype(dtype).name
+    if name not in OME_PIXEL_TYPES:
+        raise ConfigError(f"OME-TIFF cannot store {name} pixels",
+                          f"convert the result to one of {', '.join(OME_PIXEL_TYPES)}")
+    return OME_PIXEL_TYPES[name]
 
 
 def n_pyramid_levels(width: int, height: int, tile: int) -> int:
@@ -83,7 +116,7 @@ def build_ome_xml(spec: OutputSpec, provenance: Provenance | None, channels: lis
     size = {"SizeX": spec.width, "SizeY": spec.height, "SizeZ": 1, "SizeC": len(channels), "SizeT": 1}
     phys = {"PhysicalSizeX": repr(float(spec.mpp[0])), "PhysicalSizeXUnit": "µm",
             "PhysicalSizeY": repr(float(spec.mpp[1])), "PhysicalSizeYUnit": "µm"} if spec.mpp else {}
-    pixels = el(image, "Pixels", ID="Pixels:0", DimensionOrder="XYCZT", Type=_OME_TYPES[np.dtype(dtype).name],
+    pixels = el(image, "Pixels", ID="Pixels:0", DimensionOrder="XYCZT", Type=ome_pixel_type(dtype),
                 Interleaved=str(interleaved_rgb).lower(), BigEndian="false", **size, **phys)
     if interleaved_rgb:
         el(pixels, "Channel", ID="Channel:0:0", Name="RGB", SamplesPerPixel=3)
@@ -103,8 +136,10 @@ def build_ome_xml(spec: OutputSpec, provenance: Provenance | None, channels: lis
         for k, v in provenance.summary().items():
             el(values, "M", K=k).text = v
     ET.indent(ome)
-    # TIFF strings are 7-bit ASCII: non-ASCII (µm, ×) becomes XML character references, still valid OME-XML.
-    return ET.tostring(ome, encoding="unicode").encode("ascii", "xmlcharrefreplace").decode("ascii")
+    # Written into the TIFF as UTF-8 (write_tiff). Never as ASCII with character references (&#181;m): they are
+    # valid XML, but Bio-Formats' XML sanitiser turns "&#" into " #", the OME-XML no longer parses, and Bio-Formats
+    # falls back to its plain TIFF reader (one level, no annotations, channels read as timepoints).
+    return ET.tostring(ome, encoding="unicode")
 
 
 def validate_ome_xml(xml: str) -> None:
@@ -114,7 +149,7 @@ def validate_ome_xml(xml: str) -> None:
     validate_xml(xml)
 
 
-def _codec(compression: str, rgb: bool) -> Any:
+def _codec(compression: str, rgb: bool, quality: int = JPEG_QUALITY, subsampling: str = JPEG_SUBSAMPLING) -> Any:
     """A function that compresses one tile exactly as tifffile does for the same ``write`` arguments."""
     if compression == "none":
         return lambda tile: tile.tobytes()
@@ -124,9 +159,9 @@ def _codec(compression: str, rgb: bool) -> Any:
     encode = tifffile.TIFF.COMPRESSORS[tag]
     kwargs: dict[str, Any] = {}
     if compression == "jpeg":
-        kwargs = {"level": 90}
-        if rgb:  # tifffile stores RGB JPEG tiles as YCbCr with 2×2 chroma subsampling
-            kwargs.update(subsampling=(2, 2), colorspace="RGB", outcolorspace="YCBCR")
+        kwargs = {"level": quality}
+        if rgb:  # tifffile stores RGB JPEG tiles as YCbCr, chroma sub-sampled as asked
+            kwargs.update(subsampling=_SUBSAMPLING[subsampling], colorspace="RGB", outcolorspace="YCBCR")
     return lambda tile: encode(tile, **kwargs)
 
 
@@ -149,11 +184,12 @@ class _TilePyramid:
     """
 
     def __init__(self, folder: Path, stem: str, width: int, height: int, channels: int, dtype: np.dtype,
-                 tile: int, n_levels: int, compression: str, rgb: bool, pool: Any) -> None:
+                 tile: int, n_levels: int, compression: str, rgb: bool, pool: Any, quality: int = JPEG_QUALITY,
+                 subsampling: str = JPEG_SUBSAMPLING) -> None:
         import threading
 
         self.dtype, self.channels, self.tile, self.rgb = np.dtype(dtype), channels, tile, rgb
-        self.compression = compression
+        self.compression, self.quality, self.subsampling = compression, quality, subsampling
         self.sizes: list[tuple[int, int]] = []
         w, h = width, height
         for _ in range(n_levels):
@@ -162,7 +198,7 @@ class _TilePyramid:
         self.local = stripe_levels(tile)  # levels 0..local are built inside a stripe
         self.alignment = tile * 2**self.local
         self.planes: list[int | None] = [None] if rgb else list(range(channels))
-        self._encode = _codec(compression, rgb)
+        self._encode = _codec(compression, rgb, quality, subsampling)
         self._pool = pool
         self._slots = threading.BoundedSemaphore(4 * _COMMIT_WORKERS)  # tiles queued for compression
         self._lock = threading.Lock()
@@ -321,6 +357,13 @@ class _TilePyramid:
                     data = os.pread(fh.fileno(), n, offset)
                     yield data, n
 
+    def raw_tiles(self, plane: int | None, level: int) -> Iterator[np.ndarray]:
+        """The tiles of an uncompressed level as arrays: tifffile takes ``(bytes, bytecount)`` only when it
+        compresses."""
+        shape = (self.tile, self.tile, 3 if plane is None else 1)
+        for data, _ in self.tiles(plane, level):
+            yield np.frombuffer(data, self.dtype).reshape(shape)
+
     def close(self) -> None:
         for f in (self._store, self._coarse):
             if f is not None and not f.closed:
@@ -330,41 +373,52 @@ class _TilePyramid:
         """The OME-TIFF: per plane, a full-resolution page followed by its reduced levels in SubIFDs."""
         import tifffile
 
-        comp: Any = None if self.compression == "none" else self.compression
-        common = {"tile": (self.tile, self.tile), "compression": comp,
-                  "compressionargs": {"level": 90} if self.compression == "jpeg" else None, "dtype": self.dtype,
-                  "metadata": None, "software": f"lpfm-toolkit {__version__}",
-                  "photometric": "rgb" if self.rgb else "minisblack"}
+        raw = self.compression == "none"
+        common: dict[str, Any] = {"tile": (self.tile, self.tile), "compression": None if raw else self.compression,
+                                  "dtype": self.dtype, "metadata": None, "software": f"lpfm-toolkit {__version__}",
+                                  "photometric": "rgb" if self.rgb else "minisblack"}
+        if self.compression == "jpeg":
+            common["compressionargs"] = {"level": self.quality}
+            if self.rgb:
+                common["subsampling"] = _SUBSAMPLING[self.subsampling]
         resolution = (1e4 / spec.mpp[0], 1e4 / spec.mpp[1]) if spec.mpp else None
+        description = xml.encode("utf-8")  # see build_ome_xml: UTF-8, never character references
         with tifffile.TiffWriter(path, bigtiff=True) as tw:
             for i, plane in enumerate(self.planes):
                 for level, (lw, lh) in enumerate(self.sizes):
                     lres = (resolution[0] / 2**level, resolution[1] / 2**level) if resolution else None
-                    extra = {"subifds": len(self.sizes) - 1, "description": xml if i == 0 else None} if level == 0 \
-                        else {"subfiletype": 1}
-                    tw.write(self.tiles(plane, level), shape=(lh, lw, 3) if self.rgb else (lh, lw), resolution=lres,
+                    extra = {"subifds": len(self.sizes) - 1, "description": description if i == 0 else None} \
+                        if level == 0 else {"subfiletype": 1}
+                    data = self.raw_tiles(plane, level) if raw else self.tiles(plane, level)
+                    tw.write(data, shape=(lh, lw, 3) if self.rgb else (lh, lw), resolution=lres,
                              resolutionunit="CENTIMETER" if lres else None, **extra, **common)
 
 
 class OmeTiffWriter(SinkWriter):
     """Encodes one result into compressed tiles as it arrives; ``commit`` writes the OME-TIFF and sidecar."""
 
-    def __init__(self, final: Path, spec: OutputSpec, tile: int, compression: str) -> None:
+    def __init__(self, final: Path, spec: OutputSpec, tile: int, compression: str, *,
+                 jpeg_quality: int = JPEG_QUALITY, jpeg_subsampling: str = JPEG_SUBSAMPLING) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.final, self.spec, self.tile = final, spec, tile
-        if compression == "auto":
-            compression = "jpeg" if spec.is_rgb else "zlib"
+        compression = resolve_compression(compression, spec)
+        ome_pixel_type(spec.dtype)  # a clear error now for dtypes OME-TIFF cannot hold
         if compression == "jpeg" and np.dtype(spec.dtype) != np.uint8:
             raise ConfigError(f"JPEG cannot store {np.dtype(spec.dtype).name} pixels",
                               "use --compression zlib (lossless) for 16-bit or float images")
+        if not 1 <= int(jpeg_quality) <= 100 or jpeg_subsampling not in _SUBSAMPLING:
+            raise ConfigError(f"JPEG quality {jpeg_quality} / sub-sampling {jpeg_subsampling!r} is not supported",
+                              f"use a quality from 1 to 100 and one of {', '.join(_SUBSAMPLING)}")
         self.compression = compression
+        self.jpeg_quality, self.jpeg_subsampling = int(jpeg_quality), jpeg_subsampling
         final.parent.mkdir(parents=True, exist_ok=True)
         self._scratch = Path(tempfile.mkdtemp(prefix=".lpfm-scratch-", dir=final.parent))
         n_levels = n_pyramid_levels(spec.width, spec.height, tile)
         self._pool = ThreadPoolExecutor(_COMMIT_WORKERS, thread_name_prefix="lpfm-encode")
         self._img = _TilePyramid(self._scratch, "img", spec.width, spec.height, len(spec.channel_names),
-                                 np.dtype(spec.dtype), tile, n_levels, compression, spec.is_rgb, self._pool)
+                                 np.dtype(spec.dtype), tile, n_levels, compression, spec.is_rgb, self._pool,
+                                 self.jpeg_quality, self.jpeg_subsampling)
         self._unc = _TilePyramid(self._scratch, "unc", spec.width, spec.height, 1, np.dtype(np.float32), tile,
                                  n_levels, "zlib", False, self._pool) if spec.uncertainty else None
         self.column_alignment = self._img.alignment
@@ -382,11 +436,20 @@ class OmeTiffWriter(SinkWriter):
 
     @property
     def uncertainty_path(self) -> Path:
-        return self.final.with_name(self.final.name.replace(".ome.tiff", ".uncertainty.ome.tiff"))
+        return uncertainty_path(self.final)
+
+    def compression_info(self) -> dict[str, Any]:
+        """How the pixels were stored: codec, and for JPEG its quality (and chroma sub-sampling for RGB)."""
+        info: dict[str, Any] = {"compression": self.compression}
+        if self.compression == "jpeg":
+            info["jpeg_quality"] = self.jpeg_quality
+            if self.spec.is_rgb:
+                info["jpeg_subsampling"] = self.jpeg_subsampling
+        return info
 
     def commit(self, provenance: Provenance) -> OutputRef:
         extra: dict[str, Any] = {"sidecar": str(sidecar_path(self.final)), "levels": [list(s) for s in self._img.sizes],
-                                 "compression": self.compression, "tile": self.tile}
+                                 **self.compression_info(), "tile": self.tile}
         if self._unc is not None:
             extra["uncertainty"] = str(self.uncertainty_path)
         provenance.output.update({"uri": str(self.final.resolve()), "format": "ome-tiff", **extra})
@@ -426,11 +489,22 @@ class OmeTiffWriter(SinkWriter):
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 
+def resolve_compression(compression: str, spec: OutputSpec) -> str:
+    """The codec ``compression`` means for ``spec``: ``auto`` is zstd (lossless) for every image.
+
+    Lossless because an enhancement must not lose its gain on the way to disk: JPEG at quality 90 with 4:2:0
+    sub-sampling (the old default for RGB) cost 2.2 dB on a super-resolved H&E image. docs/benchmarks.md,
+    "Compression", has the measurements.
+    """
+    return "zstd" if compression == "auto" else compression
+
+
 class OmeTiffSink(Sink):
     """Writes each result as ``<directory>/<name>.<key>.ome.tiff`` (or to one given ``path``) + a JSON sidecar."""
 
     def __init__(self, directory: str | Path | None = None, *, path: str | Path | None = None,
-                 compression: str = "auto", tile: int = 512, overwrite: bool = False) -> None:
+                 compression: str = "auto", tile: int = 512, overwrite: bool = False,
+                 jpeg_quality: int = JPEG_QUALITY, jpeg_subsampling: str = JPEG_SUBSAMPLING) -> None:
         if (directory is None) == (path is None):
             raise ValueError("give exactly one of directory or path")
         if compression not in COMPRESSIONS:
@@ -440,11 +514,12 @@ class OmeTiffSink(Sink):
         self.directory = Path(directory) if directory is not None else None
         self.path = Path(path) if path is not None else None
         self.compression, self.tile, self.overwrite = compression, tile, overwrite
+        self.jpeg_quality, self.jpeg_subsampling = jpeg_quality, jpeg_subsampling
 
     def target(self, key: str, name: str) -> Path:
         if self.path is not None:
             p = self.path
-            return p if p.name.endswith((".ome.tiff", ".ome.tif")) else p.with_name(p.name + ".ome.tiff")
+            return p if p.name.lower().endswith((".ome.tiff", ".ome.tif")) else p.with_name(p.name + ".ome.tiff")
         assert self.directory is not None
         return self.directory / f"{safe_filename(name)}.{key[:10]}.ome.tiff"
 
@@ -468,7 +543,11 @@ class OmeTiffSink(Sink):
         final = self.target(idempotency_key, spec.name)
         if source.get("system") == "file" and Path(str(source.get("uri", ""))).resolve() == final.resolve():
             raise OutputExistsError(f"refusing to write over the original {final}", "choose another --out")
-        return OmeTiffWriter(final, spec, self.tile, self.compression)
+        if self.path is not None and not self.overwrite and final.exists():
+            raise OutputExistsError(f"{final} exists and is not an lpfm output of this run",
+                                    "choose another --out, or add --force to replace it")
+        return OmeTiffWriter(final, spec, self.tile, self.compression, jpeg_quality=self.jpeg_quality,
+                             jpeg_subsampling=self.jpeg_subsampling)
 
 
 def read_provenance(path: str | Path) -> Provenance:

@@ -78,14 +78,14 @@ def verify(model: str) -> None:
 
 
 @click.command()
-@click.option("--recipe", "recipe_name", default="tiny", show_default=True, help="Training recipe (tiny, smoke).")
+@click.option("--recipe", "recipe_name", default="tiny", show_default=True, help="Training recipe (tiny, tiny-v1, smoke).")
 @click.option("--images", "-i", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Clean slides/images or folders of them (default: the bundled sample slide). Repeatable.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the finished bundle here.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=Path("lpfm-train"), show_default=True,
               help="Checkpoints and logs; re-running resumes from here.")
 @click.option("--name", default="lpfm-custom", show_default=True, help="Bundle name.")
-@click.option("--stages", default="encoder,restorer,refiner", show_default=True,
+@click.option("--stages", default="encoder,restorer,stainer,refiner", show_default=True,
               help="Comma-separated stages to run.")
 @click.option("--holdout", type=float, default=None, help="Bottom fraction of each image kept for validation.")
 @click.option("--restorer-steps", type=int, default=None)

@@ -33,7 +33,9 @@ FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "bundles"
 DEFAULT_BUNDLE = "lpfm-tiny"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
-COMPONENT_NAMES = ("restorer", "encoder", "refiner")
+COMPONENT_NAMES = ("restorer", "encoder", "refiner", "stainer")
+#: which roles a component class may fill (the stainer is a Restorer mapping fluorescence to H&E)
+_ROLES = {"Restorer": ("restorer", "stainer"), "StainEncoder": ("encoder",), "Refiner": ("refiner",)}
 
 
 def sha256_file(path: Path) -> str:
@@ -121,7 +123,7 @@ def load_component(folder: str | Path, expected: str | None = None, trust_pickle
         cls = classes[meta["class"]]
     except (json.JSONDecodeError, KeyError) as exc:
         raise ModelError(f"{cfg_path} is not a valid component config ({exc})") from exc
-    if expected is not None and _role(meta["class"]) != expected:
+    if expected is not None and expected not in _ROLES.get(meta["class"], ()):
         raise ModelError(f"{folder} holds a {meta['class']}, expected the {expected}")
     weights = folder / meta.get("weights", "model.safetensors")
     if not weights.is_file():
@@ -133,10 +135,6 @@ def load_component(folder: str | Path, expected: str | None = None, trust_pickle
     except RuntimeError as exc:
         raise ModelError(f"weights {weights} do not match {meta['class']} config: {str(exc)[:300]}") from exc
     return model.eval()
-
-
-def _role(class_name: str) -> str:
-    return {"Restorer": "restorer", "StainEncoder": "encoder", "Refiner": "refiner"}[class_name]
 
 
 # --------------------------------------------------------------------------------------------- bundles
@@ -258,7 +256,7 @@ def write_bundle(out: str | Path, name: str, components: dict[str, Any], trainin
                  timings: dict[str, float] | None = None, metrics: dict[str, Any] | None = None,
                  notes: str = "", dtype: str = "float16", default_steps: int = 0,
                  default_sampler: str = "ddim", refine_steps: int = 4, tasks: list[str] | None = None,
-                 stains: dict[str, str] | None = None) -> Path:
+                 stains: dict[str, Any] | None = None) -> Path:
     """Write components, ``model_index.json`` (with checksums) and ``MODEL_CARD.md``."""
     from lpfm_toolkit import __version__
 
@@ -282,7 +280,7 @@ def write_bundle(out: str | Path, name: str, components: dict[str, Any], trainin
         "files": files,
     }
     if stains:
-        index["stains"] = stains  # virtual staining: {"source": "AF", "target": "H&E"}
+        index["stains"] = stains  # virtual staining: {"source": "AF" or a list of stains, "target": "H&E"}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(index, components, training, timings, metrics, notes))
     return out

@@ -1,4 +1,10 @@
-"""Training: degraded/clean pairs from clean slides → stain encoder, restorer, refiner → a model bundle.
+"""Training: degraded/clean pairs from clean slides → stain encoder, restorer, stainer, refiner → a model bundle.
+
+Degradations are the blind superset of :func:`lpfm_toolkit.engine.degrade.blind_degrade` (random kernels,
+blur, noise, JPEG, random order) unless a recipe sets ``blind=False`` (LPFM's discrete protocol). Clean crops
+are stain-augmented (HED jitter, IHC-like H+DAB re-rendering) and scale-augmented (``zoom``). The restorer is
+conditioned on the frozen stain encoder's features (``condition_restorer``); the stainer maps simulated
+two-channel fluorescence (:mod:`lpfm_toolkit.engine.fluorescence`) to the H&E it was simulated from.
 
 Each stage checkpoints to ``work_dir/<stage>/checkpoint.safetensors`` (weights, optimiser moments, step)
 and resumes from it; batches are drawn from a generator seeded by ``(seed, step)`` so a resumed run sees
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lpfm_toolkit.engine import degrade
-from lpfm_toolkit.engine.models.encoder import StainEncoder, hed_jitter, info_nce, macenko_restain
+from lpfm_toolkit.engine.models.encoder import StainEncoder, hed_jitter, info_nce, macenko_restain, simulate_ihc
 from lpfm_toolkit.engine.models.refiner import Refiner, make_scheduler
 from lpfm_toolkit.engine.models.restorer import Restorer
 from lpfm_toolkit.engine.taskcodes import TASK_NAMES
@@ -36,7 +42,10 @@ log = logging.getLogger(__name__)
 TrainProgress = Callable[[str, int, int, dict[str, float]], None]
 
 SAMPLE_SLIDE = Path(__file__).resolve().parents[1] / "data" / "cmu_small_region.svs"
-STAGES = ("encoder", "restorer", "refiner")
+#: openly licensed training images kept in the source tree (not in the wheel); see training_data/SOURCES.md
+TRAINING_DATA = Path(__file__).resolve().parents[2] / "training_data" / "train"
+STAGES = ("encoder", "restorer", "stainer", "refiner")
+REQUIRED_STAGES = ("encoder", "restorer", "refiner")
 
 
 @dataclass
@@ -65,16 +74,39 @@ class TrainConfig:
                                                              "norm_num_groups": 16})
     pairs: str | None = None  # folder of registered source/target pairs for virtual staining
     device: str | None = None  # None: CUDA → MPS → CPU
+    blind: bool = False  # blind degradation superset instead of LPFM's discrete protocol
+    zoom: tuple[float, float] = (1.0, 1.0)  # crops of zoom×crop pixels shrunk to crop (scale augmentation)
+    stain_jitter: float = 0.0  # probability of HED jitter of a clean restorer crop
+    ihc_sim: float = 0.0  # probability of re-rendering a clean crop as H+DAB
+    condition_restorer: bool = False  # FiLM-condition the restorer on the stain encoder's features
+    cond_dropout: float = 0.0  # fraction of samples trained with the encoder features zeroed
+    encoder_degraded: bool = False  # encoder views degraded (blind) as well as re-stained
+    stainer_steps: int = 0  # 0 = no learned virtual staining
+    stainer: dict[str, Any] = field(default_factory=dict)
+    stage_minutes: dict[str, float] = field(default_factory=dict)  # per-stage wall-time budgets
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 RECIPES: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(),
+    # blind degradations, stain-diverse data, encoder-conditioned restorer, simulated fluorescence → H&E;
+    # sized for ≤ 2 h on two CPU cores (1 thread): each stage stops at its wall-time budget
+    "tiny": TrainConfig(
+        images=[str(SAMPLE_SLIDE), str(TRAINING_DATA)], holdout=0.15, blind=True, zoom=(1.0, 2.0),
+        stain_jitter=0.5, ihc_sim=0.25, condition_restorer=True, cond_dropout=0.2, encoder_degraded=True,
+        encoder_steps=600, restorer_steps=6000, stainer_steps=2000, refiner_steps=2500, lr=6e-4,
+        stainer={"channels": [16, 32, 64, 96], "blocks": [1, 1, 1, 1]},
+        task_weights={"sr2": 1.5, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5},
+        stage_minutes={"encoder": 5, "restorer": 62, "stainer": 8, "refiner": 10}),
+    # the previous recipe: LPFM's discrete protocol on the bundled slide only
+    "tiny-v1": TrainConfig(),
     # a seconds-long run that exercises every stage (tests, smoke checks)
     "smoke": TrainConfig(crop=32, batch=4, encoder_steps=4, restorer_steps=6, refiner_steps=4, checkpoint_every=3,
                          validate_every=3, restorer={"channels": [8, 16], "blocks": [1, 1]},
+                         blind=True, zoom=(1.0, 1.5), stain_jitter=0.5, ihc_sim=0.5, condition_restorer=True,
+                         cond_dropout=0.2, encoder_degraded=True, stainer_steps=4,
+                         stainer={"channels": [8, 16], "blocks": [1, 1]},
                          encoder={"channels": [8, 16], "feature_dim": 16, "projection_dim": 8},
                          refiner={"block_out_channels": [16, 16], "norm_num_groups": 8}),
 }
@@ -114,27 +146,43 @@ class TileBank:
         return cls(images, holdout)
 
     def crops(self, n: int, size: int, rng: np.random.Generator, split: str = "train",
-              augment: bool = True) -> torch.Tensor:
-        """``n`` random tissue crops (N, 3, size, size) in [0, 1]; background crops are mostly rejected."""
+              augment: bool = True, zoom: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        """``n`` random tissue crops (N, 3, size, size) in [0, 1]; background crops are mostly rejected.
+
+        With ``zoom`` (lo, hi) > 1, each crop covers ``f·size`` pixels (f log-uniform in [lo, hi]) shrunk to
+        ``size`` by area averaging: the same tissue seen at a coarser pixel size.
+        """
         pool = self.train if split == "train" else self.val
         pool = [im for im in pool if im.shape[0] >= size and im.shape[1] >= size]
         if not pool:
             raise ConfigError(f"no {split} image is at least {size}×{size} pixels")
         out = np.empty((n, size, size, 3), np.float32)
         for i in range(n):
+            f = float(np.exp(rng.uniform(np.log(zoom[0]), np.log(zoom[1])))) if zoom[1] > zoom[0] else zoom[0]
             for attempt in range(20):
                 im = pool[int(rng.integers(len(pool)))]
-                y = int(rng.integers(im.shape[0] - size + 1))
-                x = int(rng.integers(im.shape[1] - size + 1))
-                crop = im[y : y + size, x : x + size]
+                src = min(int(round(size * f)), im.shape[0], im.shape[1])
+                y = int(rng.integers(im.shape[0] - src + 1))
+                x = int(rng.integers(im.shape[1] - src + 1))
+                crop = im[y : y + src, x : x + src]
                 if is_tissue(crop) or attempt == 19:
                     break
+            if src != size:
+                crop = _shrink(crop, size)
             if augment:
                 crop = np.rot90(crop, int(rng.integers(4)))
                 if rng.integers(2):
                     crop = crop[:, ::-1]
             out[i] = crop
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _shrink(crop: np.ndarray, size: int) -> np.ndarray:
+    """Area-average (PIL box filter) an (h, w, 3) float crop down to size × size."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(crop[..., c]), mode="F")
+                                .resize((size, size), Image.Resampling.BOX)) for c in range(3)], axis=-1)
 
 
 def is_tissue(crop: np.ndarray) -> bool:
@@ -188,6 +236,9 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     suffixes = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".png", ".jpg", ".jpeg", ".scn", ".vms", ".bif"}
     out: list[Path] = []
     for p in map(Path, paths):
+        if p == TRAINING_DATA and not p.exists():
+            log.warning("%s is not here (installed from a wheel?): training on the other images only", p)
+            continue
         if p.is_dir():
             out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in suffixes))
         else:
@@ -229,14 +280,39 @@ def batch_rng(seed: int, step: int, stream: int = 0) -> tuple[np.random.Generato
     return np.random.default_rng(ss), g
 
 
-def degraded_pairs(clean: torch.Tensor, tasks: Sequence[str], g: torch.Generator) -> torch.Tensor:
-    """Network inputs for ``clean`` under each sample's task (SR inputs are bicubic-upsampled back)."""
+def degraded_pairs(clean: torch.Tensor, tasks: Sequence[str], g: torch.Generator, blind: bool = False) -> torch.Tensor:
+    """Network inputs for ``clean`` under each sample's task (SR inputs are bicubic-upsampled back).
+
+    ``blind``: the blind superset (:func:`degrade.blind_degrade`, seeded from ``g``) instead of LPFM's protocol.
+    """
     out = torch.empty_like(clean)
     size = clean.shape[-2:]
     for i, name in enumerate(tasks):
-        low = degrade.random_degradation(name, g).apply(clean[i : i + 1], g)
+        if blind:
+            seed = int(torch.randint(0, 2**62, (), generator=g))
+            arr, _ = degrade.blind_degrade(clean[i].permute(1, 2, 0).numpy(), seed, task=name)
+            low = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        else:
+            low = degrade.random_degradation(name, g).apply(clean[i : i + 1], g)
         out[i] = degrade.upsample(low, size=size)[0] if low.shape[-2:] != size else low[0]
     return out
+
+
+def stain_augment(clean: torch.Tensor, config: TrainConfig, rng: np.random.Generator,
+                  g: torch.Generator) -> torch.Tensor:
+    """HED jitter (probability ``stain_jitter``) and H+DAB re-rendering (``ihc_sim``) of clean crops."""
+    out = clean
+    if config.ihc_sim > 0:
+        pick = torch.from_numpy(rng.random(len(clean)) < config.ihc_sim)
+        if pick.any():
+            out = out.clone()
+            out[pick] = simulate_ihc(clean[pick], g)
+    if config.stain_jitter > 0:
+        pick = torch.from_numpy(rng.random(len(clean)) < config.stain_jitter)
+        if pick.any():
+            out = out.clone()
+            out[pick] = hed_jitter(out[pick], g, sigma=0.2, bias=0.03)
+    return out.clamp(0, 1).contiguous()
 
 
 def validation_set(bank: TileBank, config: TrainConfig, n: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -245,7 +321,7 @@ def validation_set(bank: TileBank, config: TrainConfig, n: int = 8) -> dict[str,
     rng, g = batch_rng(config.seed, 0, stream=99)
     clean = bank.crops(n, max(config.crop, 64), rng, split="val" if bank.val else "train", augment=False)
     for name in config.task_weights:
-        out[name] = (degraded_pairs(clean, [name] * n, g), clean)
+        out[name] = (degraded_pairs(clean, [name] * n, g, blind=config.blind), clean)
     return out
 
 
@@ -291,6 +367,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return step
 
 
+def _checkpoint_elapsed(path: Path) -> float:
+    """Wall time the stage had spent when ``path`` was written (0 for checkpoints without it)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata().get("meta", "{}"))
+    return float(meta.get("elapsed_s", 0.0))
+
+
 def _append_log(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -313,11 +398,13 @@ def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Paramete
     ckpt = stage_dir / "checkpoint.safetensors"
     optimizer = torch.optim.Adam(params, lr=config.lr)
     step = load_checkpoint(ckpt, model, optimizer) if resume and ckpt.exists() else 0
+    spent = _checkpoint_elapsed(ckpt) if step else 0.0
     if step:
-        log.info("%s: resuming at step %d", stage, step)
+        log.info("%s: resuming at step %d (%.0f s spent before)", stage, step, spent)
     logfile = stage_dir / "log.jsonl"
-    t0 = time.monotonic()
-    budget = config.max_minutes * 60 if config.max_minutes else None
+    t0 = time.monotonic() - spent  # a resumed stage keeps its place in the wall-time schedule
+    minutes = config.stage_minutes.get(stage, config.max_minutes)
+    budget = minutes * 60 if minutes else None
     values: dict[str, float] = {}
     stopped_early = False
     while step < total:
@@ -326,7 +413,8 @@ def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Paramete
         if frac >= 1:
             log.info("%s: time budget reached at step %d", stage, step)
             stopped_early = True
-            save_checkpoint(ckpt, model, optimizer, step, {"stage": stage, "stopped_by": "max_minutes"})
+            save_checkpoint(ckpt, model, optimizer, step, {"stage": stage, "stopped_by": "max_minutes",
+                                                           "elapsed_s": time.monotonic() - t0})
             break
         for group in optimizer.param_groups:
             group["lr"] = _cosine(step, frac, config.lr)
@@ -346,7 +434,7 @@ def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Paramete
             values.update({k: v for k, v in record.items() if k.startswith("val_")})
         _append_log(logfile, record)
         if step % config.checkpoint_every == 0 or step == total:
-            save_checkpoint(ckpt, model, optimizer, step, {"stage": stage})
+            save_checkpoint(ckpt, model, optimizer, step, {"stage": stage, "elapsed_s": time.monotonic() - t0})
         if progress is not None:
             progress(stage, step, total, values)
     model.eval()
@@ -366,28 +454,48 @@ def _sample_tasks(config: TrainConfig, rng: np.random.Generator, n: int) -> list
 
 
 def train_restorer(bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None,
-                   resume: bool = True) -> Restorer:
-    """L1 regression of clean tiles from degraded ones, all tasks in every batch."""
+                   resume: bool = True, encoder: StainEncoder | None = None) -> Restorer:
+    """L1 regression of clean tiles from degraded ones, all tasks in every batch.
+
+    With ``config.condition_restorer`` the frozen ``encoder``'s features of the degraded input condition
+    every block (FiLM); a ``cond_dropout`` fraction of samples sees them zeroed, which is also what the
+    ablation "without the encoder" runs.
+    """
     torch.manual_seed(config.seed)
     dev = _device(config)
-    model = Restorer(**config.restorer).to(dev)
+    conditioned = config.condition_restorer and encoder is not None
+    extra = {"extra_cond_dim": encoder.config.feature_dim} if conditioned else {}  # type: ignore[union-attr]
+    model = Restorer(**{**config.restorer, **extra}).to(dev)
+    if conditioned:
+        encoder.to(dev).eval().requires_grad_(False)  # type: ignore[union-attr]
     codes = {name: TASK_NAMES.index(name) for name in config.task_weights}
     val = {k: (a.to(dev), b.to(dev)) for k, (a, b) in validation_set(bank, config).items()}
 
+    def features(inputs: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor | None:
+        if not conditioned:
+            return None
+        with torch.no_grad():
+            feats = encoder(inputs)  # type: ignore[misc]
+        if rng is not None and config.cond_dropout > 0:
+            keep = torch.from_numpy(rng.random(len(inputs)) >= config.cond_dropout).to(feats)
+            feats = feats * keep[:, None]
+        return feats
+
     def step_fn(step: int) -> dict[str, float]:
         rng, g = batch_rng(config.seed, step, stream=1)
-        clean = bank.crops(config.batch, config.crop, rng)
+        clean = bank.crops(config.batch, config.crop, rng, zoom=config.zoom)
+        clean = stain_augment(clean, config, rng, g)
         tasks = _sample_tasks(config, rng, config.batch)
-        inputs = degraded_pairs(clean, tasks, g).to(dev, non_blocking=True)
+        inputs = degraded_pairs(clean, tasks, g, blind=config.blind).to(dev, non_blocking=True)
         clean = clean.to(dev, non_blocking=True)
-        out = model(inputs, torch.tensor([codes[t] for t in tasks], device=dev))
+        out = model(inputs, torch.tensor([codes[t] for t in tasks], device=dev), features(inputs, rng))
         loss = F.l1_loss(out, clean)
         return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
 
     def validate() -> dict[str, float]:
         scores = {}
         for name, (inputs, clean) in val.items():
-            out = model(inputs, torch.full((len(inputs),), codes[name], device=dev))
+            out = model(inputs, torch.full((len(inputs),), codes[name], device=dev), features(inputs))
             scores[f"{name}_psnr"] = round(psnr(out, clean), 3)
             scores[f"{name}_input_psnr"] = round(psnr(inputs, clean), 3)
         return scores
@@ -406,11 +514,24 @@ def train_encoder(bank: TileBank, config: TrainConfig, work_dir: Path, progress:
     dev = _device(config)
     model = StainEncoder(**config.encoder).to(dev)
 
+    def view(x: torch.Tensor, rng: np.random.Generator, g: torch.Generator) -> torch.Tensor:
+        if not config.encoder_degraded:
+            return x
+        # what the restorer will feed it: a degraded (then up-sampled) tile, or now and then a clean one
+        tasks = [t if rng.random() < 0.8 else "none" for t in _sample_tasks(config, rng, len(x))]
+        out = x.clone()
+        idx = [i for i, t in enumerate(tasks) if t != "none"]
+        if idx:
+            out[idx] = degraded_pairs(x[idx], [tasks[i] for i in idx], g, blind=True)
+        return out
+
     def step_fn(step: int) -> dict[str, float]:
         rng, g = batch_rng(config.seed, step, stream=2)
-        clean = bank.crops(max(config.batch, 8), config.crop, rng)
-        z1 = model.project(model(hed_jitter(clean, g).to(dev)))
-        z2 = model.project(model(hed_jitter(macenko_restain(clean, g), g).to(dev)))
+        clean = bank.crops(max(config.batch, 8), config.crop, rng, zoom=config.zoom)
+        if config.ihc_sim > 0:
+            clean = stain_augment(clean, replace(config, stain_jitter=0.0), rng, g)
+        z1 = model.project(model(view(hed_jitter(clean, g), rng, g).to(dev)))
+        z2 = model.project(model(view(hed_jitter(macenko_restain(clean, g), g), rng, g).to(dev)))
         loss = info_nce(z1, z2)
         return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
 
@@ -442,14 +563,16 @@ def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer:
         if follow_restorer is not None and step % follow_every == 0 and follow_restorer.exists():
             _follow(follow_restorer, restorer)
         rng, g = batch_rng(config.seed, step, stream=3)
-        clean = bank.crops(config.refiner_batch, config.crop, rng)
+        clean = bank.crops(config.refiner_batch, config.crop, rng, zoom=config.zoom)
+        clean = stain_augment(clean, config, rng, g)
         tasks = _sample_tasks(config, rng, config.refiner_batch)
         task_ids = torch.tensor([codes[t] for t in tasks], device=dev)
-        inputs = degraded_pairs(clean, tasks, g).to(dev)
+        inputs = degraded_pairs(clean, tasks, g, blind=config.blind).to(dev)
         clean = clean.to(dev)
         with torch.no_grad():
-            restored = restorer(inputs, task_ids).clamp(0, 1)
             feats = encoder(inputs)
+            extra = feats if restorer.config.extra_cond_dim else None
+            restored = restorer(inputs, task_ids, extra).clamp(0, 1)
         target = model.to_latent(clean - restored)
         t = torch.randint(0, model.config.num_train_timesteps, (len(clean),), generator=g)
         noise = torch.randn(target.shape, generator=g).to(dev)
@@ -463,6 +586,40 @@ def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer:
     _loop("refiner", model, list(model.parameters()), config.refiner_steps, config, work_dir, step_fn, None,
           progress, resume)
     _save_component(work_dir / "refiner", model)
+    return model
+
+
+def train_stainer(bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None,
+                  resume: bool = True) -> Restorer:
+    """Learned virtual staining on simulation: two-channel fluorescence simulated from clean H&E crops
+    (:func:`lpfm_toolkit.engine.fluorescence.simulate_fluorescence`) → that H&E, L1, task code virtual_stain."""
+    from lpfm_toolkit.engine.fluorescence import simulate_fluorescence
+
+    torch.manual_seed(config.seed + 3)
+    dev = _device(config)
+    model = Restorer(**{**config.stainer, "in_channels": 2, "out_channels": 3, "residual": False}).to(dev)
+    code = TASK_NAMES.index("virtual_stain")
+    rng_v, g_v = batch_rng(config.seed, 0, stream=98)
+    val_clean = bank.crops(8, max(config.crop, 64), rng_v, split="val" if bank.val else "train", augment=False)
+    val_in = simulate_fluorescence(val_clean, g_v).to(dev)
+    val_clean = val_clean.to(dev)
+
+    def step_fn(step: int) -> dict[str, float]:
+        rng, g = batch_rng(config.seed, step, stream=5)
+        clean = bank.crops(config.batch, config.crop, rng, zoom=config.zoom)
+        if config.stain_jitter > 0:  # H&E of other labs' colours, never IHC: the target is H&E
+            clean = stain_augment(clean, replace(config, ihc_sim=0.0), rng, g)
+        fluo = simulate_fluorescence(clean, g).to(dev)
+        loss = F.l1_loss(model(fluo, torch.full((len(fluo),), code, device=dev)), clean.to(dev))
+        return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
+
+    def validate() -> dict[str, float]:
+        out = model(val_in, torch.full((len(val_in),), code, device=dev))
+        return {"virtual_stain_psnr": round(psnr(out, val_clean), 3)}
+
+    _loop("stainer", model, list(model.parameters()), config.stainer_steps, config, work_dir, step_fn, validate,
+          progress, resume)
+    _save_component(work_dir / "stainer", model)
     return model
 
 
@@ -497,6 +654,10 @@ def _load_final(work_dir: Path, stage: str) -> torch.nn.Module:
     return load_component(folder, stage)
 
 
+def _wanted_stages(config: TrainConfig) -> tuple[str, ...]:
+    return tuple(s for s in STAGES if s != "stainer" or config.stainer_steps > 0)
+
+
 def train(config: TrainConfig, work_dir: str | Path, out: str | Path | None = None,
           stages: Sequence[str] = STAGES, progress: TrainProgress | None = None, resume: bool = True,
           name: str = "lpfm-custom") -> Path | None:
@@ -516,14 +677,18 @@ def train(config: TrainConfig, work_dir: str | Path, out: str | Path | None = No
         if stage == "encoder":
             train_encoder(bank, config, work_dir, progress, resume)
         elif stage == "restorer":
-            train_restorer(bank, config, work_dir, progress, resume)
+            encoder = _load_final(work_dir, "encoder") if config.condition_restorer else None
+            train_restorer(bank, config, work_dir, progress, resume, encoder=encoder)  # type: ignore[arg-type]
+        elif stage == "stainer":
+            if config.stainer_steps > 0:
+                train_stainer(bank, config, work_dir, progress, resume)
         else:
             restorer = _load_final(work_dir, "restorer")
             encoder = _load_final(work_dir, "encoder")
             train_refiner(bank, config, work_dir, restorer, encoder, progress, resume)  # type: ignore[arg-type]
         timings[stage] = time.monotonic() - t0
         _record_timing(work_dir, stage, timings[stage])
-    if out is None or not all((work_dir / s / "final").exists() for s in STAGES):
+    if out is None or not all((work_dir / s / "final").exists() for s in _wanted_stages(config)):
         return None
     return export_bundle(work_dir, out, name=name)
 
@@ -544,7 +709,11 @@ def export_bundle(work_dir: str | Path, out: str | Path, name: str, metrics: dic
     config = json.loads((work_dir / "config.json").read_text())
     timings_path = work_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    components = {stage: _load_final(work_dir, stage) for stage in STAGES}
+    components = {stage: _load_final(work_dir, stage) for stage in STAGES
+                  if stage in REQUIRED_STAGES or (work_dir / stage / "final").exists()}
+    if "stainer" in components and "tasks" not in index_options:
+        index_options["tasks"] = [*config.get("task_weights", {}), "virtual_stain"]
+        index_options.setdefault("stains", {"source": ["fluorescence", "AF"], "target": "H&E"})
     return write_bundle(out, name=name, components=components, training=config, timings=timings,
                         metrics=metrics, notes=card_notes, **index_options)
 

@@ -116,3 +116,24 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> to
     logits = z1 @ z2.T / temperature
     target = torch.arange(len(z1), device=z1.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def simulate_ihc(rgb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Re-render H&E tiles as haematoxylin + DAB (IHC-like) by colour deconvolution: a smooth random field
+    marks a random fraction of the haematoxylin as DAB-positive, eosin nearly vanishes.
+
+    A stain augmentation only: it is not a real IHC source and is never reported as one.
+    """
+    n, _, h, w = rgb.shape
+    hed = rgb_to_hed(rgb).clamp(min=0)
+    coarse = torch.rand((n, 1, max(h // 6, 2), max(w // 6, 2)), generator=generator)
+    field_ = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    frac = 0.1 + 0.5 * torch.rand((n, 1, 1, 1), generator=generator)
+    thr = torch.quantile(field_.flatten(1), 1 - frac.flatten(), dim=1).diagonal().view(n, 1, 1, 1)
+    pos = torch.sigmoid((field_ - thr) * 25)
+    dab_gain = 1.0 + 1.5 * torch.rand((n, 1, 1, 1), generator=generator)
+    h_gain = 0.6 + 0.6 * torch.rand((n, 1, 1, 1), generator=generator)
+    e_gain = 0.15 * torch.rand((n, 1, 1, 1), generator=generator)
+    hem = hed[:, :1] * (1 - 0.7 * pos) * h_gain
+    dab = hed[:, :1] * pos * dab_gain
+    return hed_to_rgb(torch.cat([hem, hed[:, 1:2] * e_gain, dab], dim=1).to(rgb.dtype))

@@ -10,27 +10,38 @@ from typing import Any
 
 from lpfm_toolkit.engine.base import Engine, EngineOutput, IdentityEngine
 from lpfm_toolkit.errors import ConfigError
+from lpfm_toolkit.prompts import Task
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "lpfm", "classical", "identity")
 
 
-def default_engine_name() -> str:
-    """``lpfm`` when the shipped default bundle is installed, else ``classical``."""
+def default_engine_name(task: Task | None = None) -> str:
+    """``lpfm`` when the shipped default bundle is installed (and, given ``task``, was trained for it), else
+    ``classical``. Decided from the bundle's ``model_index.json``: no model is loaded."""
     try:
         from lpfm_toolkit.engine.lpfm import default_bundle_available
     except ImportError:
         return "classical"
-    return "lpfm" if default_bundle_available() else "classical"
+    if not default_bundle_available():
+        return "classical"
+    if task is not None:
+        from lpfm_toolkit.engine.bundle import trained_for
+
+        if not trained_for(task):
+            log.info("the default bundle was not trained for %s: the classical engine runs it", task.label)
+            return "classical"
+    return "lpfm"
 
 
 def get_engine(name: str = "auto", *, method: str | None = None, model: str | None = None,
                device: str | None = None, steps: int | None = None, samples: int = 1,
-               trust_pickle: bool = False) -> Engine:
-    """An engine by name. ``auto`` means the learned model when ``model`` is given or the default bundle is there."""
+               trust_pickle: bool = False, tta: bool = False, task: Task | None = None) -> Engine:
+    """An engine by name. ``auto`` means the learned model when ``model`` is given or the default bundle is
+    there and (given ``task``) was trained for that task; otherwise the classical engine."""
     if name == "auto":
-        name = "lpfm" if model else default_engine_name()
+        name = "lpfm" if model else default_engine_name(task)
     if name == "classical":
         from lpfm_toolkit.engine.classical import ClassicalEngine
 
@@ -46,7 +57,7 @@ def get_engine(name: str = "auto", *, method: str | None = None, model: str | No
             raise MissingDependencyError(f"the lpfm engine could not be loaded ({exc})",
                                          "install torch and diffusers, or use --engine classical") from exc
         return LpfmEngine.from_options(model=model, device=device, steps=steps, samples=samples,
-                                       trust_pickle=trust_pickle)
+                                       trust_pickle=trust_pickle, tta=tta)
     raise ConfigError(f"unknown engine {name!r}", f"use one of {', '.join(ENGINES)}")
 
 
@@ -71,5 +82,5 @@ def engine_from_description(desc: dict[str, Any]) -> Engine:
         return IdentityEngine()
     if name == "lpfm":
         return get_engine("lpfm", model=desc.get("model_path") or desc.get("model"), steps=desc.get("steps"),
-                          samples=int(desc.get("samples", 1)), device=None)
+                          samples=int(desc.get("samples", 1)), device=None, tta=bool(desc.get("tta", False)))
     raise ConfigError(f"provenance names an unknown engine {name!r}", "it was made by a newer or foreign tool")

@@ -101,7 +101,8 @@ def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ModelError(f"cannot load {path} with weights_only=True: {exc}",
+            # torch's message advises retrying with weights_only=False, i.e. running the pickle's code: not ours
+            raise ModelError(f"cannot load {path} with weights_only=True: {_pickle_reason(exc)}",
                              "the checkpoint holds more than tensors; convert it to .safetensors") from exc
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
@@ -109,6 +110,18 @@ def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
             raise ModelError(f"{path} does not hold a state dict")
         return state
     raise ModelError(f"unknown weight file type {path.name}", "use .safetensors")
+
+
+def _pickle_reason(exc: BaseException) -> str:
+    """What torch's weights-only error says the pickle holds, without its advice to trust it anyway."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+    if found:
+        return f"it holds a {found.group(1)} object, not only tensors"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return "it holds objects other than tensors" if "weights_only" in text or len(first) > 200 else first
 
 
 def load_component(folder: str | Path, expected: str | None = None, trust_pickle: bool = False) -> Any:
@@ -173,6 +186,31 @@ def read_index(path: Path) -> dict[str, Any]:
         raise ModelError(f"{path} uses bundle format {index['format_version']}",
                          "upgrade lpfm-toolkit to load it")
     return index
+
+
+def stains_match(stains: dict[str, Any], source: str | None, target: str | None) -> bool:
+    """Whether a bundle's ``stains`` entry (source: one stain or a list) covers ``source → target``."""
+    sources = stains.get("source")
+    sources = sources if isinstance(sources, list) else [sources]
+    return source in sources and stains.get("target") == target
+
+
+def trained_for(task: Any, model: str | Path | None = None) -> bool:
+    """Whether a bundle (default: the shipped default) was trained for ``task``, from its index alone:
+    no torch, no weights. False when the bundle cannot be found or read."""
+    from lpfm_toolkit.engine.taskcodes import TASK_NAMES, task_code
+
+    try:
+        index = read_index(resolve(model))
+    except ModelError:
+        return False
+    if TASK_NAMES[task_code(task)] not in index.get("tasks", []):
+        return False
+    stains = index.get("stains")
+    if getattr(task.kind, "value", None) == "virtual_stain" and isinstance(stains, dict):
+        return stains_match(stains, getattr(task.source_stain, "value", None),
+                            getattr(task.target_stain, "value", None))
+    return True
 
 
 def shipped_bundles() -> list[str]:

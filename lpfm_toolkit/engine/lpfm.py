@@ -1,10 +1,12 @@
 """The LPFM engine: restorer (one pass) and, with ``steps > 0``, residual diffusion refinement.
 
-Per tile: super-resolution inputs are bicubic-upsampled, the restorer predicts the clean tile, and the
+Per tile: super-resolution inputs are bicubic-upsampled, the restorer predicts the clean tile (a residual
+over its input, conditioned on the stain encoder's features when the bundle was trained so), and the
 refiner samples ``samples`` residuals with a diffusers scheduler (DDIM or DPM-Solver). The output is the
 mean of the samples and, with two or more samples, their per-pixel standard deviation is the uncertainty.
 Every random draw of a tile comes from a generator seeded by that tile's seed, so the pixels do not
-depend on batch size, order or device.
+depend on batch size, order or device. ``tta=True`` averages the restorer over the 8 flips/rotations of
+the tile. Virtual staining runs the bundle's ``stainer`` on per-channel normalised fluorescence.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lpfm_toolkit.engine.base import Engine, EngineOutput, unsupported
-from lpfm_toolkit.engine.bundle import DEFAULT_BUNDLE, SHIPPED_DIR, Bundle, load_bundle
+from lpfm_toolkit.engine.bundle import DEFAULT_BUNDLE, SHIPPED_DIR, Bundle, load_bundle, stains_match
 from lpfm_toolkit.engine.taskcodes import TASK_NAMES, task_code
 from lpfm_toolkit.errors import ConfigError
 from lpfm_toolkit.prompts import Task, TaskKind
@@ -46,7 +48,8 @@ class LpfmEngine(Engine):
     batch_size = 4
 
     def __init__(self, bundle: Bundle, device: str | None = None, steps: int | None = None, samples: int = 1,
-                 sampler: str | None = None, threads: int | None = None, compile: bool = False) -> None:
+                 sampler: str | None = None, threads: int | None = None, compile: bool = False,
+                 tta: bool = False) -> None:
         import torch
 
         from lpfm_toolkit.engine.device import autocast_dtype, configure_cpu_threads, cuda_batch_size, select_device
@@ -61,6 +64,8 @@ class LpfmEngine(Engine):
         self.steps = int(steps)
         self.samples = int(samples)
         self.sampler = sampler or str(bundle.index.get("default_sampler", "ddim"))
+        self.tta = bool(tta)
+        self._fluo_p995: Any = None
         if self.steps < 0:
             raise ConfigError(f"steps must be 0 or more (got {self.steps})")
         if self.samples < 1:
@@ -74,6 +79,12 @@ class LpfmEngine(Engine):
         self.restorer = bundle.components["restorer"].to(self.device)
         self.encoder = bundle.components.get("encoder")
         self.refiner = bundle.components.get("refiner")
+        self.stainer = bundle.components.get("stainer")
+        if self.stainer is not None:
+            self.stainer = self.stainer.to(self.device)
+        if self.restorer.config.extra_cond_dim and self.encoder is None:
+            raise ConfigError(f"bundle {bundle.name}: its restorer is conditioned on the stain encoder, "
+                              "but the bundle has no encoder", "restore the bundle's encoder/ folder")
         if self.encoder is not None:
             self.encoder = self.encoder.to(self.device)
         if self.refiner is not None:
@@ -92,14 +103,14 @@ class LpfmEngine(Engine):
 
     @classmethod
     def from_options(cls, model: str | None = None, device: str | None = None, steps: int | None = None,
-                     samples: int = 1, trust_pickle: bool = False) -> LpfmEngine:
+                     samples: int = 1, trust_pickle: bool = False, tta: bool = False) -> LpfmEngine:
         """Load a shipped bundle by name, a bundle folder, or (``None``) the default ``lpfm-tiny``.
 
         ``LPFM_COMPILE=1`` in the environment wraps the networks in ``torch.compile``.
         """
         compile_ = os.environ.get("LPFM_COMPILE", "") not in ("", "0")
         return cls(load_bundle(model, trust_pickle=trust_pickle), device=device, steps=steps, samples=samples,
-                   compile=compile_)
+                   compile=compile_, tta=tta)
 
     # ------------------------------------------------------------------------------------- contract
 
@@ -110,11 +121,19 @@ class LpfmEngine(Engine):
                                   "use the classical engine (--engine classical) or a bundle trained with "
                                   "'lpfm train --task stain --pairs DIR'")
             stains = self.bundle.index.get("stains")
-            wanted = {"source": getattr(task.source_stain, "value", None),
-                      "target": getattr(task.target_stain, "value", None)}
-            if task.kind is TaskKind.VIRTUAL_STAIN and stains and stains != wanted:
+            source = getattr(task.source_stain, "value", None)
+            target = getattr(task.target_stain, "value", None)
+            if task.kind is TaskKind.VIRTUAL_STAIN and stains and not stains_match(stains, source, target):
                 raise unsupported(self.name, task, f"bundle {self.bundle.name} translates "
                                   f"{stains['source']}→{stains['target']}", "use a bundle trained for this pair")
+            if task.kind is TaskKind.VIRTUAL_STAIN and self.stainer is not None:
+                expected = self.stainer.config.in_channels
+                if len(channel_names) != expected:
+                    raise unsupported(self.name, task, f"its stainer needs {expected} fluorescence channels "
+                                      f"(nuclear first, then cytoplasm/autofluorescence), got "
+                                      f"{len(channel_names)} ({', '.join(channel_names)})",
+                                      "give two channels, or use --engine classical (1–2 channels)")
+                return
         elif _task_name(task) not in self.bundle.tasks:
             raise unsupported(self.name, task, f"bundle {self.bundle.name} was trained for "
                               f"{', '.join(self.bundle.tasks)}", "choose one of those tasks or another bundle")
@@ -124,8 +143,21 @@ class LpfmEngine(Engine):
                               f"{len(channel_names)} channels ({', '.join(channel_names)})",
                               "use an RGB brightfield image or the classical engine")
 
+    def needs_overview(self, task: Task) -> bool:
+        return task.kind is TaskKind.VIRTUAL_STAIN and self.stainer is not None
+
+    def prepare(self, task: Task, overview: np.ndarray) -> None:
+        """Virtual staining: each fluorescence channel's 99.5th percentile over the region, for normalising."""
+        if self.needs_overview(task):
+            import torch
+
+            flat = overview.reshape(-1, overview.shape[-1]).astype(np.float32)
+            p = np.maximum(np.percentile(flat, 99.5, axis=0), 1e-6)
+            self._fluo_p995 = torch.from_numpy(p.astype(np.float32)).view(1, -1, 1, 1).to(self.device)
+
     def describe(self) -> dict[str, Any]:
-        return {
+        extra = {"tta": True} if self.tta else {}
+        return {**extra,
             "name": self.name,
             "model": self.bundle.name,
             "model_sha256": self.bundle.sha256,
@@ -172,25 +204,52 @@ class LpfmEngine(Engine):
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def restore(self, x: Any, task: Task) -> Any:
-        """The restorer's output for (N, C, H, W) tiles in [0, 1] on the engine's device."""
+        """The restorer's output for (N, C, H, W) tiles in [0, 1] on the engine's device, and its input."""
         import torch
 
         from lpfm_toolkit.engine.degrade import upsample
 
+        if task.kind is TaskKind.VIRTUAL_STAIN and self.stainer is not None:
+            return self._stain(x), x
         if task.scale > 1:
             x = upsample(x, task.scale)
         code = torch.full((x.shape[0],), task_code(task), device=self.device, dtype=torch.long)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
-            return self.restorer(x, code).float().clamp(0, 1), x
+            if not self.tta:
+                return self._restore_once(x, code).float().clamp(0, 1), x
+            acc = torch.zeros_like(x[:, : self.restorer.config.out_channels], dtype=torch.float32)
+            for k in range(4):
+                for flip in (False, True):
+                    t = torch.rot90(x, k, dims=(-2, -1))
+                    t = torch.flip(t, dims=(-1,)) if flip else t
+                    y = self._restore_once(t.contiguous(), code).float()
+                    y = torch.flip(y, dims=(-1,)) if flip else y
+                    acc += torch.rot90(y, -k, dims=(-2, -1))
+            return (acc / 8).clamp(0, 1), x
+
+    def _restore_once(self, x: Any, code: Any) -> Any:
+        feats = self.encoder(x) if self.restorer.config.extra_cond_dim else None  # type: ignore[misc]
+        return self.restorer(x, code, feats)
+
+    def _stain(self, x: Any) -> Any:
+        """Fluorescence (N, 2, H, W) → H&E with the stainer, channels normalised as in training."""
+        import torch
+
+        from lpfm_toolkit.engine.fluorescence import normalise_fluorescence
+
+        code = torch.full((x.shape[0],), TASK_NAMES.index("virtual_stain"), device=self.device, dtype=torch.long)
+        with torch.inference_mode():
+            x = normalise_fluorescence(x.float(), self._fluo_p995)
+            return self.stainer(x, code).float().clamp(0, 1)  # type: ignore[misc]
 
     def enhance(self, x: Any, task: Task, seeds: Sequence[int]) -> tuple[Any, Any]:
         """(mean, std or None) for a chunk of tiles; ``std`` is the per-pixel std over samples."""
         import torch
 
         restored, inp = self.restore(x, task)
-        if self.steps == 0 or self.refiner is None:
+        if self.steps == 0 or self.refiner is None or task.kind is TaskKind.VIRTUAL_STAIN:
             return restored, None
         k = self.samples
         n, c, h, w = restored.shape

@@ -100,6 +100,21 @@ def test_trusted_pickle_still_rejects_arbitrary_objects(tmp_path: Path) -> None:
         B.read_weights(path, trust_pickle=True)
 
 
+class _Opaque:
+    """Not a tensor: the weights-only unpickler refuses it."""
+
+
+def test_trusted_pickle_refusal_does_not_relay_torchs_advice_to_disable_weights_only(tmp_path: Path) -> None:
+    path = tmp_path / "opaque.pt"
+    torch.save({"obj": _Opaque()}, path)
+    with pytest.raises(ModelError) as info:
+        B.read_weights(path, trust_pickle=True)
+    text = f"{info.value} {getattr(info.value, 'fix', '')}"
+    assert "_Opaque" in text and "safetensors" in text
+    assert "weights_only=False" not in text and "weights_only set to False" not in text
+    assert "safe_globals" not in text and "arbitrary code" not in text.replace("can run arbitrary code", "")
+
+
 def test_resolve_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="no model bundle named"):
         B.resolve("no-such-bundle")

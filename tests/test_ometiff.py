@@ -185,9 +185,10 @@ def test_tiles_are_compressed_exactly_as_tifffile_would(tmp_path: Path, compress
     comp = None if compression == "none" else compression
     with tifffile.TiffWriter(reference) as tw:  # one page per plane, as the writer lays them out
         for plane in [img] if rgb else [img[:, :, c] for c in range(channels)]:
-            jpeg = {"compressionargs": {"level": JPEG_QUALITY}} if compression == "jpeg" else {}
+            jpeg: dict = {"compressionargs": {"level": JPEG_QUALITY}} if compression == "jpeg" else {}
             if jpeg and rgb:
-                jpeg["subsampling"] = {"4:4:4": (1, 1), "4:2:0": (2, 2)}[JPEG_SUBSAMPLING]
+                jpeg["subsampling"] = {"4:4:4": (1, 1), "4:2:2": (2, 1), "4:2:0": (2, 2)}[JPEG_SUBSAMPLING]
+                jpeg["compressionargs"]["outcolorspace"] = "RGB" if JPEG_SUBSAMPLING == "4:4:4" else "YCBCR"
             tw.write(plane, tile=(256, 256), compression=comp, photometric="rgb" if rgb else "minisblack",
                      metadata=None, **jpeg)
     expected = []
@@ -415,5 +416,6 @@ def test_compression_settings_are_recorded_in_provenance(tmp_path: Path, compres
     with tifffile.TiffFile(ref.uri) as tif:
         page = tif.pages[0]
         assert page.compression == (7 if compression == "jpeg" else 50000)
-        if compression == "jpeg":  # YCbCr sub-sampling as recorded
+        if compression == "jpeg":  # 4:4:4 as RGB JPEG (Bio-Formats misreads YCbCr 4:4:4), else YCbCr sub-sampled
+            assert page.photometric == (2 if subsampling == "4:4:4" else 6)
             assert page.tags["YCbCrSubSampling"].value == ((1, 1) if subsampling == "4:4:4" else (2, 2))

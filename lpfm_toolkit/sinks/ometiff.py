@@ -45,7 +45,10 @@ OME_PIXEL_TYPES = {"int8": "int8", "int16": "int16", "int32": "int32", "uint8": 
 #: JPEG settings of ``--compression jpeg`` (and of ``auto`` where it picks JPEG); docs/benchmarks.md, "Compression"
 JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = "4:4:4"
-_SUBSAMPLING = {"4:4:4": (1, 1), "4:2:2": (2, 1), "4:2:0": (2, 2)}
+# chroma sub-sampling → (TIFF YCbCrSubSampling, colour space of the JPEG data). 4:4:4 is stored as RGB JPEG
+# (photometric RGB), not as YCbCr 4:4:4: Bio-Formats 7.3.1 decodes YCbCr JPEG tiles without sub-sampling into wrong
+# colours (tests/interop found it), while it reads RGB JPEG, 4:2:2 and 4:2:0 exactly as tifffile/libjpeg-turbo do.
+_SUBSAMPLING = {"4:4:4": ((1, 1), "RGB"), "4:2:2": ((2, 1), "YCBCR"), "4:2:0": ((2, 2), "YCBCR")}
 _TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
 
 
@@ -160,8 +163,9 @@ def _codec(compression: str, rgb: bool, quality: int = JPEG_QUALITY, subsampling
     kwargs: dict[str, Any] = {}
     if compression == "jpeg":
         kwargs = {"level": quality}
-        if rgb:  # tifffile stores RGB JPEG tiles as YCbCr, chroma sub-sampled as asked
-            kwargs.update(subsampling=_SUBSAMPLING[subsampling], colorspace="RGB", outcolorspace="YCBCR")
+        if rgb:  # as tifffile does for photometric RGB: YCbCr chroma sub-sampled as asked, or RGB for 4:4:4
+            factors, colorspace = _SUBSAMPLING[subsampling]
+            kwargs.update(subsampling=factors, colorspace="RGB", outcolorspace=colorspace)
     return lambda tile: encode(tile, **kwargs)
 
 
@@ -380,7 +384,9 @@ class _TilePyramid:
         if self.compression == "jpeg":
             common["compressionargs"] = {"level": self.quality}
             if self.rgb:
-                common["subsampling"] = _SUBSAMPLING[self.subsampling]
+                factors, colorspace = _SUBSAMPLING[self.subsampling]
+                common["subsampling"] = factors
+                common["compressionargs"]["outcolorspace"] = colorspace
         resolution = (1e4 / spec.mpp[0], 1e4 / spec.mpp[1]) if spec.mpp else None
         description = xml.encode("utf-8")  # see build_ome_xml: UTF-8, never character references
         with tifffile.TiffWriter(path, bigtiff=True) as tw:

@@ -1,0 +1,551 @@
+"""Quality control: find what needs enhancing, tile by tile, and summarise it per slide.
+
+:func:`assess` reads a region at a pyramid level tile by tile (memory: one tile and the per-tile numbers)
+and runs a degradation estimator on each — the classical one (no weights) or the learned one from the
+default bundle. The :class:`SlideQC` it returns holds per-tile estimates and flags and a per-slide summary
+(fraction of tissue out of focus, noisy, compressed; median noise σ; the worst regions), and is written as
+JSON, CSV and a heat-map PNG by :func:`write_outputs`. :func:`flagged_regions` merges flagged tiles into
+polygons for QuPath annotations and OMERO ROIs. :func:`auto_enhance` (``lpfm enhance --auto``) enhances
+only flagged tiles, each with the task matching its defect, and scores them again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lpfm_toolkit._version import __version__
+from lpfm_toolkit.engine.estimate import ClassicalEstimator, Thresholds, TileEstimate
+from lpfm_toolkit.errors import ConfigError, LpfmError
+from lpfm_toolkit.sources.base import ImageHandle, Region
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+ESTIMATORS = ("auto", "classical", "learned")
+#: defect → QuPath/OMERO class name, colour (RGB) and the task that fixes it
+DEFECTS: dict[str, tuple[str, tuple[int, int, int]]] = {
+    "out_of_focus": ("lpfm: out of focus", (230, 60, 40)),
+    "noisy": ("lpfm: noisy", (40, 120, 230)),
+    "compressed": ("lpfm: compressed", (240, 190, 30)),
+}
+MIN_TISSUE = 0.25
+QC_NAMESPACE = "lpfm-toolkit/qc"
+
+
+def get_estimator(name: str = "auto", *, brightfield: bool = True) -> Any:
+    """``classical``, ``learned`` (the default bundle's estimator), or ``auto``: learned when it loads."""
+    if name not in ESTIMATORS:
+        raise ConfigError(f"unknown estimator {name!r}", f"use one of {', '.join(ESTIMATORS)}")
+    if name == "classical" or not brightfield:
+        if name == "learned":
+            raise ConfigError(
+                "the learned estimator is trained on RGB brightfield only", "use --estimator classical for fluorescence"
+            )
+        return ClassicalEstimator(brightfield)
+    try:
+        from lpfm_toolkit.engine.estimate_learned import LearnedEstimator
+
+        return LearnedEstimator.load()
+    except Exception as exc:  # torch missing, or no estimator in the bundle
+        if name == "learned":
+            if isinstance(exc, LpfmError):  # it already says what to do
+                raise
+            raise ConfigError(
+                f"the learned estimator could not be loaded ({exc})", "install torch, or use --estimator classical"
+            ) from exc
+        log.info("learned estimator unavailable (%s); using the classical one", exc)
+        return ClassicalEstimator(brightfield)
+
+
+@dataclass(frozen=True)
+class TileQC:
+    """One tile: where it is (pixels of the level), what the estimator saw, and what is flagged."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+    estimate: TileEstimate
+    flags: dict[str, bool]
+
+    @property
+    def flagged(self) -> bool:
+        return any(self.flags.values())
+
+    def severity(self, t: Thresholds) -> float:
+        """How far past its thresholds the tile is (≤ 1: not flagged); 0 for tiles without enough tissue."""
+        if not any(self.flags.values()) and self.estimate.tissue < MIN_TISSUE:
+            return 0.0
+        e = self.estimate
+        parts = [e.noise_sigma / t.noise, t.quality / max(e.jpeg_quality, 1.0)]
+        if not math.isnan(e.blur_sigma):
+            parts.append(e.blur_sigma / t.blur)
+        return float(max(parts))
+
+    def task(self) -> str | None:
+        """The enhancement this tile needs: deblur, denoise, restore (both, or blur with compression), or None."""
+        blur, noise, jpeg = self.flags["out_of_focus"], self.flags["noisy"], self.flags["compressed"]
+        if blur and (noise or jpeg):
+            return "restore"
+        if blur:
+            return "deblur"
+        if noise or jpeg:
+            return "denoise"
+        return None
+
+    def row(self, mpp: float | None) -> dict[str, Any]:
+        e = self.estimate
+        return {
+            "x": self.x,
+            "y": self.y,
+            "width": self.width,
+            "height": self.height,
+            "tissue": round(e.tissue, 4),
+            "blur_sigma": _r(e.blur_sigma),
+            "resolution": _r(e.resolution(mpp)),
+            "noise_sigma": _r(e.noise_sigma),
+            "jpeg_quality": _r(e.jpeg_quality),
+            "jpeg_score": _r(e.jpeg_score),
+            **{k: v for k, v in self.flags.items()},
+            "task": self.task() or "",
+        }
+
+
+def _r(v: float, digits: int = 3) -> float | None:
+    return None if v is None or math.isnan(v) else round(float(v), digits)
+
+
+@dataclass
+class SlideQC:
+    """Per-tile estimates and flags of one slide region, and its summary."""
+
+    name: str
+    uri: str
+    system: str
+    level: int
+    downsample: float
+    mpp: float | None  # µm per pixel at the level
+    region: Region
+    tile: int
+    estimator: dict[str, Any]
+    thresholds: Thresholds
+    tiles: list[TileQC] = field(default_factory=list)
+    seconds: float = 0.0
+    source_id: str | None = None
+
+    def tissue_tiles(self) -> list[TileQC]:
+        return [t for t in self.tiles if t.estimate.tissue >= MIN_TISSUE]
+
+    def summary(self, worst: int = 5) -> dict[str, Any]:
+        """Fractions of tissue area flagged per defect, medians, the ``worst`` tiles, and a ranking score."""
+        tissue = self.tissue_tiles()
+        area = sum(t.estimate.tissue * t.width * t.height for t in tissue)
+
+        def frac(key: str) -> float:
+            if not area:
+                return 0.0
+            return sum(t.estimate.tissue * t.width * t.height for t in tissue if t.flags[key]) / area
+
+        blur = [t.estimate.blur_sigma for t in tissue if not math.isnan(t.estimate.blur_sigma)]
+        noise = [t.estimate.noise_sigma for t in tissue]
+        flagged = frac("out_of_focus"), frac("noisy"), frac("compressed")
+        any_frac = (sum(t.estimate.tissue * t.width * t.height for t in tissue if t.flagged) / area) if area else 0.0
+        ranked = sorted((t for t in tissue if t.flagged), key=lambda t: -t.severity(self.thresholds))[:worst]
+        return {
+            "tiles": len(self.tiles),
+            "tissue_tiles": len(tissue),
+            "out_of_focus_fraction": round(flagged[0], 4),
+            "noisy_fraction": round(flagged[1], 4),
+            "compressed_fraction": round(flagged[2], 4),
+            "flagged_fraction": round(any_frac, 4),
+            "median_blur_sigma": _r(float(np.median(blur))) if blur else None,
+            "median_noise_sigma": _r(float(np.median(noise))) if noise else None,
+            "median_resolution": _r(float(np.median(blur)) * 2.3548 * (self.mpp or 1.0)) if blur else None,
+            "resolution_unit": "µm" if self.mpp else "px",
+            "worst_regions": [
+                {
+                    "x": t.x,
+                    "y": t.y,
+                    "width": t.width,
+                    "height": t.height,
+                    "defects": [k for k, v in t.flags.items() if v],
+                    "severity": round(t.severity(self.thresholds), 3),
+                }
+                for t in ranked
+            ],
+            "score": round(any_frac + 0.01 * (ranked[0].severity(self.thresholds) if ranked else 0.0), 4),
+        }
+
+    def key(self) -> str:
+        """An idempotency key: the image, region, level, tiling, estimator and thresholds."""
+        blob = json.dumps(
+            [
+                self.uri,
+                self.system,
+                self.level,
+                list(self.region.as_tuple()),
+                self.tile,
+                self.estimator,
+                self.thresholds.to_dict(),
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        return "qc-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "uri": self.uri,
+            "system": self.system,
+            "id": self.source_id,
+            "level": self.level,
+            "downsample": self.downsample,
+            "mpp": self.mpp,
+            "region": list(self.region.as_tuple()),
+            "tile": self.tile,
+            "estimator": self.estimator,
+            "thresholds": self.thresholds.to_dict(),
+            "min_tissue": MIN_TISSUE,
+            "toolkit_version": __version__,
+            "key": self.key(),
+            "seconds": round(self.seconds, 3),
+            "summary": self.summary(),
+            "tiles": [t.row(self.mpp) for t in self.tiles],
+        }
+
+
+def tile_boxes(region: Region, tile: int) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping ``tile``-px boxes over ``region`` (level pixels); the last row and column are moved
+    back to end at the border, so every box has the full size (smaller only for regions under one tile)."""
+    from lpfm_toolkit.tiling import tile_positions
+
+    xs = tile_positions(region.width, tile, 0) if region.width > tile else [0]
+    ys = tile_positions(region.height, tile, 0) if region.height > tile else [0]
+    tw, th = min(tile, region.width), min(tile, region.height)
+    return [(region.x + x, region.y + y, tw, th) for y in ys for x in xs]
+
+
+def assess(
+    handle: ImageHandle,
+    *,
+    level: int = 0,
+    region: Region | None = None,
+    tile: int = 256,
+    estimator: Any = None,
+    thresholds: Thresholds | None = None,
+    progress: ProgressFn | None = None,
+    batch: int = 8,
+) -> SlideQC:
+    """Estimate the degradations of every tile of ``region`` (default: the whole level) of ``handle``.
+
+    Tiles are read one row-batch at a time, so memory does not grow with the slide.
+    """
+    from lpfm_toolkit.pipeline import to_float
+
+    if tile < 32:
+        raise ConfigError(f"QC tile size {tile} is too small", "use --tile 128 or more (256 is the default)")
+    region = region or handle.full_region(level)
+    handle.check_region(level, region)
+    thresholds = thresholds or Thresholds()
+    brightfield = handle.is_rgb
+    estimator = estimator or ClassicalEstimator(brightfield)
+    boxes = tile_boxes(region, tile)
+    lv = handle.levels[level]
+    mpp = handle.level_mpp(level)
+    qc = SlideQC(
+        name=handle.name,
+        uri=handle.uri,
+        system=handle.system,
+        level=level,
+        downsample=lv.downsample,
+        mpp=float(np.mean(mpp)) if mpp else None,
+        region=region,
+        tile=tile,
+        estimator=estimator.describe(),
+        thresholds=thresholds,
+        source_id=str(getattr(handle, "source_id", "")) or None,
+    )
+    t0 = time.perf_counter()
+    for start in range(0, len(boxes), batch):
+        chunk = boxes[start : start + batch]
+        pixels = [to_float(handle.read_region(level, *b)) for b in chunk]
+        if not brightfield or any(p.shape != pixels[0].shape for p in pixels):
+            ests = [estimator.estimate(p[None])[0] for p in pixels]
+        else:
+            ests = estimator.estimate(np.stack(pixels))
+        for b, e in zip(chunk, ests):
+            qc.tiles.append(TileQC(*b, estimate=e, flags=e.flags(thresholds, MIN_TISSUE)))
+        if progress is not None:
+            progress(len(qc.tiles), len(boxes))
+    qc.seconds = time.perf_counter() - t0
+    return qc
+
+
+def rank(results: Sequence[SlideQC]) -> list[SlideQC]:
+    """Slides worst first (largest flagged tissue fraction, then the worst tile's severity)."""
+    return sorted(results, key=lambda q: -q.summary()["score"])
+
+
+# -- regions --------------------------------------------------------------------------------------------------
+@dataclass
+class FlaggedRegion:
+    """Connected flagged tiles of one defect as a polygon in level-0 pixels, with their mean scores."""
+
+    defect: str
+    geometry: Any  # shapely Polygon, level-0 pixels
+    tiles: list[TileQC]
+
+    @property
+    def class_name(self) -> str:
+        return DEFECTS[self.defect][0]
+
+    @property
+    def color(self) -> tuple[int, int, int]:
+        return DEFECTS[self.defect][1]
+
+    def measurements(self, mpp: float | None = None) -> dict[str, float]:
+        """QuPath-style measurements: name → number."""
+        es = [t.estimate for t in self.tiles]
+        blur = [e.blur_sigma for e in es if not math.isnan(e.blur_sigma)]
+        out = {
+            "lpfm tiles": float(len(es)),
+            "lpfm tissue fraction": round(float(np.mean([e.tissue for e in es])), 4),
+            "lpfm noise sigma": round(float(np.mean([e.noise_sigma for e in es])), 3),
+            "lpfm JPEG quality": round(float(np.min([e.jpeg_quality for e in es])), 1),
+        }
+        if blur:
+            out["lpfm blur sigma (px)"] = round(float(np.mean(blur)), 3)
+            out[f"lpfm resolution ({'µm' if mpp else 'px'})"] = round(float(np.mean(blur)) * 2.3548 * (mpp or 1), 3)
+        return out
+
+
+def flagged_regions(qc: SlideQC) -> list[FlaggedRegion]:
+    """Flagged tiles merged per defect into connected polygons (level-0 pixel coordinates)."""
+    from shapely.geometry import box
+    from shapely.ops import unary_union
+
+    ds = qc.downsample
+    out = []
+    for defect in DEFECTS:
+        tiles = [t for t in qc.tiles if t.flags[defect]]
+        if not tiles:
+            continue
+        boxes = [box(t.x * ds, t.y * ds, (t.x + t.width) * ds, (t.y + t.height) * ds) for t in tiles]
+        merged = unary_union(boxes)
+        parts = list(merged.geoms) if hasattr(merged, "geoms") else [merged]
+        for poly in parts:
+            poly = poly.simplify(0)
+            members = [t for t, b in zip(tiles, boxes) if poly.intersects(b.representative_point())]
+            out.append(FlaggedRegion(defect, poly, members))
+    return out
+
+
+# -- outputs --------------------------------------------------------------------------------------------------
+def _atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def write_json(qc: SlideQC, path: Path) -> Path:
+    return _atomic(Path(path), (json.dumps(qc.to_dict(), indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def write_csv(qc: SlideQC, path: Path) -> Path:
+    rows = [t.row(qc.mpp) for t in qc.tiles]
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return _atomic(Path(path), buf.getvalue().encode())
+
+
+def write_summary_csv(results: Sequence[SlideQC], path: Path) -> Path:
+    """One row per slide, worst first."""
+    buf = io.StringIO()
+    cols = [
+        "rank",
+        "name",
+        "uri",
+        "id",
+        "tissue_tiles",
+        "flagged_fraction",
+        "out_of_focus_fraction",
+        "noisy_fraction",
+        "compressed_fraction",
+        "median_blur_sigma",
+        "median_noise_sigma",
+        "score",
+    ]
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for i, q in enumerate(rank(results), 1):
+        w.writerow({"rank": i, "name": q.name, "uri": q.uri, "id": q.source_id or "", **q.summary()})
+    return _atomic(Path(path), buf.getvalue().encode())
+
+
+def overview(handle: ImageHandle, level: int, region: Region, max_size: int = 768) -> np.ndarray:
+    """The region as an 8-bit RGB picture at most ``max_size`` px on its long side (coarse levels first)."""
+    from lpfm_toolkit.imageops import resize
+
+    lv0 = handle.levels[level]
+    factor = max(1.0, max(region.width, region.height) / max_size)
+    best = max(level, handle.best_level_for_downsample(lv0.downsample * factor))
+    f = lv0.downsample / handle.levels[best].downsample
+    lv = handle.levels[best]
+    x, y = int(region.x * f), int(region.y * f)
+    w = max(1, min(lv.width - x, round(region.width * f)))
+    h = max(1, min(lv.height - y, round(region.height * f)))
+    img = handle.read_region(best, x, y, w, h)
+    if img.dtype != np.uint8:
+        img = img.astype(np.float32)
+        hi = np.percentile(img, 99.5) or 1.0
+        img = np.clip(img / hi * 255, 0, 255).astype(np.uint8)
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    elif img.shape[-1] == 2:
+        img = np.concatenate([img, np.zeros_like(img[..., :1])], axis=-1)
+    img = img[..., :3]
+    scale = max_size / max(w, h)
+    if scale < 1:
+        img = resize(img, (max(1, round(h * scale)), max(1, round(w * scale))))
+    return np.ascontiguousarray(img)
+
+
+_CMAP = np.array([[20, 20, 80], [60, 40, 160], [180, 50, 140], [240, 120, 40], [250, 230, 90]], np.float32)
+
+
+def _colour(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    t = np.clip((values - lo) / max(hi - lo, 1e-9), 0, 1) * (len(_CMAP) - 1)
+    i = np.minimum(t.astype(int), len(_CMAP) - 2)
+    f = (t - i)[..., None]
+    return (_CMAP[i] * (1 - f) + _CMAP[i + 1] * f).astype(np.uint8)
+
+
+def heatmap(qc: SlideQC, picture: np.ndarray) -> np.ndarray:
+    """Four panels side by side: the region with flagged tiles outlined, blur σ, noise σ and JPEG quality maps
+    (glass and tiles without an estimate are grey; a scale under each map)."""
+    from PIL import Image, ImageDraw
+
+    ph, pw = picture.shape[:2]
+    sx, sy = pw / qc.region.width, ph / qc.region.height
+    t = qc.thresholds
+    maps = {
+        "blur σ (px)": ("blur_sigma", 0.5, 2 * t.blur),
+        "noise σ (0-255)": ("noise_sigma", 0.0, 3 * t.noise),
+        "JPEG quality": ("jpeg_quality", 100.0, 20.0),
+    }
+    panels = [Image.fromarray(picture).convert("RGB")]
+    draw = ImageDraw.Draw(panels[0], "RGBA")
+    for tq in qc.tiles:
+        box = (
+            (tq.x - qc.region.x) * sx,
+            (tq.y - qc.region.y) * sy,
+            (tq.x - qc.region.x + tq.width) * sx - 1,
+            (tq.y - qc.region.y + tq.height) * sy - 1,
+        )
+        for k, (defect, on) in enumerate(tq.flags.items()):
+            if on:
+                c = DEFECTS[defect][1]
+                inset = 1 + 2 * k
+                draw.rectangle(
+                    (box[0] + inset, box[1] + inset, box[2] - inset, box[3] - inset), outline=(*c, 255), width=2
+                )
+    for _title, (attr, lo, hi) in maps.items():
+        canvas = np.full((ph, pw, 3), 200, np.uint8)
+        base = (picture.astype(np.float32) * 0.35 + 140).astype(np.uint8)
+        for tq in qc.tiles:
+            v = getattr(tq.estimate, attr)
+            x0, y0 = int((tq.x - qc.region.x) * sx), int((tq.y - qc.region.y) * sy)
+            x1, y1 = (
+                int(math.ceil((tq.x - qc.region.x + tq.width) * sx)),
+                int(math.ceil((tq.y - qc.region.y + tq.height) * sy)),
+            )
+            if tq.estimate.tissue < MIN_TISSUE or math.isnan(v):
+                canvas[y0:y1, x0:x1] = base[y0:y1, x0:x1]
+            else:
+                canvas[y0:y1, x0:x1] = _colour(np.array(v, np.float32), lo, hi)
+        panels.append(Image.fromarray(canvas))
+    label_h = 34
+    out = Image.new("RGB", (pw * 4 + 30, ph + label_h), (255, 255, 255))
+    d = ImageDraw.Draw(out)
+    titles = ["flagged: red blur, blue noise, yellow JPEG", *maps]
+    for i, (p, title) in enumerate(zip(panels, titles)):
+        x = i * (pw + 10)
+        out.paste(p, (x, label_h))
+        d.text((x + 2, 2), title, fill=(0, 0, 0))
+        if i:
+            attr, lo, hi = maps[title]
+            bar = _colour(np.linspace(lo, hi, max(pw // 2, 2), dtype=np.float32)[None].repeat(8, 0), lo, hi)
+            out.paste(Image.fromarray(bar), (x + 2, 16))
+            d.text((x + 4 + pw // 2, 14), f"{lo:g} to {hi:g}", fill=(0, 0, 0))
+    return np.asarray(out)
+
+
+def write_heatmap(qc: SlideQC, handle: ImageHandle, path: Path, max_size: int = 512) -> Path:
+    from PIL import Image
+
+    picture = overview(handle, qc.level, qc.region, max_size)
+    buf = io.BytesIO()
+    Image.fromarray(heatmap(qc, picture)).save(buf, format="PNG")
+    return _atomic(Path(path), buf.getvalue())
+
+
+def output_stem(qc: SlideQC) -> str:
+    """A file-name stem: the image name made safe, and the QC key's start (level/region/estimator differ)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in qc.name)[:80] or "image"
+    return f"{safe}.{qc.key()[3:13]}"
+
+
+def write_outputs(qc: SlideQC, handle: ImageHandle, directory: str | Path) -> dict[str, Path]:
+    """``<stem>.qc.json`` (summary + every tile), ``<stem>.qc.csv`` (tiles) and ``<stem>.qc.png`` (heat map)."""
+    d = Path(directory)
+    stem = output_stem(qc)
+    return {
+        "json": write_json(qc, d / f"{stem}.qc.json"),
+        "csv": write_csv(qc, d / f"{stem}.qc.csv"),
+        "png": write_heatmap(qc, handle, d / f"{stem}.qc.png"),
+    }
+
+
+def qc_features(qc: SlideQC) -> list[Any]:
+    """The flagged regions as :class:`~lpfm_toolkit.sources.base.Annotation` s with measurements (level 0)."""
+    import uuid
+
+    from lpfm_toolkit.sources.base import Annotation
+
+    ns = uuid.UUID("1b0d6c52-0f43-4d58-9d7e-5b2a3f9e8c11")
+    out = []
+    for i, reg in enumerate(flagged_regions(qc)):
+        out.append(
+            Annotation(
+                geometry=reg.geometry,
+                class_name=reg.class_name,
+                id=str(uuid.uuid5(ns, f"{qc.key()}:{reg.defect}:{i}")),
+                name=f"{reg.class_name} ({len(reg.tiles)} tiles)",
+                source="lpfm qc",
+                properties={
+                    "objectType": "annotation",
+                    "color": list(reg.color),
+                    "measurements": reg.measurements(qc.mpp),
+                    "isLocked": True,
+                },
+            )
+        )
+    return out

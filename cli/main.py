@@ -24,6 +24,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lpfm_toolkit.cli.models", "train"),
     "evaluate": ("lpfm_toolkit.cli.models", "evaluate"),
     "jobs": ("lpfm_toolkit.cli.jobs", "jobs"),
+    "qc": ("lpfm_toolkit.cli.qc", "qc"),
 }
 
 SHORT_HELP = {
@@ -39,6 +40,7 @@ SHORT_HELP = {
     "train": "Train model bundles from clean slides.",
     "evaluate": "Score bundles and classical baselines on degraded slides.",
     "jobs": "Queue, run and watch enhancement jobs (local pool, Dask, Slurm).",
+    "qc": "Find blurred, noisy and over-compressed regions; rank slides worst first.",
 }
 
 

@@ -257,6 +257,12 @@ def assess(
 
     if tile < 32:
         raise ConfigError(f"QC tile size {tile} is too small", "use --tile 128 or more (256 is the default)")
+    if not 0 <= level < len(handle.levels):
+        from lpfm_toolkit.errors import RegionError
+
+        raise RegionError(
+            f"level {level} does not exist in {handle.name}", f"choose a level from 0 to {len(handle.levels) - 1}"
+        )
     region = region or handle.full_region(level)
     handle.check_region(level, region)
     thresholds = thresholds or Thresholds()

@@ -104,8 +104,11 @@ def tissue_mask(tile: np.ndarray, brightfield: bool = True) -> np.ndarray:
     not uniform).
     """
     if brightfield and tile.shape[-1] == 3:
-        # summed optical density > TISSUE_OD  ⇔  product of the channels < exp(-TISSUE_OD) (no logarithms)
-        r, g, b = (np.maximum(tile[..., c], 1 / 255) for c in range(3))
+        from scipy import ndimage
+
+        # smoothed first (pixel noise on glass is not colour); summed optical density > TISSUE_OD  ⇔  the
+        # product of the channels < exp(-TISSUE_OD), without logarithms
+        r, g, b = (np.maximum(ndimage.uniform_filter(tile[..., c], 5), 1 / 255) for c in range(3))
         dense = r * g * b < math.exp(-TISSUE_OD)
         mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
         return dense | (mx - mn > TISSUE_SAT * np.maximum(mx, 1e-3))

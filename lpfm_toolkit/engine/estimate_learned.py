@@ -205,7 +205,8 @@ def training_set(
         ys.append(label)
         if progress is not None:
             progress(len(xs), n)
-    return {"x": np.stack(xs), "f": np.asarray(fs, np.float32), "y": np.asarray(ys, np.float32)}
+    f = np.nan_to_num(np.asarray(fs, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    return {"x": np.stack(xs), "f": f, "y": np.asarray(ys, np.float32)}
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,16 @@ class OutputExistsError(LpfmError, FileExistsError):
     """An output exists and was made by a different run."""
 
 
+class ProvenanceError(LpfmError, ValueError):
+    """A provenance record (sidecar or embedded OME-XML) is unreadable, incomplete, or disagrees with its copy."""
+
+
+class OutputDamagedError(LpfmError, ValueError):
+    """An output fails verification: truncated, edited, or not matching its recorded checksums."""
+
+    exit_code = 1
+
+
 class MissingDependencyError(LpfmError, ImportError):
     """An optional dependency is not installed."""
 

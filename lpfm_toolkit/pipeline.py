@@ -12,15 +12,22 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lpfm_toolkit.engine.base import Engine
-from lpfm_toolkit.errors import RegionError
+from lpfm_toolkit.errors import (
+    ConfigError,
+    CorruptImageError,
+    OutputExistsError,
+    RegionError,
+    TaskNotSupportedError,
+)
 from lpfm_toolkit.prompts import Task
 from lpfm_toolkit.provenance import DIGEST_BLOCK, DIGEST_SCHEME, PixelDigest, Provenance, idempotency_key
 from lpfm_toolkit.sinks.base import OutputRef, OutputSpec, Sink
@@ -31,6 +38,12 @@ log = logging.getLogger(__name__)
 
 #: progress(done_tiles, total_tiles) — the CLI passes a rich progress bar's update here
 ProgressFn = Callable[[int, int], None]
+
+#: the most output pixels one work item may have (about 260k × 260k): beyond it, planning alone would take
+#: minutes and the result would not fit any disk; split it with regions
+MAX_OUTPUT_PIXELS = 1 << 36
+#: compressions that keep every pixel value (what ``auto`` resolves to is decided by :func:`output_options`)
+_DETERMINISTIC_ENGINES = ("classical", "identity")
 
 
 @dataclass(frozen=True)
@@ -60,18 +73,28 @@ class EnhanceResult:
     item: WorkItem
     output: OutputRef
     skipped: bool  # True when an identical earlier result was found and nothing was recomputed
+    #: why an earlier result of the same key was not reused but made again (it failed its check), or None
+    remade: str | None = None
 
     @property
     def provenance(self) -> Provenance:
         return self.output.provenance
 
 
-def plan(handle: ImageHandle, task: Task, *, level: int = 0, region: Region | None = None,
-         annotations: Sequence[Annotation] | None = None, seed: int = 0) -> list[WorkItem]:
+def plan(
+    handle: ImageHandle,
+    task: Task,
+    *,
+    level: int = 0,
+    region: Region | None = None,
+    annotations: Sequence[Annotation] | None = None,
+    seed: int = 0,
+) -> list[WorkItem]:
     """Work items for the whole level, one region, or the bounding box of each annotation."""
     if not 0 <= level < len(handle.levels):
-        raise RegionError(f"level {level} does not exist in {handle.name}",
-                          f"choose a level from 0 to {len(handle.levels) - 1}")
+        raise RegionError(
+            f"level {level} does not exist in {handle.name}", f"choose a level from 0 to {len(handle.levels) - 1}"
+        )
     if annotations is not None:
         items = []
         lv = handle.levels[level]
@@ -80,13 +103,136 @@ def plan(handle: ImageHandle, task: Task, *, level: int = 0, region: Region | No
             x0, y0 = max(0, box.x), max(0, box.y)
             x1, y1 = min(lv.width, box.x + box.width), min(lv.height, box.y + box.height)
             if x1 <= x0 or y1 <= y0:
-                raise RegionError(f"annotation {ann.name or ann.id} lies outside {handle.name}",
-                                  "check that the annotations belong to this image")
+                raise RegionError(
+                    f"annotation {ann.name or ann.id} lies outside {handle.name}",
+                    "check that the annotations belong to this image",
+                )
             items.append(WorkItem(level, Region(x0, y0, x1 - x0, y1 - y0), task, seed, ann))
         return items
     region = region or handle.full_region(level)
     handle.check_region(level, region)
+    check_size(region, task)
     return [WorkItem(level, region, task, seed)]
+
+
+def check_size(region: Region, task: Task) -> None:
+    """Refuse a work item whose output would exceed :data:`MAX_OUTPUT_PIXELS` (before any tile is planned)."""
+    pixels = region.width * region.height * task.scale**2
+    if pixels > MAX_OUTPUT_PIXELS:
+        raise RegionError(
+            f"the output of {region.width}×{region.height} px at {task.label} would have "
+            f"{pixels:.3g} pixels, more than the {MAX_OUTPUT_PIXELS:.3g} one run makes",
+            "choose a smaller --region (or a coarser --level) and run it in parts",
+        )
+
+
+def resolve_engine_name(engine: str, model: str | None) -> str:
+    """The engine ``auto`` stands for here (without loading any model)."""
+    if engine != "auto":
+        return engine
+    if model:
+        return "lpfm"
+    from lpfm_toolkit.engine import default_engine_name
+
+    return default_engine_name()
+
+
+def preflight_engine(
+    engine: str,
+    task: Task,
+    channel_names: Sequence[str],
+    *,
+    method: str | None = None,
+    model: str | None = None,
+    steps: int | None = None,
+    samples: int = 1,
+    explicit: Collection[str] = ("method", "steps", "samples"),
+) -> str:
+    """Everything about the engine options that can be checked without loading a model; returns the engine name.
+
+    Refuses options the chosen engine would ignore (``--method`` with a learned model, ``--steps`` or
+    ``--samples`` with a deterministic engine, whose "uncertainty" would be all zeros), and for the learned
+    engine reads the bundle's index to check that it was trained for ``task`` on this many channels.
+    ``explicit`` names the options the user gave for this run; ``method`` and ``steps`` that come from a
+    settings file for another engine are not refused (the engine ignores them).
+    """
+    name = resolve_engine_name(engine, model)
+    if "method" not in explicit and name != "classical":
+        method = None
+    if "steps" not in explicit and name != "lpfm":
+        steps = None
+    if method is not None and name != "classical":
+        raise ConfigError(
+            f"--method {method} is a classical method, but the engine is {name}",
+            "add --engine classical, or drop --method",
+        )
+    if name in _DETERMINISTIC_ENGINES:
+        if samples > 1:
+            raise ConfigError(
+                f"--samples {samples} needs a stochastic engine: the {name} engine gives the same "
+                "pixels every time, so its uncertainty map would be all zeros",
+                "drop --samples, or use --engine lpfm (with --steps ≥ 1)",
+            )
+        if steps is not None:
+            raise ConfigError(
+                f"--steps is a setting of the lpfm engine, not of the {name} engine",
+                "drop --steps, or use --engine lpfm",
+            )
+        if name == "classical":
+            from lpfm_toolkit.engine.classical import ClassicalEngine
+
+            ClassicalEngine(method=method).check(task, channel_names)
+        return name
+    if name != "lpfm":
+        return name
+    if samples > 1 and steps == 0:
+        raise ConfigError(
+            f"--samples {samples} with --steps 0 runs the deterministic restorer only: the "
+            "uncertainty map would be all zeros",
+            "give --steps 1 or more, or drop --samples",
+        )
+    _preflight_bundle(model, task, channel_names)
+    return name
+
+
+def _preflight_bundle(model: str | None, task: Task, channel_names: Sequence[str]) -> None:
+    """Check the bundle's index (tasks, stains, input channels) without loading any weights."""
+    import json
+
+    from lpfm_toolkit.engine.bundle import read_index, resolve
+    from lpfm_toolkit.engine.taskcodes import TASK_NAMES, task_code
+
+    path = resolve(model)
+    index = read_index(path)
+    tasks = list(index.get("tasks", []))
+    wanted = TASK_NAMES[task_code(task)]
+    name = index.get("name", path.name)
+    if wanted not in tasks:
+        raise TaskNotSupportedError(
+            f"the lpfm engine cannot run {task.label}: bundle {name} was trained for {', '.join(tasks) or 'nothing'}",
+            "use --engine classical, or a bundle trained for this task (--model PATH)",
+        )
+    stains = index.get("stains")
+    if task.source_stain is not None and task.kind.value == "virtual_stain" and isinstance(stains, dict):
+        pair = (getattr(task.source_stain, "value", None), getattr(task.target_stain, "value", None))
+        if (stains.get("source"), stains.get("target")) != pair:
+            raise TaskNotSupportedError(
+                f"the lpfm engine cannot run {task.label}: bundle {name} translates "
+                f"{stains.get('source')}→{stains.get('target')}",
+                "use a bundle trained for this pair",
+            )
+    folder = index.get("components", {}).get("restorer", "restorer")
+    try:
+        config = json.loads((path / folder / "config.json").read_text())
+        expected = int(config.get("config", {}).get("in_channels", 3))
+    except (OSError, ValueError, TypeError):
+        return  # loading the bundle reports a damaged component with its own message
+    if len(channel_names) != expected:
+        raise TaskNotSupportedError(
+            f"the lpfm engine cannot run {task.label}: it needs {expected}-channel (RGB) "
+            f"input, got {len(channel_names)} channels ({', '.join(channel_names)})",
+            "use an RGB brightfield image or the classical engine",
+        )
 
 
 def source_record(handle: ImageHandle, item: WorkItem) -> dict[str, Any]:
@@ -108,24 +254,65 @@ def source_record(handle: ImageHandle, item: WorkItem) -> dict[str, Any]:
         rec["id"] = extra_id
     if item.annotation is not None:
         ann = item.annotation
-        rec["annotation"] = {"id": ann.id, "name": ann.name, "class": ann.class_name, "source": ann.source,
-                             "wkt": ann.geometry.wkt if ann.geometry is not None else None}
+        rec["annotation"] = {
+            "id": ann.id,
+            "name": ann.name,
+            "class": ann.class_name,
+            "source": ann.source,
+            "wkt": ann.geometry.wkt if ann.geometry is not None else None,
+        }
     return rec
 
 
 def output_name(handle: ImageHandle, task: Task, item: WorkItem) -> str:
     """``<image> [lpfm sr×2]``, with the annotation named when there is one."""
-    suffix = f" {item.annotation.class_name or ''} {item.annotation.name or item.annotation.id or ''}".rstrip() \
-        if item.annotation is not None else ""
+    suffix = (
+        f" {item.annotation.class_name or ''} {item.annotation.name or item.annotation.id or ''}".rstrip()
+        if item.annotation is not None
+        else ""
+    )
     return f"{handle.name}{suffix} [lpfm {task.label}]"
 
 
-def key_for(handle: ImageHandle, item: WorkItem, engine: Engine, tiling: dict[str, int]) -> str:
+def output_options(
+    handle: ImageHandle, item: WorkItem, engine: Engine, compression: str | None, uncertainty: bool
+) -> dict[str, Any]:
+    """What about the stored output the key must distinguish: compression as resolved, and the uncertainty map.
+
+    ``auto`` is resolved as the OME-TIFF writer does (JPEG for 8-bit RGB, zlib otherwise), so ``auto`` and
+    ``jpeg`` are one result, and a lossless re-run never reuses a JPEG one.
+    """
+    if compression == "auto":
+        channels = engine.output_channels(item.task, handle.channel_names)
+        rgb8 = list(channels) == ["R", "G", "B"] and (
+            len(channels) != len(handle.channel_names) or np.dtype(handle.dtype) == np.uint8
+        )
+        compression = "jpeg" if rgb8 else "zlib"
+    return {"compression": compression, "uncertainty": bool(uncertainty)}
+
+
+def key_for(
+    handle: ImageHandle,
+    item: WorkItem,
+    engine: Engine,
+    tiling: dict[str, int],
+    *,
+    compression: str | None = None,
+    uncertainty: bool = False,
+) -> str:
+    """The idempotency key :func:`run_item` uses; ``compression`` as given to the sink (None: a sink without)."""
     identity = {"system": handle.system, "fingerprint": handle.fingerprint()}
-    region = {"level": item.level, "region": list(item.region.as_tuple()),
-              "annotation": item.annotation.id if item.annotation is not None else None}
-    return idempotency_key(identity, region, item.task.to_dict(), {**engine.describe(), "tiling": tiling},
-                           item.seed)
+    region = {
+        "level": item.level,
+        "region": list(item.region.as_tuple()),
+        "annotation": item.annotation.id if item.annotation is not None else None,
+    }
+    described = {
+        **engine.describe(),
+        "tiling": tiling,
+        "output": output_options(handle, item, engine, compression, uncertainty),
+    }
+    return idempotency_key(identity, region, item.task.to_dict(), described, item.seed)
 
 
 def _max_value(dtype: np.dtype) -> float:
@@ -194,11 +381,15 @@ class _StripeAssembly:
         y = self._next_row.get(x, 0)
         itemsize = self.channels * self.dtype.itemsize
         for i in range(rows.shape[0]):
-            os.pwrite(self._img.fileno(), np.ascontiguousarray(rows[i]).tobytes(),
-                      ((y + i) * self.width + x) * itemsize)
+            os.pwrite(
+                self._img.fileno(), np.ascontiguousarray(rows[i]).tobytes(), ((y + i) * self.width + x) * itemsize
+            )
             if self._unc is not None and unc is not None:
-                os.pwrite(self._unc.fileno(), np.ascontiguousarray(unc[i], np.float32).tobytes(),
-                          ((y + i) * self.width + x) * 4)
+                os.pwrite(
+                    self._unc.fileno(),
+                    np.ascontiguousarray(unc[i], np.float32).tobytes(),
+                    ((y + i) * self.width + x) * 4,
+                )
         self._next_row[x] = y + rows.shape[0]
 
     def rows(self, chunk: int = 256) -> Any:
@@ -270,28 +461,68 @@ def stripe_width_for(grid: TileGrid, scale: int, wanted: int, alignment: int, ba
     return -(-width // unit) * unit
 
 
-def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *, tile_size: int | None = None,
-             overlap: int | None = None, force: bool = False, samples_uncertainty: bool = False,
-             progress: ProgressFn | None = None, stripe_width: int = 2048) -> EnhanceResult:
-    """Enhance one work item into ``sink``; skip it when an identical result already exists.
+def _local_file(ref: OutputRef) -> Path | None:
+    """The OME-TIFF file a result lives in, when it is a local file (not OMERO or an array)."""
+    uri = str(ref.uri)
+    if "://" in uri or not uri.endswith((".ome.tiff", ".ome.tif")):
+        return None
+    return Path(uri)
 
-    The output is made in vertical stripes ``stripe_width`` output pixels wide (rounded up, see
-    :func:`stripe_width_for`): memory is that of one band of one stripe, whatever the region's width.
+
+def run_item(
+    handle: ImageHandle,
+    item: WorkItem,
+    engine: Engine,
+    sink: Sink,
+    *,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    force: bool = False,
+    samples_uncertainty: bool = False,
+    progress: ProgressFn | None = None,
+    stripe_width: int = 2048,
+    verify: str = "quick",
+) -> EnhanceResult:
+    """Enhance one work item into ``sink``; skip it when an identical, intact result already exists.
+
+    An earlier local result is checked before it is reused — ``verify="quick"`` reads its header, levels,
+    size and both provenance copies; ``"full"`` also decodes every level against its checksums — and made
+    again when it fails (``EnhanceResult.remade`` says why). A file at the target that lpfm did not write
+    is never replaced. The output is made in vertical stripes ``stripe_width`` output pixels wide (rounded
+    up, see :func:`stripe_width_for`): memory is that of one band of one stripe, whatever the region's width.
     """
+    from lpfm_toolkit import verify as _verify
+
+    if verify not in ("quick", "full"):
+        raise ValueError(f"verify must be 'quick' or 'full', not {verify!r}")
     task = item.task
     engine.check(task, handle.channel_names)
     tile = tile_size or engine.tile_size
     ovl = engine.overlap if overlap is None else overlap
     if not 0 <= ovl < tile:
         raise RegionError(f"overlap {ovl} must be smaller than the tile size {tile}", "lower --overlap")
+    check_size(item.region, task)
     tiling = {"tile": tile, "overlap": ovl}
-    key = key_for(handle, item, engine, tiling)
+    key = key_for(
+        handle, item, engine, tiling, compression=getattr(sink, "compression", None), uncertainty=samples_uncertainty
+    )
     name = output_name(handle, task, item)
-    if not force:
-        found = sink.find(key, name)
-        if found is not None:
+    remade = None
+    found = None if force else sink.find(key, name)
+    if found is not None:
+        path = _local_file(found)
+        problems = _verify.check_output(path, found.provenance, full=verify == "full") if path else []
+        if not problems:
             log.info("skipping %s: already done as %s", item.label, found.uri)
             return EnhanceResult(item, found, skipped=True)
+        remade = "; ".join(problems)
+        log.warning("%s is damaged (%s): making it again", found.uri, remade)
+    target = getattr(sink, "target", None)
+    if callable(target):  # a file sink: never write over the original, nor any file lpfm did not make
+        final = Path(target(key, name))
+        if handle.system == "file" and final.exists() and final.resolve() == Path(handle.uri).resolve():
+            raise OutputExistsError(f"refusing to write over the original {final}", "choose another --out")
+        _verify.check_target(final, force=True, uncertainty=samples_uncertainty)
 
     channels_out = engine.output_channels(task, handle.channel_names)
     same_kind = len(channels_out) == len(handle.channel_names)
@@ -299,13 +530,23 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
     mpp_in = handle.level_mpp(item.level)
     mpp_out = (mpp_in[0] / task.scale, mpp_in[1] / task.scale) if mpp_in else None
     s = task.scale
-    spec = OutputSpec(name=name, width=item.region.width * s, height=item.region.height * s,
-                      channel_names=channels_out, dtype=out_dtype, mpp=mpp_out, uncertainty=samples_uncertainty)
+    spec = OutputSpec(
+        name=name,
+        width=item.region.width * s,
+        height=item.region.height * s,
+        channel_names=channels_out,
+        dtype=out_dtype,
+        mpp=mpp_out,
+        uncertainty=samples_uncertainty,
+    )
     source = source_record(handle, item)
 
     t_start = time.perf_counter()
-    overview = _overview(handle, item) if engine.needs_overview(task) else np.zeros((1, 1, len(handle.channel_names)),
-                                                                                   np.float32)
+    overview = (
+        _overview(handle, item)
+        if engine.needs_overview(task)
+        else np.zeros((1, 1, len(handle.channel_names)), np.float32)
+    )
     t0 = time.perf_counter()
     engine.prepare(task, overview)
     prepare_seconds = time.perf_counter() - t0
@@ -319,8 +560,12 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
     total = len(grid)
     bs = max(1, engine.batch_size)
 
-    def process(stripe: Stripe, emit: Callable[[int, np.ndarray, np.ndarray | None], None],
-                carry_in: _CarryFile | None, carry_out: _CarryFile | None) -> None:
+    def process(
+        stripe: Stripe,
+        emit: Callable[[int, np.ndarray, np.ndarray | None], None],
+        carry_in: _CarryFile | None,
+        carry_out: _CarryFile | None,
+    ) -> None:
         """Run the stripe's tiles through the engine, band by band, with reading and writing overlapped."""
         nonlocal engine_seconds, done
         blender = StripeBlender(grid, s, n_ch, stripe, 1 if samples_uncertainty else 0)
@@ -336,6 +581,14 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
             new = band[hashed_to - y :, : own_x1 - own_x0] if hashed_to > y else band[:, : own_x1 - own_x0]
             in_digest.update(own_x0, new)
             hashed_to = y + grid.tile_height
+            if band.dtype.kind == "f" and not np.isfinite(band).all():
+                bad = np.argwhere(~np.isfinite(band))[0]
+                raise CorruptImageError(
+                    f"{handle.name} has NaN or infinite pixels (first at x={r.x + x0 + bad[1]}, "
+                    f"y={r.y + y + bad[0]} of level {item.level}); they would spread through "
+                    "every tile they touch",
+                    "replace them with finite values (e.g. 0), or choose a --region without them",
+                )
             return to_float(band)
 
         def finish_row(row: int, outputs: list[tuple[Any, np.ndarray, np.ndarray | None]]) -> None:
@@ -351,8 +604,10 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
         tiles_by_row = [[t for t in grid.row(row) if t.col in stripe.columns] for row in range(grid.n_rows)]
         # Three stages overlap: the reader prefetches the next band and the writer blends and emits
         # the previous row while the engine works. At most one band is read ahead and one row written.
-        with ThreadPoolExecutor(1, thread_name_prefix="lpfm-read") as reader, \
-                ThreadPoolExecutor(1, thread_name_prefix="lpfm-write") as post:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="lpfm-read") as reader,
+            ThreadPoolExecutor(1, thread_name_prefix="lpfm-write") as post,
+        ):
             future = reader.submit(read_band, 0)
             pending = None
             try:
@@ -430,20 +685,42 @@ def run_item(handle: ImageHandle, item: WorkItem, engine: Engine, sink: Sink, *,
             if assembly is not None:
                 assembly.close()
         total_seconds = time.perf_counter() - t_start
+        described = engine.describe()
+        bundle_path = getattr(getattr(engine, "bundle", None), "path", None)
+        if bundle_path is not None:  # where to find the bundle again (not part of the key: folders move)
+            described["model_path"] = str(Path(bundle_path).resolve())
         prov = Provenance(
             source=source,
             prompt=task.prompt,
             task=task.to_dict(),
-            engine=engine.describe(),
+            engine=described,
             seed=item.seed,
             idempotency_key=key,
-            tiling={**tiling, "scale": s, "tiles": total, "stripe_width": width, "stripes": len(parts),
-                    "checksums": DIGEST_SCHEME},
-            output={"name": name, "shape": [spec.height, spec.width, len(channels_out)],
-                    "dtype": str(out_dtype), "channels": channels_out, "mpp": list(mpp_out) if mpp_out else None},
+            tiling={
+                **tiling,
+                "scale": s,
+                "tiles": total,
+                "stripe_width": width,
+                "stripes": len(parts),
+                "checksums": DIGEST_SCHEME,
+            },
+            output={
+                "name": name,
+                "shape": [spec.height, spec.width, len(channels_out)],
+                "dtype": str(out_dtype),
+                "channels": channels_out,
+                "mpp": list(mpp_out) if mpp_out else None,
+            },
             input_sha256=in_digest.hexdigest(),
             output_sha256=out_digest.hexdigest(),
             durations={"total_s": round(total_seconds, 4), "engine_s": round(engine_seconds, 4)},
         )
         ref = writer.commit(prov)
-    return EnhanceResult(item, ref, skipped=False)
+    path = _local_file(ref)
+    sidecar = ref.extra.get("sidecar")
+    if path is not None and sidecar:
+        try:
+            _verify.record_stored(path, ref.provenance, Path(sidecar))
+        except (OSError, CorruptImageError) as exc:  # the output is complete; only its stored checksums are missing
+            log.warning("could not record the stored checksums of %s: %s", path, exc)
+    return EnhanceResult(item, ref, skipped=False, remade=remade)

@@ -9,6 +9,9 @@ import numpy as np
 from lpfm_toolkit.pipeline import WorkItem, to_float
 from lpfm_toolkit.sources.base import ImageHandle
 
+#: PNG text key that marks a before/after picture as lpfm's own
+PREVIEW_MARK = "lpfm-preview-of"
+
 
 def _to_rgb8(img: np.ndarray) -> np.ndarray:
     f = to_float(img)
@@ -31,10 +34,17 @@ def _heat(u: np.ndarray) -> np.ndarray:
     return (np.stack([np.clip(2 * u, 0, 1), np.clip(2 * u - 1, 0, 1), np.zeros_like(u)], -1) * 255).astype(np.uint8)
 
 
-def write_preview(handle: ImageHandle, item: WorkItem, output: str | Path, png: str | Path,
-                  uncertainty: str | Path | None = None, crop: int = 384) -> Path:
+def write_preview(
+    handle: ImageHandle,
+    item: WorkItem,
+    output: str | Path,
+    png: str | Path,
+    uncertainty: str | Path | None = None,
+    crop: int = 384,
+) -> Path:
     """Write ``png`` with the centre crop (``crop`` output pixels) of the input, output and uncertainty."""
     from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
 
     from lpfm_toolkit.sources import open_image
 
@@ -61,6 +71,22 @@ def write_preview(handle: ImageHandle, item: WorkItem, output: str | Path, png: 
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_name(png.name + ".partial")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(png)
+    info = PngInfo()
+    info.add_text(PREVIEW_MARK, str(output))
+    try:
+        canvas.save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(png)
+    finally:
+        tmp.unlink(missing_ok=True)
     return png
+
+
+def is_preview(path: str | Path) -> bool:
+    """Whether ``path`` is a before/after PNG lpfm wrote (so a re-run may replace it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and PREVIEW_MARK in getattr(im, "text", {})
+    except (OSError, ValueError, SyntaxError):
+        return False

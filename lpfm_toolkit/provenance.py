@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
@@ -29,8 +30,9 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def idempotency_key(source: dict[str, Any], region: dict[str, Any], task: dict[str, Any],
-                    engine: dict[str, Any], seed: int) -> str:
+def idempotency_key(
+    source: dict[str, Any], region: dict[str, Any], task: dict[str, Any], engine: dict[str, Any], seed: int
+) -> str:
     """sha256 over what determines the output: source identity, region, task, model + sampler, seed.
 
     The raw prompt text is left out: "sr x2" and "super-resolve by 2" are the same work.
@@ -41,8 +43,18 @@ def idempotency_key(source: dict[str, Any], region: dict[str, Any], task: dict[s
 
 
 @functools.lru_cache(maxsize=4)
-def package_versions(names: tuple[str, ...] = ("numpy", "tifffile", "scikit-image", "torch", "diffusers",
-                                                "openslide-python", "omero-py", "paquo")) -> dict[str, str]:
+def package_versions(
+    names: tuple[str, ...] = (
+        "numpy",
+        "tifffile",
+        "scikit-image",
+        "torch",
+        "diffusers",
+        "openslide-python",
+        "omero-py",
+        "paquo",
+    ),
+) -> dict[str, str]:
     """Installed versions of the packages that can influence pixels (absent ones are omitted)."""
     out = {"lpfm-toolkit": __version__, "python": platform.python_version()}
     for name in names:
@@ -89,6 +101,9 @@ class Provenance:
     input_sha256: str | None = None
     output_sha256: str | None = None
     durations: dict[str, float] = field(default_factory=dict)
+    #: checksums of the pixels as stored and decoded, one per pyramid level, and the file size; added to the
+    #: sidecar after the file is complete (the embedded copy cannot hold the digest of the file it is in)
+    stored: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=lambda: dict(package_versions()))
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema: str = SCHEMA
@@ -107,6 +122,30 @@ class Provenance:
     @classmethod
     def from_json(cls, text: str) -> Provenance:
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def parse(cls, text: str | bytes, where: str) -> Provenance:
+        """A record from untrusted JSON text, checked field by field; :class:`ProvenanceError` names the problem.
+
+        ``where`` names the record in messages (e.g. the sidecar's file name).
+        """
+        from lpfm_toolkit.errors import ProvenanceError
+
+        fix = "it was damaged or edited; remake the output with `lpfm enhance ... --force`"
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ProvenanceError(f"{where} is not text (binary data)", fix) from exc
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise ProvenanceError(f"{where} is not valid JSON ({msg})", fix) from exc
+        problem = record_problem(data)
+        if problem:
+            raise ProvenanceError(f"{where}: {problem}", fix)
+        return cls.from_dict(data)
 
     def summary(self) -> dict[str, str]:
         """Flat string key-value pairs for OMERO MapAnnotations, OME MapAnnotations and QuPath metadata."""
@@ -136,6 +175,60 @@ class Provenance:
             "lpfm.idempotency_key": self.idempotency_key,
         }
         return {k: v for k, v in pairs.items() if v != ""}
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def record_problem(data: Any) -> str | None:
+    """What makes ``data`` not a usable provenance record (wrong types, missing or impossible values), or None."""
+    from lpfm_toolkit.errors import LpfmError
+    from lpfm_toolkit.prompts import Task
+
+    if not isinstance(data, dict):
+        return f"is not a provenance record (a JSON {type(data).__name__}, not an object)"
+    if not str(data.get("schema", "")).startswith("lpfm-toolkit/provenance/"):
+        return "is not an lpfm provenance record (no lpfm-toolkit schema)"
+    for name in ("source", "task", "engine"):
+        if not isinstance(data.get(name), dict):
+            return f"{name!r} is missing or not an object"
+    for name in ("tiling", "output", "durations", "versions", "stored"):
+        if name in data and not isinstance(data[name], dict):
+            return f"{name!r} is not an object"
+    if not isinstance(data.get("prompt"), str):
+        return "'prompt' is missing or not text"
+    if not _is_int(data.get("seed")) or data["seed"] < 0:
+        return "'seed' is missing or not a non-negative integer"
+    if not isinstance(data.get("idempotency_key"), str) or not _HEX64.fullmatch(data["idempotency_key"]):
+        return "'idempotency_key' is missing or not a sha256"
+    for name in ("input_sha256", "output_sha256"):
+        if data.get(name) is not None and not (isinstance(data[name], str) and _HEX64.fullmatch(data[name])):
+            return f"{name!r} is not a sha256"
+    src = data["source"]
+    if not isinstance(src.get("system"), str) or not isinstance(src.get("uri"), str):
+        return "source 'system'/'uri' missing or not text"
+    if not _is_int(src.get("level")) or src["level"] < 0:
+        return f"source level {str(src.get('level'))[:20]!r} is not a non-negative integer"
+    region = src.get("region")
+    if not (isinstance(region, list) and len(region) == 4 and all(_is_int(v) for v in region)):
+        return f"source region {str(region)[:40]!r} is not four integers"
+    if region[0] < 0 or region[1] < 0 or region[2] <= 0 or region[3] <= 0:
+        return f"source region {region} has a negative origin or an empty size"
+    try:
+        Task.from_dict(data["task"])
+    except (LpfmError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        return f"task is not a known task ({str(exc)[:80]})"
+    if not isinstance(data["engine"].get("name"), str):
+        return "engine 'name' is missing"
+    tiling = data.get("tiling", {})
+    for name, low in (("tile", 1), ("overlap", 0), ("scale", 1)):
+        if name in tiling and (not _is_int(tiling[name]) or tiling[name] < low):
+            return f"tiling {name} {str(tiling[name])[:20]!r} is not an integer ≥ {low}"
+    return None
 
 
 #: Width of the column blocks a :class:`PixelDigest` hashes separately (pixels).

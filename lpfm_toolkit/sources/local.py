@@ -25,7 +25,7 @@ TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".tf2"}
 PILLOW_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SUPPORTED = "SVS, NDPI, MRXS, SCN, BIF, OME-TIFF, TIFF, PNG, JPEG"
 #: the largest level-0 side accepted (pixels); the biggest scanned slides are about 250 000 px wide
-MAX_SIDE = 1 << 21
+MAX_SIDE = 1 << 19
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
@@ -181,7 +181,9 @@ class TiffHandle(_FileHandle):
 
     def _parse(self, path: Path, zarr: Any) -> None:
         if not self._tif.series:
-            raise CorruptImageError(f"{path.name} holds no image", "the file may be truncated or damaged")
+            raise CorruptImageError(
+                f"{path.name} holds no image", "the file may be truncated or damaged; copy it again from its source"
+            )
         series = self._tif.series[0]
         self._axes = series.axes
         if "Y" not in self._axes or "X" not in self._axes:

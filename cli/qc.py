@@ -83,6 +83,7 @@ def _ranking(results: list[Any], title: str) -> Table:
 @click.option("--quality-threshold", type=float, default=None, help="Flag tiles whose JPEG quality is below this (60).")
 @click.option("--mpp", type=float, default=None, help="Pixel size in µm for images that do not record it.")
 @click.option("--images", "images", multiple=True, help="QuPath entries (ID or name) to check; default: all.")
+@click.option("--remap", "remaps", multiple=True, help="QuPath: OLD=NEW for images that moved (repeatable).")
 @click.option("--files-only", is_flag=True, help="QuPath: write the reports only, add no [lpfm qc] entries.")
 @click.option("--omero-image", "omero_images", type=int, multiple=True, help="OMERO image id (repeatable).")
 @click.option(
@@ -114,6 +115,7 @@ def qc(
     quality_threshold: float | None,
     mpp: float | None,
     images: tuple[str, ...],
+    remaps: tuple[str, ...],
     files_only: bool,
     omero_images: tuple[int, ...],
     omero_dataset: int | None,
@@ -180,7 +182,7 @@ def qc(
         for target in targets:
             if _is_project(target):
                 results += _run_project(
-                    target, images, level, region, tile, estimator, thresholds, out, files_only, force
+                    target, images, remaps, level, region, tile, estimator, thresholds, out, files_only, force
                 )
             else:
                 est = est or get_estimator(estimator)
@@ -227,6 +229,7 @@ def _run_slide(
 def _run_project(
     path: Path,
     images: tuple[str, ...],
+    remaps: tuple[str, ...],
     level: int,
     region: Any,
     tile: int,
@@ -238,7 +241,7 @@ def _run_project(
 ) -> list[Any]:
     import contextlib
 
-    from lpfm_toolkit.integrations.qupath import QuPathProject
+    from lpfm_toolkit.integrations.qupath import QuPathProject, parse_remaps
     from lpfm_toolkit.integrations.qupath.qc import qc_project
     from lpfm_toolkit.qc import get_estimator
 
@@ -249,7 +252,7 @@ def _run_project(
         with progress_bar(f"qc · {entry.id}: {entry.name}") as update:
             yield update
 
-    with QuPathProject.open(path) as project:
+    with QuPathProject.open(path, remaps=parse_remaps(remaps)) as project:
         outcomes = qc_project(
             project,
             images=list(images) or None,

@@ -1,8 +1,9 @@
 """Classical baselines that need no weights: what every learned model is measured against.
 
 Super-resolution: bicubic, Lanczos (Pillow). Deblurring: Richardson–Lucy, Wiener (scikit-image) with a
-Gaussian PSF. Denoising: non-local means, total variation, wavelet (scikit-image) with the noise level
-estimated once over the whole region. Stain normalisation: Macenko. Virtual staining of two-channel
+Gaussian PSF. Denoising: non-local means, total variation, wavelet (scikit-image). Degradations are local,
+so the noise σ and the PSF's σ are estimated **per tile** by the same estimator ``lpfm qc`` uses
+(:mod:`lpfm_toolkit.engine.estimate`), not once per region: a noisy quadrant of a clean region gets its own σ. Stain normalisation: Macenko. Virtual staining of two-channel
 fluorescence (nuclear + cytoplasm) into H&E: Beer–Lambert false colouring (Giacomelli et al. 2016).
 Whole-region statistics are fitted in :meth:`ClassicalEngine.prepare` so tiles agree and no seam shows.
 """
@@ -35,6 +36,8 @@ REFERENCE_MAX_C = np.array([1.9705, 1.0308])
 BETA_H = np.array([0.860, 1.000, 0.300])
 BETA_E = np.array([0.050, 1.000, 0.544])
 K_FALSE_COLOUR = 2.5
+#: σ (px) of a sharp scan's own point-spread function, as the blur estimator reads it on the sample slide
+SHARP_SCAN_SIGMA = 0.8
 
 
 def gaussian_psf(sigma: float, size: int | None = None) -> np.ndarray:
@@ -50,8 +53,9 @@ def macenko_stain_matrix(rgb: np.ndarray, alpha: float = 1.0, beta: float = 0.15
     od = -np.log(np.clip(rgb.reshape(-1, 3), 1 / 255, 1.0))
     od = od[np.all(od > beta, axis=1)]
     if od.shape[0] < 100:
-        raise ConfigError("too little stained tissue to estimate stain vectors",
-                          "select a region with tissue, or use a larger region")
+        raise ConfigError(
+            "too little stained tissue to estimate stain vectors", "select a region with tissue, or use a larger region"
+        )
     _, eigvecs = np.linalg.eigh(np.cov(od.T))
     plane = eigvecs[:, 1:3]
     proj = od @ plane
@@ -82,51 +86,69 @@ class ClassicalEngine(Engine):
     name = "classical"
     batch_size = 1
 
-    def __init__(self, method: str | None = None, *, psf_sigma: float = 1.5, rl_iterations: int = 20,
-                 wiener_balance: float = 0.05) -> None:
+    def __init__(
+        self,
+        method: str | None = None,
+        *,
+        psf_sigma: float | None = None,
+        rl_iterations: int = 20,
+        wiener_balance: float = 0.05,
+    ) -> None:
         if method is not None and method not in ALL_METHODS:
             raise ConfigError(f"unknown classical method {method!r}", f"use one of {', '.join(ALL_METHODS)}")
         self.method = method
         self.psf_sigma, self.rl_iterations, self.wiener_balance = psf_sigma, rl_iterations, wiener_balance
-        self._noise_sigma: float | None = None
         self._stain: np.ndarray | None = None
         self._max_c: np.ndarray | None = None
         self._fluo_scale: np.ndarray | None = None
         self._task_method: str | None = None
+
+    #: PSF σ used where a tile shows too few edges to measure its blur, and the range estimates are kept in
+    FALLBACK_PSF_SIGMA = 1.5
+    PSF_RANGE = (0.5, 4.0)
 
     def method_for(self, task: Task) -> str:
         allowed = METHODS[task.kind]
         if self.method is None:
             return allowed[0]
         if self.method not in allowed:
-            raise unsupported(self.name, task, f"method {self.method!r} is for another task",
-                              f"for {task.label} use --method {' or '.join(allowed)}")
+            raise unsupported(
+                self.name,
+                task,
+                f"method {self.method!r} is for another task",
+                f"for {task.label} use --method {' or '.join(allowed)}",
+            )
         return self.method
 
     def check(self, task: Task, channel_names: Sequence[str]) -> None:
-        self.method_for(task)
+        self._task_method = self.method_for(task)  # recorded in provenance: the method that runs
         rgb = list(channel_names) == ["R", "G", "B"]
         if task.kind is TaskKind.STAIN_NORMALIZE and not rgb:
-            raise unsupported(self.name, task, "stain normalisation needs an RGB brightfield image",
-                              "use it on H&E slides")
+            raise unsupported(
+                self.name, task, "stain normalisation needs an RGB brightfield image", "use it on H&E slides"
+            )
         if task.kind is TaskKind.VIRTUAL_STAIN:
             if task.target_stain is not Stain.HE or task.source_stain not in (Stain.AF, Stain.FLUORESCENCE):
-                raise unsupported(self.name, task, "only fluorescence/autofluorescence → H&E false colouring is classical",
-                                  "H&E → special stains needs a trained bundle: --engine lpfm --model PATH")
+                raise unsupported(
+                    self.name,
+                    task,
+                    "only fluorescence/autofluorescence → H&E false colouring is classical",
+                    "H&E → special stains needs a trained bundle: --engine lpfm --model PATH",
+                )
             if rgb or len(channel_names) > 4:
-                raise unsupported(self.name, task, f"false colouring needs 1–2 fluorescence channels, got "
-                                  f"{len(channel_names)} ({', '.join(channel_names)})",
-                                  "give the nuclear (first) and cytoplasm/autofluorescence (second) channels")
+                raise unsupported(
+                    self.name,
+                    task,
+                    f"false colouring needs 1–2 fluorescence channels, got "
+                    f"{len(channel_names)} ({', '.join(channel_names)})",
+                    "give the nuclear (first) and cytoplasm/autofluorescence (second) channels",
+                )
 
     def needs_overview(self, task: Task) -> bool:
-        return task.kind in (TaskKind.DENOISE, TaskKind.RESTORE, TaskKind.STAIN_NORMALIZE, TaskKind.VIRTUAL_STAIN)
+        return task.kind in (TaskKind.STAIN_NORMALIZE, TaskKind.VIRTUAL_STAIN)
 
     def prepare(self, task: Task, overview: np.ndarray) -> None:
-        from skimage.restoration import estimate_sigma
-
         self._task_method = self.method_for(task)
-        if task.kind in (TaskKind.DENOISE, TaskKind.RESTORE):
-            self._noise_sigma = float(np.mean(estimate_sigma(overview, channel_axis=-1)))
         if task.kind is TaskKind.STAIN_NORMALIZE:
             self._stain = macenko_stain_matrix(overview)
             c = stain_concentrations(overview, self._stain)
@@ -150,7 +172,7 @@ class ClassicalEngine(Engine):
         if kind is TaskKind.DENOISE:
             return self._denoise(tile, method)
         if kind is TaskKind.RESTORE:
-            return self._deblur(self._denoise(tile, "nlm"), "richardson_lucy")
+            return self._deblur(self._denoise(tile, "nlm"), "richardson_lucy", psf_from=tile)
         if kind is TaskKind.STAIN_NORMALIZE:
             assert self._stain is not None and self._max_c is not None
             c = stain_concentrations(tile, self._stain) * (REFERENCE_MAX_C / self._max_c)
@@ -166,10 +188,31 @@ class ClassicalEngine(Engine):
             return beer_lambert_he(nuclear, cyto)
         raise AssertionError(restoration)  # unreachable: check() covers every kind
 
-    def _deblur(self, tile: np.ndarray, method: str) -> np.ndarray:
+    def tile_noise_sigma(self, tile: np.ndarray) -> float:
+        """This tile's noise σ in [0, 1] units (the same estimate ``lpfm qc`` reports, divided by 255)."""
+        from lpfm_toolkit.engine.estimate import estimate_noise
+
+        return estimate_noise(tile) / 255.0
+
+    def tile_psf_sigma(self, tile: np.ndarray) -> float:
+        """The PSF σ to deconvolve this tile with: ``psf_sigma`` when given, else the blur the estimator
+        measures beyond a sharp scan's own (clipped to :attr:`PSF_RANGE`; the fallback where it cannot)."""
+        if self.psf_sigma is not None:
+            return self.psf_sigma
+        import math
+
+        from lpfm_toolkit.engine.estimate import ClassicalEstimator
+
+        e = ClassicalEstimator().estimate_tile(tile)
+        if math.isnan(e.blur_sigma):
+            return self.FALLBACK_PSF_SIGMA
+        extra = math.sqrt(max(e.blur_sigma**2 - SHARP_SCAN_SIGMA**2, 0.0))
+        return float(np.clip(extra, *self.PSF_RANGE))
+
+    def _deblur(self, tile: np.ndarray, method: str, psf_from: np.ndarray | None = None) -> np.ndarray:
         from skimage import restoration
 
-        psf = gaussian_psf(self.psf_sigma)
+        psf = gaussian_psf(self.tile_psf_sigma(tile if psf_from is None else psf_from))
         # Reflect-pad by the PSF's reach: Wiener's FFT wraps around, and both methods ring at hard edges.
         from scipy.fft import next_fast_len
 
@@ -179,8 +222,9 @@ class ClassicalEngine(Engine):
         extra = (next_fast_len(h + 2 * pad) - h - 2 * pad, next_fast_len(w + 2 * pad) - w - 2 * pad)
         chans = []
         for c in range(tile.shape[2]):
-            ch = np.pad(tile[:, :, c].astype(np.float64), ((pad, pad + extra[0]), (pad, pad + extra[1])),
-                        mode="reflect")
+            ch = np.pad(
+                tile[:, :, c].astype(np.float64), ((pad, pad + extra[0]), (pad, pad + extra[1])), mode="reflect"
+            )
             if method == "wiener":
                 res = restoration.wiener(ch, psf, self.wiener_balance, clip=False)
             else:
@@ -191,21 +235,34 @@ class ClassicalEngine(Engine):
     def _denoise(self, tile: np.ndarray, method: str) -> np.ndarray:
         from skimage import restoration
 
-        sigma = self._noise_sigma if self._noise_sigma is not None else 0.05
+        sigma = self.tile_noise_sigma(tile)
         if method == "tv":
             out = restoration.denoise_tv_chambolle(tile, weight=max(sigma, 1e-3) * 1.2, channel_axis=-1)
         elif method == "wavelet":
-            out = restoration.denoise_wavelet(tile, sigma=sigma, channel_axis=-1, mode="soft",
-                                              method="BayesShrink", convert2ycbcr=tile.shape[2] == 3,
-                                              rescale_sigma=True)
+            out = restoration.denoise_wavelet(
+                tile,
+                sigma=sigma,
+                channel_axis=-1,
+                mode="soft",
+                method="BayesShrink",
+                convert2ycbcr=tile.shape[2] == 3,
+                rescale_sigma=True,
+            )
         else:
-            out = restoration.denoise_nl_means(tile, h=0.8 * sigma, sigma=sigma, fast_mode=True, patch_size=5,
-                                               patch_distance=6, channel_axis=-1)
+            out = restoration.denoise_nl_means(
+                tile, h=0.8 * sigma, sigma=sigma, fast_mode=True, patch_size=5, patch_distance=6, channel_axis=-1
+            )
         return np.clip(out, 0, 1)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method or "default", "psf_sigma": self.psf_sigma,
-                "rl_iterations": self.rl_iterations, "wiener_balance": self.wiener_balance}
+        return {
+            "name": self.name,
+            "method": self.method or self._task_method or "default",
+            "psf_sigma": self.psf_sigma,
+            "noise_sigma": "per tile",
+            "rl_iterations": self.rl_iterations,
+            "wiener_balance": self.wiener_balance,
+        }
 
 
 def _resize_pil(tile: np.ndarray, scale: int, method: str) -> np.ndarray:
@@ -213,6 +270,12 @@ def _resize_pil(tile: np.ndarray, scale: int, method: str) -> np.ndarray:
 
     resample = Image.Resampling.LANCZOS if method == "lanczos" else Image.Resampling.BICUBIC
     h, w = tile.shape[:2]
-    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(tile[:, :, c], dtype=np.float32), mode="F")
-                        .resize((w * scale, h * scale), resample)) for c in range(tile.shape[2])]
+    chans = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(tile[:, :, c], dtype=np.float32), mode="F").resize(
+                (w * scale, h * scale), resample
+            )
+        )
+        for c in range(tile.shape[2])
+    ]
     return np.clip(np.stack(chans, axis=-1), 0, 1)

@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from lpfm_toolkit.cli.common import console, err_console, handle_errors, progress_bar
+from lpfm_toolkit.cli.common import console, err_console, fail, handle_errors, progress_bar
 from lpfm_toolkit.cli.local import engine_option_list
 from lpfm_toolkit.errors import ConfigError
 
@@ -80,10 +80,11 @@ def _template(prompt: str, out: str | None, level: int, region: tuple[int, int, 
                    overlap=st.overlap, compression=st.compression, tiff_tile=st.tiff_tile)
 
 
-def _open_store(path: Path) -> Any:
+def _open_store(path: Path, *, create: bool = False, readonly: bool = False) -> Any:
+    """The job store at ``path``; ``create`` makes a missing one (commands that add work), ``readonly``: status."""
     from lpfm_toolkit.jobs import JobStore
 
-    return JobStore(path)
+    return JobStore(path, create=create, readonly=readonly)
 
 
 def _report_added(report: Any, store_path: Path) -> None:
@@ -126,7 +127,7 @@ def add(slides: tuple[Path, ...], prompt: str, out: str | None, region_text: str
         files += scan_folder(s) if s.is_dir() else [s]
     if not files:
         raise ConfigError("no slides found in " + ", ".join(map(str, slides)), "give slide files or a folder of them")
-    with _open_store(store_path) as store:
+    with _open_store(store_path, create=True) as store:
         report = add_jobs(store, [dataclasses.replace(template, source=str(f)) for f in files])
     _report_added(report, store_path)
 
@@ -161,7 +162,7 @@ def add_qupath(project: Path, prompt: str | None, images: tuple[str, ...], flag_
     if not specs:
         raise ConfigError(f"no entry of {project} is flagged with {flag_key}",
                           f"set the metadata {flag_key} = a prompt on entries in QuPath, or use --image")
-    with _open_store(store_path) as store:
+    with _open_store(store_path, create=True) as store:
         report = add_jobs(store, specs)
     _report_added(report, store_path)
 
@@ -183,34 +184,61 @@ def _runner(workers: int, dask_scheduler: str | None, slurm: bool, opts: dict[st
     return LocalRunner(workers)
 
 
+def eta_text(elapsed_s: float, finished: int, computed: int, total: int) -> str:
+    """``3/8 · ETA 1:20``: the time left from the mean of the jobs that computed (skipped ones cost ~nothing)."""
+    left = max(0, total - finished)
+    text = f"{finished}/{total}"
+    if left and computed:
+        eta = int(round(elapsed_s / computed * left))
+        text += f" · ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" if eta >= 3600 else \
+            f" · ETA {eta // 60}:{eta % 60:02d}"
+    return text
+
+
 @contextmanager
 def _events(total: int) -> Iterator[Callable[[str, Any, str], None]]:
-    """A progress bar over jobs, and one line per finished job."""
-    finished = 0
+    """A progress bar over jobs (with its ETA), and one line per finished job with its count and the ETA."""
+    finished = computed = 0
+    t0 = time.monotonic()
     with progress_bar("jobs", total=total or None) as update:
+        update(0, total)
+
         def on_event(event: str, job: Any, detail: str) -> None:
-            nonlocal finished
+            nonlocal finished, computed
             if event == "start":
                 return
             if event in ("done", "skipped", "failed"):
                 finished += 1
+            computed += event in ("done", "failed", "retry")
             style = {"done": "green", "skipped": None, "retry": "yellow", "failed": "red"}[event]
             word = {"skipped": "already done"}.get(event, event)
-            console.print(f"{word}: {job.label} → {detail}", style=style, markup=False)
+            where = eta_text(time.monotonic() - t0, finished, computed, max(total, finished))
+            console.print(f"[{where}] {word}: {job.label} → {detail}", style=style, markup=False)
             update(finished, max(total, finished))
 
         yield on_event
 
 
 def _run(store: Any, runner: Any, max_attempts: int, lease_s: float) -> Any:
-    from lpfm_toolkit.jobs import run_queued
+    """Run the queue; SIGTERM and Ctrl-C hand the jobs back, stop the workers and remove their scratch."""
+    from lpfm_toolkit.errors import LpfmError
+    from lpfm_toolkit.jobs import Terminated, clean_store_scratch, run_queued, sigterm_interrupts
 
     counts = store.counts()
-    with _events(counts["queued"] + counts["running"]) as on_event:
+    with sigterm_interrupts(), _events(counts["queued"] + counts["running"]) as on_event:
         try:
-            return run_queued(store, runner, max_attempts=max_attempts, lease_s=lease_s, on_event=on_event)
-        finally:
-            runner.close()
+            summary = run_queued(store, runner, max_attempts=max_attempts, lease_s=lease_s, on_event=on_event)
+        except BaseException as exc:
+            runner.close(abort=True)
+            try:
+                clean_store_scratch(store, own=True)  # every job of this run has stopped writing
+            except LpfmError:
+                pass  # the store itself failed: the error being raised says so
+            if isinstance(exc, Terminated):
+                fail("stopped by SIGTERM", "the jobs in flight were queued again; re-run to continue", 143)
+            raise
+        runner.close()
+    return summary
 
 
 def _summary_line(summary: Any) -> str:
@@ -242,9 +270,7 @@ def run(workers: int, dask_scheduler: str | None, slurm: bool, max_attempts: int
 @handle_errors
 def status(show_all: bool, as_json: bool, store_path: Path) -> None:
     """Jobs per state, and the failed ones with their last error."""
-    if not store_path.exists():
-        raise ConfigError(f"no job store at {store_path}", "add jobs first (lpfm jobs add), or give --store")
-    with _open_store(store_path) as store:
+    with _open_store(store_path, readonly=True) as store:
         counts = store.counts()
         listed = store.jobs() if show_all else [*store.jobs("running"), *store.jobs("failed")]
     if as_json:
@@ -325,7 +351,7 @@ def watch(folders: tuple[Path, ...], projects: tuple[Path, ...], prompt: str | N
     template = _template(prompt or "", out, level, region, trust_pickle, flags)
     qupath_template = dataclasses.replace(template, out=out or "")
     failed = 0
-    with _open_store(store_path) as store:
+    with _open_store(store_path, create=True) as store:
         while True:
             for folder in folders:
                 report = watch_folder(store, folder, template, extensions=extensions or SLIDE_EXTENSIONS,

@@ -162,7 +162,7 @@ def test_a_failing_job_records_one_line_and_fails_after_max_attempts(store: JobS
     assert (summary.failed, summary.retried, summary.done) == (1, 1, 0)
     job = store.get(key)
     assert job.state == FAILED and job.attempts == 2
-    assert "\n" not in job.last_error and job.last_error.startswith(("NotADirectoryError", "FileExistsError"))
+    assert "\n" not in job.last_error and job.last_error.startswith(("NotADirectoryError", "FileExistsError", "OutputExistsError"))
     assert run_queued(store, LocalRunner(1)).finished == 0  # failed stays failed until retried
 
     blocker.unlink()

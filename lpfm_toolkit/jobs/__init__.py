@@ -10,13 +10,27 @@ from lpfm_toolkit.jobs.runners import (
     LocalRunner,
     RunSummary,
     SlurmOptions,
+    Terminated,
+    clean_store_scratch,
     dask_runner,
     run_queued,
+    sigterm_interrupts,
     slurm_kwargs,
     slurm_runner,
 )
 from lpfm_toolkit.jobs.spec import JobResult, JobSpec, compute, execute, finalize, job_key, prepare
-from lpfm_toolkit.jobs.store import DEFAULT_STORE, DONE, FAILED, QUEUED, RUNNING, STATES, Job, JobStore, NewJob
+from lpfm_toolkit.jobs.store import (
+    DEFAULT_STORE,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    Job,
+    JobStore,
+    NewJob,
+    StoreError,
+)
 from lpfm_toolkit.jobs.watch import (
     FLAG_KEY,
     SLIDE_EXTENSIONS,
@@ -31,6 +45,6 @@ from lpfm_toolkit.jobs.watch import (
 __all__ = [
     "DEFAULT_STORE", "DONE", "FAILED", "FLAG_KEY", "QUEUED", "RUNNING", "SLIDE_EXTENSIONS", "STATES",
     "AddReport", "DaskRunner", "Job", "JobResult", "JobSpec", "JobStore", "LocalRunner", "NewJob", "RunSummary",
-    "SlurmOptions", "add_jobs", "compute", "dask_runner", "execute", "finalize", "job_key", "prepare", "qupath_specs",
+    "SlurmOptions", "StoreError", "Terminated", "add_jobs", "clean_store_scratch", "sigterm_interrupts", "compute", "dask_runner", "execute", "finalize", "job_key", "prepare", "qupath_specs",
     "run_queued", "scan_folder", "slurm_kwargs", "slurm_runner", "watch_folder", "watch_qupath",
 ]

@@ -13,13 +13,17 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from lpfm_toolkit.errors import ConfigError, ConnectionFailedError, require
-from lpfm_toolkit.jobs.spec import JobResult, finalize, run_job
+from lpfm_toolkit.jobs.scratch import clean_scratch, defer
+from lpfm_toolkit.jobs.spec import JobResult, configure_threads, finalize, run_job
 from lpfm_toolkit.jobs.store import FAILED, Job, JobStore, one_line_error, worker_id
 
 log = logging.getLogger(__name__)
@@ -29,7 +33,7 @@ EventFn = Callable[[str, Job, str], None]
 
 
 class Runner(Protocol):
-    """Somewhere jobs run: ``submit`` a spec, ``wait`` for some to finish."""
+    """Somewhere jobs run: ``submit`` a spec, ``wait`` for some to finish, ``close`` (``abort``: stop them now)."""
 
     @property
     def capacity(self) -> int: ...
@@ -38,7 +42,89 @@ class Runner(Protocol):
 
     def wait(self, futures: Iterable[Any], timeout: float) -> set[Any]: ...
 
-    def close(self) -> None: ...
+    def close(self, abort: bool = False) -> None: ...
+
+
+class Terminated(KeyboardInterrupt):
+    """The runner was asked to stop (SIGTERM); handled like Ctrl-C: jobs in flight go back to the queue."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM (systemd, Slurm, ``kill``) raises :class:`Terminated` in the main thread.
+
+    The first signal interrupts; further ones are ignored while the jobs are handed back and the workers
+    stopped. Outside the main thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        exc = Terminated(f"signal {signal.Signals(signum).name}")
+        if not defer(exc):  # deferred while a scratch folder is being made and marked
+            raise exc
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- pool workers: stop cleanly on SIGTERM, and when the coordinator disappears --------------------------------
+class _WorkerStopped(BaseException):
+    """Raised in a pool worker's job when it is told to stop: the job's writer removes its scratch folder."""
+
+
+_in_job = threading.Event()
+
+
+def _pool_worker_init(threads: int | None, coordinator: int) -> None:
+    """Initialise a pool worker: math threads, SIGTERM → stop, Ctrl-C left to the coordinator, orphan watch."""
+    configure_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; it stops us with SIGTERM
+
+    def on_term(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if not _in_job.is_set():
+            os._exit(128 + signal.SIGTERM)
+        exc = _WorkerStopped()  # unwinds the job: its writer aborts and removes its scratch folder
+        if not defer(exc):
+            raise exc
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def orphan_watch() -> None:  # the coordinator was killed (kill -9): stop instead of writing on
+        while os.getppid() == coordinator:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30.0)  # the job did not unwind in time (a long C call): give up
+        os._exit(1)
+
+    threading.Thread(target=orphan_watch, name="lpfm-orphan-watch", daemon=True).start()
+
+
+def _pool_job(spec: dict[str, Any], threads: int | None) -> tuple[str, Any]:
+    """:func:`run_job` in a pool worker; a worker told to stop exits once its job has unwound."""
+    _in_job.set()
+    try:
+        return run_job(spec, threads)
+    except _WorkerStopped:
+        _clean_own_scratch([spec])  # a writer the stop caught before its `with` began has no abort to run
+        os._exit(128 + signal.SIGTERM)
+    finally:
+        _in_job.clear()
+
+
+def _clean_own_scratch(specs: Iterable[dict[str, Any]]) -> None:
+    """Remove this process's scratch folders in the output folders of ``specs`` (its jobs have stopped)."""
+    from lpfm_toolkit.jobs.spec import JobSpec, output_dir
+
+    for spec in specs:
+        with contextlib.suppress(Exception):
+            clean_scratch(output_dir(JobSpec.from_dict(spec)), own=True)
 
 
 def free_cores() -> int:
@@ -52,8 +138,11 @@ def free_cores() -> int:
 class LocalRunner:
     """``workers`` processes on this machine (spawned, each capped at ``cores // workers`` math threads).
 
-    ``workers=1`` runs each job in this process, one after another.
+    ``workers=1`` runs each job in this process, one after another. Workers ignore Ctrl-C (the coordinator
+    stops them), unwind their job on SIGTERM, and stop by themselves when the coordinator dies.
     """
+
+    grace_s = 20.0  # how long an aborted worker may take to unwind its job before it is killed
 
     def __init__(self, workers: int = 1, threads: int | None = None) -> None:
         if workers < 1:
@@ -67,11 +156,10 @@ class LocalRunner:
         return self.workers
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
-        from lpfm_toolkit.jobs.spec import configure_threads
 
         # spawn, not fork: this process may hold torch threads and open files a fork would copy half-made
         return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=configure_threads, initargs=(self.threads,))
+                                      initializer=_pool_worker_init, initargs=(self.threads, os.getpid()))
 
     def submit(self, spec: dict[str, Any]) -> cf.Future:
         if self.workers == 1:
@@ -81,19 +169,39 @@ class LocalRunner:
         if self._pool is None:
             self._pool = self._new_pool()
         try:
-            return self._pool.submit(run_job, spec, self.threads)
+            return self._pool.submit(_pool_job, spec, self.threads)
         except cf.process.BrokenProcessPool:  # a worker was killed (out of memory?): start a fresh pool
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            return self._pool.submit(run_job, spec, self.threads)
+            return self._pool.submit(_pool_job, spec, self.threads)
 
     def wait(self, futures: Iterable[Any], timeout: float) -> set[Any]:
         return set(cf.wait(list(futures), timeout=timeout, return_when=cf.FIRST_COMPLETED).done)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def worker_pids(self) -> list[int]:
+        """Process ids of the pool's workers (none before the first job, or with ``workers=1``)."""
+        procs = getattr(self._pool, "_processes", None) or {}
+        return [p.pid for p in procs.values() if p.pid is not None]
+
+    def close(self, abort: bool = False) -> None:
+        """Shut the pool down; ``abort``: stop running jobs now (SIGTERM, then SIGKILL after ``grace_s``)."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if not abort:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.terminate()  # SIGTERM: the job unwinds and its writer removes its scratch folder
+        deadline = time.monotonic() + self.grace_s
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class DaskRunner:
@@ -111,6 +219,7 @@ class DaskRunner:
         self.threads = threads
         self.cluster = cluster
         self.min_capacity = min_capacity
+        self._submitted: list[Any] = []
 
     @property
     def capacity(self) -> int:
@@ -123,7 +232,9 @@ class DaskRunner:
         return max(self.min_capacity, n)
 
     def submit(self, spec: dict[str, Any]) -> Any:
-        return self.client.submit(run_job, spec, self.threads, pure=False, resources=self.resources)
+        fut = self.client.submit(run_job, spec, self.threads, pure=False, resources=self.resources)
+        self._submitted = [f for f in self._submitted if not f.done()] + [fut]
+        return fut
 
     def wait(self, futures: Iterable[Any], timeout: float) -> set[Any]:
         from distributed import wait
@@ -133,7 +244,11 @@ class DaskRunner:
             wait(futures, timeout=timeout, return_when="FIRST_COMPLETED")
         return {f for f in futures if f.done()}
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Close the client (and the cluster this runner started); ``abort`` cancels tasks not yet finished."""
+        if abort:
+            with contextlib.suppress(Exception):
+                self.client.cancel(list(self._submitted), force=True)
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
@@ -202,7 +317,7 @@ class RunSummary:
     done: int = 0
     skipped: int = 0  # done, but the output already existed
     retried: int = 0  # failed attempts that went back to the queue
-    failed: int = 0  # jobs that used their last attempt
+    failed: int = 0  # jobs that used their last attempt (here, or in a runner that died)
     requeued: list[str] = field(default_factory=list)  # keys found abandoned by a dead runner
 
     @property
@@ -210,13 +325,44 @@ class RunSummary:
         return self.done + self.skipped + self.failed
 
 
-def _heartbeat(store: JobStore, worker: str, lease_s: float, max_attempts: int, stop: threading.Event) -> None:
+def _requeue_stale(store: JobStore, max_attempts: int, summary: RunSummary, emit: EventFn) -> None:
+    """Requeue the jobs of dead runners; those that used their last attempt count as failed in this run."""
+    failed: list[str] = []
+    for key in store.requeue_stale(max_attempts, failed=failed):
+        if key in failed:
+            summary.failed += 1
+            job = store.get(key)
+            if job is not None:
+                emit("failed", job, job.last_error or "")
+        else:
+            summary.requeued.append(key)
+            log.warning("job %s was abandoned by a stopped runner: queued again", key[:12])
+
+
+def clean_store_scratch(store: JobStore, *, own: bool = False) -> list[Path]:
+    """Remove scratch folders left by dead writers in the output folders of the store's jobs.
+
+    ``own``: this process's too (after its runner was stopped, when no job of it is still writing).
+    """
+    from lpfm_toolkit.jobs.spec import JobSpec, output_dir
+
+    folders: set[Path] = set()
+    for spec in store.specs():
+        with contextlib.suppress(Exception):  # a spec this version cannot read has no folder to clean
+            folders.add(output_dir(JobSpec.from_dict(spec)))
+    removed: list[Path] = []
+    for folder in sorted(folders):
+        removed += clean_scratch(folder, own=own)
+    return removed
+
+
+def _heartbeat(store: JobStore, worker: str, lease_s: float, max_attempts: int, stop: threading.Event,
+               summary: RunSummary, emit: EventFn) -> None:
     """Renew this runner's leases; requeue jobs of runners that died meanwhile."""
     while not stop.wait(min(30.0, lease_s / 3)):
         try:
             store.renew(worker, lease_s)
-            for key in store.requeue_stale(max_attempts):
-                log.warning("job %s was abandoned by a stopped runner: queued again", key[:12])
+            _requeue_stale(store, max_attempts, summary, emit)
         except Exception:  # noqa: BLE001 - a missed renewal is retried; the lease has slack
             log.warning("could not renew job leases", exc_info=True)
 
@@ -234,13 +380,15 @@ def run_queued(store: JobStore, runner: Runner, *, max_attempts: int = 3, lease_
         raise ConfigError(f"--max-attempts {max_attempts} must be at least 1")
     worker = worker or worker_id()
     emit = on_event or (lambda event, job, detail: None)
-    summary = RunSummary(requeued=store.requeue_stale(max_attempts))
+    summary = RunSummary()
+    _requeue_stale(store, max_attempts, summary, emit)
+    clean_store_scratch(store)
     in_flight: dict[Any, Job] = {}
     held: set[str] = set()
     started = 0
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(store, worker, lease_s, max_attempts, stop), name="lpfm-jobs-lease",
-                            daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(store, worker, lease_s, max_attempts, stop, summary, emit),
+                            name="lpfm-jobs-lease", daemon=True)
     beat.start()
     try:
         while True:
@@ -299,5 +447,5 @@ def _record(store: JobStore, worker: str, job: Job, fut: Any, max_attempts: int,
         emit("retry", job, payload)
 
 
-__all__ = ["DaskRunner", "LocalRunner", "RunSummary", "Runner", "SlurmOptions", "dask_runner",
-           "run_queued", "slurm_kwargs", "slurm_runner"]
+__all__ = ["DaskRunner", "LocalRunner", "RunSummary", "Runner", "SlurmOptions", "Terminated", "clean_store_scratch",
+           "dask_runner", "run_queued", "sigterm_interrupts", "slurm_kwargs", "slurm_runner"]

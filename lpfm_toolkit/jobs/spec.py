@@ -161,6 +161,17 @@ def _tiling(spec: JobSpec, engine: Engine) -> dict[str, int]:
     return {"tile": spec.tile or engine.tile_size, "overlap": engine.overlap if spec.overlap is None else spec.overlap}
 
 
+def _key(key_for: Any, handle: ImageHandle, item: Any, engine: Engine, spec: JobSpec) -> str:
+    """The key :func:`run_item` computes for this job in :func:`compute` (same tiling, compression, samples)."""
+    import inspect
+
+    extra: dict[str, Any] = {}
+    params = inspect.signature(key_for).parameters
+    if "compression" in params:  # outputs' compression and uncertainty map are part of newer keys
+        extra = {"compression": spec.compression, "uncertainty": spec.samples > 1}
+    return str(key_for(handle, item, engine, _tiling(spec, engine), **extra))
+
+
 def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
     """``spec`` ready to queue, and its idempotency key (the pipeline's); checks source, prompt, region, engine.
 
@@ -177,7 +188,7 @@ def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
             spec = dataclasses.replace(spec, engine=engine.name)
             _engines.cache[spec.engine_options] = engine
         engine.check(item.task, handle.channel_names)
-        return spec, key_for(handle, item, engine, _tiling(spec, engine))
+        return spec, _key(key_for, handle, item, engine, spec)
 
 
 def job_key(spec: JobSpec) -> str:
@@ -196,15 +207,37 @@ def output_dir(spec: JobSpec) -> Path:
     raise ConfigError("the job has no output folder", "add it again with --out DIR")
 
 
-def compute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) -> JobResult:
-    """Run one job into an OME-TIFF (skipped when the output already exists); the worker side of a job."""
-    from lpfm_toolkit.pipeline import output_name, run_item
+def _marked_sink(folder: Path, compression: str, tile: int) -> Any:
+    """An OME-TIFF sink whose writers mark their scratch folder with this process (see :mod:`.scratch`)."""
+    from lpfm_toolkit.jobs.scratch import mark_scratch, signals_deferred
     from lpfm_toolkit.sinks.ometiff import OmeTiffSink
+
+    class MarkedSink(OmeTiffSink):
+        def open(self, *args: Any, **kwargs: Any) -> Any:
+            with signals_deferred():  # a stop request waits until the new folder is marked
+                writer = super().open(*args, **kwargs)
+                scratch = getattr(writer, "_scratch", None)
+                if isinstance(scratch, Path):
+                    mark_scratch(scratch)
+            return writer
+
+    return MarkedSink(folder, compression=compression, tile=tile)
+
+
+def compute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) -> JobResult:
+    """Run one job into an OME-TIFF (skipped when the output already exists); the worker side of a job.
+
+    Scratch folders in the output folder left by writers that died on this host are removed first.
+    """
+    from lpfm_toolkit.jobs.scratch import clean_scratch
+    from lpfm_toolkit.pipeline import output_name, run_item
 
     spec = spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
     t0 = time.perf_counter()
     engine = engine_for(spec)
-    sink = OmeTiffSink(output_dir(spec), compression=spec.compression, tile=spec.tiff_tile)
+    folder = output_dir(spec)
+    clean_scratch(folder)
+    sink = _marked_sink(folder, spec.compression, spec.tiff_tile)
     handle = _open(spec)
     with handle:
         item = _item(handle, spec)

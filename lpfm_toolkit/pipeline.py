@@ -8,6 +8,7 @@ one stripe, never by the region.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -126,15 +127,15 @@ def check_size(region: Region, task: Task) -> None:
         )
 
 
-def resolve_engine_name(engine: str, model: str | None) -> str:
-    """The engine ``auto`` stands for here (without loading any model)."""
+def resolve_engine_name(engine: str, model: str | None, task: Task | None = None) -> str:
+    """The engine ``auto`` stands for here, for ``task`` (without loading any model)."""
     if engine != "auto":
         return engine
     if model:
         return "lpfm"
     from lpfm_toolkit.engine import default_engine_name
 
-    return default_engine_name()
+    return default_engine_name(task)
 
 
 def preflight_engine(
@@ -156,7 +157,7 @@ def preflight_engine(
     ``explicit`` names the options the user gave for this run; ``method`` and ``steps`` that come from a
     settings file for another engine are not refused (the engine ignores them).
     """
-    name = resolve_engine_name(engine, model)
+    name = resolve_engine_name(engine, model, task)
     if "method" not in explicit and name != "classical":
         method = None
     if "steps" not in explicit and name != "lpfm":
@@ -461,6 +462,18 @@ def stripe_width_for(grid: TileGrid, scale: int, wanted: int, alignment: int, ba
     return -(-width // unit) * unit
 
 
+def _file_state(handle: ImageHandle) -> tuple[int, int, int] | None:
+    """Size, modification time and inode of a local source (None for other sources)."""
+    path = getattr(handle, "path", None)
+    if handle.system != "file" or path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return (-1, -1, -1)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def _local_file(ref: OutputRef) -> Path | None:
     """The OME-TIFF file a result lives in, when it is a local file (not OMERO or an array)."""
     uri = str(ref.uri)
@@ -496,6 +509,7 @@ def run_item(
     if verify not in ("quick", "full"):
         raise ValueError(f"verify must be 'quick' or 'full', not {verify!r}")
     task = item.task
+    before = _file_state(handle)  # taken before the fingerprint, so a change during the run is always seen
     engine.check(task, handle.channel_names)
     tile = tile_size or engine.tile_size
     ovl = engine.overlap if overlap is None else overlap
@@ -517,6 +531,9 @@ def run_item(
             return EnhanceResult(item, found, skipped=True)
         remade = "; ".join(problems)
         log.warning("%s is damaged (%s): making it again", found.uri, remade)
+        if getattr(sink, "overwrite", None) is False:  # our own output of this very key: it may be replaced
+            sink = copy.copy(sink)
+            sink.overwrite = True  # type: ignore[attr-defined]
     target = getattr(sink, "target", None)
     if callable(target):  # a file sink: never write over the original, nor any file lpfm did not make
         final = Path(target(key, name))
@@ -684,6 +701,10 @@ def run_item(
                 c.close()
             if assembly is not None:
                 assembly.close()
+        if _file_state(handle) != before:  # the pixels read may mix two versions of the file: keep nothing
+            raise CorruptImageError(
+                f"{handle.name} changed while it was being read", "wait until it is completely copied, then run again"
+            )
         total_seconds = time.perf_counter() - t_start
         described = engine.describe()
         bundle_path = getattr(getattr(engine, "bundle", None), "path", None)

@@ -186,6 +186,8 @@ def require_writable_folder(path: Path, what: str = "--out") -> None:
     """:class:`OutputExistsError` unless a file can be created at or above ``path`` (see :func:`writable_folder`)."""
     if writable_folder(path) is None:
         near = next((a for a in [path, *path.parents] if a.exists() or a.is_symlink()), path)
+        if not near.is_dir():
+            raise OutputExistsError(f"{what}: {near} is a file, not a folder", "choose another place")
         raise OutputExistsError(f"{what}: cannot write in {near}", "choose a folder you can write to")
 
 

@@ -257,11 +257,13 @@ def test_single_channel_image_through_the_classical_engine(tmp_path) -> None:
     """Regression (issue 9): single-channel images crashed in blending with the classical denoiser."""
     from lpfm_toolkit.engine.classical import ClassicalEngine
 
-    img = (np.random.default_rng(8).random((300, 340, 1)) * 60000).astype(np.uint16)
+    yy, xx = np.mgrid[0:300, 0:340]
+    smooth = 20000 + 8000 * np.sin(xx / 13.0) * np.cos(yy / 17.0)
+    img = (smooth + np.random.default_rng(8).normal(0, 800, smooth.shape))[:, :, None].astype(np.uint16)
     handle = ArrayHandle(img)
     for prompt in (TaskKind.DENOISE, TaskKind.DEBLUR):
         item = plan(handle, Task(prompt))[0]
         res = run_item(handle, item, ClassicalEngine(), ArraySink(), tile_size=128, overlap=16)
         pixels = res.output.extra["pixels"]
         assert pixels.shape == (300, 340, 1) and pixels.dtype == np.uint16
-        assert abs(float(pixels.mean()) - float(img.mean())) < 0.02 * float(img.mean())
+        assert abs(float(pixels.mean()) - float(img.mean())) < 0.05 * float(img.mean())  # brightness kept

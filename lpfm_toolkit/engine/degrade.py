@@ -166,7 +166,7 @@ def random_degradation(task_name: str, g: torch.Generator) -> Degradation:
     raise ValueError(f"no degradation protocol for task {task_name!r}")
 
 
-def evaluation_protocol() -> dict[str, tuple[str, Degradation]]:
+def evaluation_protocol() -> dict[str, tuple[str, Degradation | BlindDegradation]]:
     """The fixed degradations reported in model cards: label → (task code name, degradation)."""
     blur_kw = {"kernel_size": 11, "sigma_x": 2.5, "sigma_y": 1.5, "theta": math.pi / 4}
     return {
@@ -178,6 +178,9 @@ def evaluation_protocol() -> dict[str, tuple[str, Degradation]]:
         "denoise-s41": ("denoise", Degradation(noise_sigma=41)),
         "deblur": ("deblur", Degradation(**blur_kw)),
         "restore": ("restore", Degradation(**blur_kw, restore_down=True, noise_sigma=15)),
+        # scikit-image's anti-aliased rescale (Gaussian σ = (s − 1)/2, then linear): a kernel training never used
+        "sr-x2-skimage": ("sr2", blind_protocol_entry(scale=2, down_kernel="skimage")),
+        "sr-x4-skimage": ("sr4", blind_protocol_entry(scale=4, down_kernel="skimage")),
     }
 
 

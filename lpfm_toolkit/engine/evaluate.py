@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lpfm_toolkit.engine.base import Engine
+from lpfm_toolkit.engine.base import Engine, EngineOutput
 from lpfm_toolkit.engine.classical import METHODS, ClassicalEngine
 from lpfm_toolkit.engine.taskcodes import task_from_name
 from lpfm_toolkit.errors import ConfigError
@@ -117,6 +117,105 @@ def degrade_tiles(clean: np.ndarray, degradation: Any, seed: int) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+class TunedClassicalEngine(Engine):
+    """A classical baseline given the truth: the true noise σ, the true blur kernel, or spline up-sampling.
+
+    ``method``: spline (cubic spline up-sampling), nlm, tv, wavelet, bm3d (true σ), bm3d-est (σ estimated
+    with ``skimage.restoration.estimate_sigma``), wiener or richardson_lucy (the true kernel). ``strength``
+    scales the denoiser's σ-derived parameter, the Wiener balance or the RL iteration count.
+    """
+
+    name = "classical-tuned"
+    batch_size = 1
+
+    def __init__(self, method: str, *, sigma: float = 0.0, kernel: np.ndarray | None = None,
+                 strength: float = 1.0) -> None:
+        self.method, self.sigma, self.kernel, self.strength = method, sigma, kernel, strength
+
+    def needs_overview(self, task: Any) -> bool:
+        return False
+
+    def process(self, tiles: np.ndarray, task: Any, seeds: Sequence[int]) -> EngineOutput:
+        return EngineOutput(np.stack([self._one(t, task) for t in tiles]).astype(np.float32))
+
+    def _one(self, tile: np.ndarray, task: Any) -> np.ndarray:
+        from skimage import restoration
+
+        m, sigma = self.method, self.sigma
+        if m == "spline":
+            from skimage.transform import rescale
+
+            return np.clip(rescale(tile, task.scale, order=3, channel_axis=-1, mode="reflect"), 0, 1)
+        if m in ("bm3d", "bm3d-est"):
+            import bm3d
+
+            if m == "bm3d-est":
+                sigma = float(restoration.estimate_sigma(tile, channel_axis=-1, average_sigmas=True))
+            return np.clip(bm3d.bm3d_rgb(tile.astype(np.float64), max(sigma, 1e-3) * self.strength), 0, 1)
+        if m == "nlm":
+            return np.clip(restoration.denoise_nl_means(tile, h=0.8 * sigma * self.strength, sigma=sigma,
+                                                        fast_mode=True, patch_size=5, patch_distance=6,
+                                                        channel_axis=-1), 0, 1)
+        if m == "tv":
+            return np.clip(restoration.denoise_tv_chambolle(tile, weight=max(sigma, 1e-3) * self.strength,
+                                                            channel_axis=-1), 0, 1)
+        if m == "wavelet":
+            return np.clip(restoration.denoise_wavelet(tile, sigma=sigma * self.strength, channel_axis=-1,
+                                                       mode="soft", method="BayesShrink", convert2ycbcr=True,
+                                                       rescale_sigma=True), 0, 1)
+        if m in ("wiener", "richardson_lucy"):
+            assert self.kernel is not None
+            pad = self.kernel.shape[0]
+            out = []
+            for c in range(tile.shape[-1]):
+                ch = np.pad(tile[..., c].astype(np.float64), pad, mode="reflect")
+                if m == "wiener":
+                    res = restoration.wiener(ch, self.kernel, 0.01 * self.strength, clip=False)
+                else:
+                    res = restoration.richardson_lucy(np.clip(ch, 1e-4, 1), self.kernel,
+                                                      num_iter=max(1, int(round(20 * self.strength))), clip=False)
+                out.append(res[pad:-pad, pad:-pad])
+            return np.clip(np.stack(out, axis=-1), 0, 1)
+        raise ValueError(f"unknown tuned classical method {m!r}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method, "sigma": self.sigma, "strength": self.strength}
+
+
+def _bm3d_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bm3d") is not None
+
+
+def tuned_candidates(task_name: str, degradation: Any) -> list[Candidate]:
+    """Baselines tuned on the truth for one protocol entry: spline for SR; NLM, TV, wavelet and BM3D with the
+    true σ (several strengths) and BM3D with σ estimated; Wiener and Richardson–Lucy with the true kernel."""
+    out: list[Candidate] = []
+    if task_name.startswith("sr"):
+        out.append(Candidate("tuned:spline", TunedClassicalEngine("spline")))
+    elif task_name == "denoise":
+        sigma = float(getattr(degradation, "noise_sigma", 0.0)) / 255
+        for m, strengths in (("nlm", (0.8, 1.0, 1.25)), ("tv", (0.8, 1.2, 1.8)), ("wavelet", (1.0,))):
+            out += [Candidate(f"tuned:{m} true σ ×{k}", TunedClassicalEngine(m, sigma=sigma, strength=k))
+                    for k in strengths]
+        if _bm3d_available():
+            out.append(Candidate("tuned:bm3d true σ", TunedClassicalEngine("bm3d", sigma=sigma)))
+            out.append(Candidate("classical:bm3d σ estimated", TunedClassicalEngine("bm3d-est")))
+        else:
+            log.warning("bm3d is not installed: the BM3D baselines are skipped (pip install bm3d)")
+    elif task_name == "deblur" and getattr(degradation, "kernel_size", 0):
+        from lpfm_toolkit.engine.degrade import gaussian_kernel
+
+        d = degradation
+        k = gaussian_kernel(d.kernel_size, d.sigma_x, d.sigma_y, d.theta).numpy().astype(np.float64)
+        out += [Candidate(f"tuned:wiener true kernel ×{s}", TunedClassicalEngine("wiener", kernel=k, strength=s))
+                for s in (0.1, 0.3, 1.0)]
+        out += [Candidate(f"tuned:richardson_lucy true kernel ×{s}",
+                          TunedClassicalEngine("richardson_lucy", kernel=k, strength=s)) for s in (0.5, 1.5)]
+    return out
+
+
 def classical_candidates(task_name: str) -> list[Candidate]:
     """Every classical method for a task (deblurring also with the PSF width tuned over 1.5/2/2.5 px)."""
     task = task_from_name(task_name)
@@ -128,8 +227,13 @@ def classical_candidates(task_name: str) -> list[Candidate]:
 
 
 def evaluate(clean: np.ndarray, candidates: Sequence[Candidate], protocols: Sequence[str] | None = None,
-             seed: int = 0, progress: EvalProgress | None = None, examples_dir: Path | None = None) -> EvalReport:
-    """Score classical baselines and ``candidates`` (learned engines) on degraded copies of ``clean`` tiles."""
+             seed: int = 0, progress: EvalProgress | None = None, examples_dir: Path | None = None,
+             tuned: bool = True, baselines: bool = True) -> EvalReport:
+    """Score classical baselines and ``candidates`` (learned engines) on degraded copies of ``clean`` tiles.
+
+    ``tuned``: also the baselines given the truth (:func:`tuned_candidates`: true σ, true kernel, BM3D).
+    ``baselines=False`` scores ``candidates`` only (the degraded tiles are the same for the same seed).
+    """
     from scipy.stats import spearmanr
 
     from lpfm_toolkit.engine.degrade import evaluation_protocol
@@ -141,7 +245,9 @@ def evaluate(clean: np.ndarray, candidates: Sequence[Candidate], protocols: Sequ
         raise ConfigError(f"unknown degradations {unknown}", f"choose from {', '.join(protocol)}")
     report = EvalReport(meta={"tiles": int(len(clean)), "tile_size": int(clean.shape[1]), "seed": seed,
                               "protocols": {p: protocol[p][1].to_dict() for p in chosen}})
-    jobs = [(p, c) for p in chosen for c in classical_candidates(protocol[p][0]) + list(candidates)]
+    jobs = [(p, c) for p in chosen
+            for c in (classical_candidates(protocol[p][0]) if baselines else [])
+            + (tuned_candidates(*protocol[p]) if tuned and baselines else []) + list(candidates)]
     done = 0
     examples: dict[str, dict[str, np.ndarray]] = {}
     for p_index, proto in enumerate(chosen):

@@ -65,6 +65,8 @@ class LpfmEngine(Engine):
         self.samples = int(samples)
         self.sampler = sampler or str(bundle.index.get("default_sampler", "ddim"))
         self.tta = bool(tta)
+        #: False runs an encoder-conditioned restorer with its features zeroed (the ablation in docs/engine.md)
+        self.condition_on_encoder = True
         self._fluo_p995: Any = None
         if self.steps < 0:
             raise ConfigError(f"steps must be 0 or more (got {self.steps})")
@@ -230,7 +232,14 @@ class LpfmEngine(Engine):
             return (acc / 8).clamp(0, 1), x
 
     def _restore_once(self, x: Any, code: Any) -> Any:
-        feats = self.encoder(x) if self.restorer.config.extra_cond_dim else None  # type: ignore[misc]
+        import torch
+
+        feats = None
+        if self.restorer.config.extra_cond_dim:
+            if self.condition_on_encoder:
+                feats = self.encoder(x)  # type: ignore[misc]
+            else:  # the ablation: what training's feature dropout showed the network
+                feats = torch.zeros((x.shape[0], self.restorer.config.extra_cond_dim), device=x.device)
         return self.restorer(x, code, feats)
 
     def _stain(self, x: Any) -> Any:

@@ -200,7 +200,7 @@ def _preflight_bundle(model: str | None, task: Task, channel_names: Sequence[str
     """Check the bundle's index (tasks, stains, input channels) without loading any weights."""
     import json
 
-    from lpfm_toolkit.engine.bundle import read_index, resolve
+    from lpfm_toolkit.engine.bundle import read_index, resolve, stains_match
     from lpfm_toolkit.engine.taskcodes import TASK_NAMES, task_code
 
     path = resolve(model)
@@ -216,13 +216,15 @@ def _preflight_bundle(model: str | None, task: Task, channel_names: Sequence[str
     stains = index.get("stains")
     if task.source_stain is not None and task.kind.value == "virtual_stain" and isinstance(stains, dict):
         pair = (getattr(task.source_stain, "value", None), getattr(task.target_stain, "value", None))
-        if (stains.get("source"), stains.get("target")) != pair:
+        if not stains_match(stains, *pair):
             raise TaskNotSupportedError(
                 f"the lpfm engine cannot run {task.label}: bundle {name} translates "
                 f"{stains.get('source')}→{stains.get('target')}",
                 "use a bundle trained for this pair",
             )
-    folder = index.get("components", {}).get("restorer", "restorer")
+    components = index.get("components", {})
+    role = "stainer" if task.kind.value == "virtual_stain" and "stainer" in components else "restorer"
+    folder = components.get(role, role)
     try:
         config = json.loads((path / folder / "config.json").read_text())
         expected = int(config.get("config", {}).get("in_channels", 3))

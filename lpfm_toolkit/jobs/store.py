@@ -184,8 +184,7 @@ class JobStore:
         self._lock = threading.RLock()
         try:
             if readonly:
-                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                           timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+                self._db = self._connect_readonly(busy_timeout_s)
             else:
                 self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                            check_same_thread=False)
@@ -208,6 +207,23 @@ class JobStore:
             with contextlib.suppress(Exception):
                 self._db.close()
             raise
+
+    def _connect_readonly(self, busy_timeout_s: float) -> sqlite3.Connection:
+        """A read-only connection; in a folder this user cannot write (no ``-shm`` can be made) and with no
+        ``-wal`` beside the store (so no writer is active), the file is read as immutable."""
+        uri = self.path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=busy_timeout_s, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists() or os.access(self.path.parent, os.W_OK):
+                raise
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=busy_timeout_s,
+                               isolation_level=None, check_same_thread=False)
 
     @staticmethod
     def _create(path: Path) -> None:

@@ -170,22 +170,33 @@ def test_a_fifo_a_folder_and_a_missing_store(tmp_path: Path) -> None:
     assert not missing.exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders: NOT tested as root")
 def test_a_store_in_a_read_only_folder(tmp_path: Path) -> None:
+    """Reading works, writing is one line; as root the CLI runs without the capability to ignore permissions."""
+    import shutil
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root ignores read-only folders and setpriv is missing: NOT tested")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
     folder = tmp_path / "ro"
     folder.mkdir()
     path = store_with_jobs(folder / "jobs.sqlite", 3)
     before = digest(path)
     folder.chmod(0o555)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*prefix, *LPFM, *args], capture_output=True, text=True, timeout=120, env=ENV)
+
     try:
-        res = lpfm("jobs", "status", "--store", str(path))
+        res = run("jobs", "status", "--store", str(path))
         assert res.returncode == 0 and "3" in res.stdout, res.stderr  # reading needs no write access
-        one_line_error(lpfm("jobs", "run", "--store", str(path)), 2, str(path))
-        res = lpfm("jobs", "add", str(path), "-p", "denoise", "--store", str(folder / "new.sqlite"))
-        assert res.returncode == 2 and "Traceback" not in res.stderr
+        one_line_error(run("jobs", "run", "--store", str(path)), 2, str(path))
+        res = run("jobs", "add", str(path), "-p", "denoise", "--store", str(folder / "new.sqlite"))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     finally:
         folder.chmod(0o755)
-    assert digest(path) == before and not (folder / "new.sqlite").exists()
+    assert digest(path) == before and siblings(path) == {"jobs.sqlite"}
 
 
 def test_an_old_store_without_application_id_is_still_ours(tmp_path: Path) -> None:

@@ -53,10 +53,14 @@ RESULTS = ROOT / "benchmarks" / "results" / "codec.json"
 SIZE = 512  # ground-truth region side (level-0 pixels)
 REGIONS = [(800, 1000), (1100, 1500), (700, 2300), (1500, 2300)]  # tissue-rich parts of the sample slide
 SETTINGS: list[tuple[str, dict[str, Any]]] = [
-    *[(f"jpeg q{q} 4:4:4", {"compression": "jpeg", "jpeg_quality": q, "jpeg_subsampling": "4:4:4"})
-      for q in (80, 85, 90, 95, 98, 100)],
-    *[(f"jpeg q{q} 4:2:0", {"compression": "jpeg", "jpeg_quality": q, "jpeg_subsampling": "4:2:0"})
-      for q in (80, 85, 90, 95, 98, 100)],
+    *[
+        (f"jpeg q{q} 4:4:4", {"compression": "jpeg", "jpeg_quality": q, "jpeg_subsampling": "4:4:4"})
+        for q in (80, 85, 90, 95, 98, 100)
+    ],
+    *[
+        (f"jpeg q{q} 4:2:0", {"compression": "jpeg", "jpeg_quality": q, "jpeg_subsampling": "4:2:0"})
+        for q in (80, 85, 90, 95, 98, 100)
+    ],
     ("zlib", {"compression": "zlib"}),
     ("zstd", {"compression": "zstd"}),
     ("lzw", {"compression": "lzw"}),
@@ -100,8 +104,11 @@ def write(pixels: np.ndarray, folder: Path, **kw: Any) -> Path:
     spec = OutputSpec("codec", w, h, ["R", "G", "B"], np.dtype(np.uint8), (0.25, 0.25))
     with OmeTiffSink(folder, **kw).open(spec, "c" * 64, {"system": "memory"}) as writer:
         writer.write_rows(pixels)
-        ref = writer.commit(Provenance(source={"system": "memory"}, prompt="codec", task={}, engine={}, seed=0,
-                                       idempotency_key="c" * 64))
+        ref = writer.commit(
+            Provenance(
+                source={"system": "memory"}, prompt="codec", task={}, engine={}, seed=0, idempotency_key="c" * 64
+            )
+        )
     return Path(ref.uri)
 
 
@@ -119,12 +126,21 @@ def run(quick: bool) -> dict[str, Any]:
                 result, engine = enhance(degraded, prompt, folder)
                 seconds = time.perf_counter() - t0
                 # what the model must beat: the degraded input (bicubic up-sampled for SR)
-                baseline = degraded if prompt != "sr x2" else \
-                    np.asarray(Image.fromarray(degraded).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+                baseline = (
+                    degraded
+                    if prompt != "sr x2"
+                    else np.asarray(Image.fromarray(degraded).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+                )
                 lossless_db = psnr(result, clean)
-                image = {"region": list(REGIONS[r]), "task": prompt, "engine": engine, "engine_s": round(seconds, 1),
-                         "psnr_input_db": round(psnr(baseline, clean), 3), "psnr_result_db": round(lossless_db, 3),
-                         "gain_db": round(lossless_db - psnr(baseline, clean), 3)}
+                image = {
+                    "region": list(REGIONS[r]),
+                    "task": prompt,
+                    "engine": engine,
+                    "engine_s": round(seconds, 1),
+                    "psnr_input_db": round(psnr(baseline, clean), 3),
+                    "psnr_result_db": round(lossless_db, 3),
+                    "gain_db": round(lossless_db - psnr(baseline, clean), 3),
+                }
                 images.append(image)
                 print(f"region {REGIONS[r]} {prompt}: {engine}, gain {image['gain_db']:+.2f} dB")
                 better = np.clip(np.floor(clean + 0.5 * (result.astype(np.float64) - clean) + 0.5), 0, 255)
@@ -133,11 +149,17 @@ def run(quick: bool) -> dict[str, Any]:
                     out = write(result, folder / name.replace(" ", "_").replace(":", ""), **kw)
                     decoded = tifffile.imread(out)
                     out_better = write(better, folder / ("better-" + name.replace(" ", "_").replace(":", "")), **kw)
-                    rows.append({"image": len(images) - 1, "setting": name, "bytes": out.stat().st_size,
-                                 "bpp": 8 * out.stat().st_size / (SIZE * SIZE),
-                                 "fidelity_db": psnr(decoded, result),
-                                 "loss_db": psnr(decoded, clean) - lossless_db,
-                                 "loss_better_db": psnr(tifffile.imread(out_better), clean) - psnr(better, clean)})
+                    rows.append(
+                        {
+                            "image": len(images) - 1,
+                            "setting": name,
+                            "bytes": out.stat().st_size,
+                            "bpp": 8 * out.stat().st_size / (SIZE * SIZE),
+                            "fidelity_db": psnr(decoded, result),
+                            "loss_db": psnr(decoded, clean) - lossless_db,
+                            "loss_better_db": psnr(tifffile.imread(out_better), clean) - psnr(better, clean),
+                        }
+                    )
     return {"images": images, "rows": rows, "size": SIZE, "max_loss_db": MAX_LOSS_DB}
 
 
@@ -147,12 +169,17 @@ def summarise(data: dict[str, Any]) -> list[dict[str, Any]]:
     for name, _ in SETTINGS:
         rows = [r for r in data["rows"] if r["setting"] == name]
         fid = [r["fidelity_db"] for r in rows]
-        table.append({"setting": name, "bpp": float(np.mean([r["bpp"] for r in rows])),
-                      "size_vs_none": float(np.mean([r["bytes"] for r in rows]) / none),
-                      "fidelity_db": float(np.mean(fid)) if all(np.isfinite(fid)) else float("inf"),
-                      "mean_loss_db": float(np.mean([r["loss_db"] for r in rows])),
-                      "worst_loss_db": float(np.min([r["loss_db"] for r in rows])),
-                      "worst_loss_better_db": float(np.min([r["loss_better_db"] for r in rows]))})
+        table.append(
+            {
+                "setting": name,
+                "bpp": float(np.mean([r["bpp"] for r in rows])),
+                "size_vs_none": float(np.mean([r["bytes"] for r in rows]) / none),
+                "fidelity_db": float(np.mean(fid)) if all(np.isfinite(fid)) else float("inf"),
+                "mean_loss_db": float(np.mean([r["loss_db"] for r in rows])),
+                "worst_loss_db": float(np.min([r["loss_db"] for r in rows])),
+                "worst_loss_better_db": float(np.min([r["loss_better_db"] for r in rows])),
+            }
+        )
     return table
 
 
@@ -164,13 +191,18 @@ def choose(table: list[dict[str, Any]]) -> str:
 
 def markdown(table: list[dict[str, Any]]) -> str:
     best = choose(table)
-    lines = ["| setting | bits/pixel | size vs none | PSNR vs lossless result (dB) | PSNR lost, mean (dB) | "
-             "PSNR lost, worst (dB) | worst, result with half the error (dB) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | bits/pixel | size vs none | PSNR vs lossless result (dB) | PSNR lost, mean (dB) | "
+        "PSNR lost, worst (dB) | worst, result with half the error (dB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t in table:
         fid = "lossless" if not np.isfinite(t["fidelity_db"]) else f"{t['fidelity_db']:.1f}"
         mark = "**" if t["setting"] == best else ""
-        lines.append(f"| {mark}{t['setting']}{mark} | {t['bpp']:.2f} | {t['size_vs_none']:.2f} | {fid} | "
-                     f"{-t['mean_loss_db']:.2f} | {-t['worst_loss_db']:.2f} | {-t['worst_loss_better_db']:.2f} |")
+        lines.append(
+            f"| {mark}{t['setting']}{mark} | {t['bpp']:.2f} | {t['size_vs_none']:.2f} | {fid} | "
+            f"{-t['mean_loss_db']:.2f} | {-t['worst_loss_db']:.2f} | {-t['worst_loss_better_db']:.2f} |"
+        )
     lines.append(f"\nSmallest setting losing ≤ {MAX_LOSS_DB} dB on every image, also with half the error: **{best}**.")
     return "\n".join(lines)
 
@@ -186,8 +218,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     for img in data["images"]:
-        print(f"{img['task']:8s} {str(img['region']):12s} {img['engine']:14s} input {img['psnr_input_db']:.2f} dB "
-              f"→ result {img['psnr_result_db']:.2f} dB ({img['gain_db']:+.2f})")
+        print(
+            f"{img['task']:8s} {str(img['region']):12s} {img['engine']:14s} input {img['psnr_input_db']:.2f} dB "
+            f"→ result {img['psnr_result_db']:.2f} dB ({img['gain_db']:+.2f})"
+        )
     print(markdown(data["summary"]))
 
 

@@ -27,8 +27,16 @@ import pytest
 PROBE = Path(__file__).with_name("Probe.java")
 JAR_NAME = "bioformats_package.jar"
 #: Bio-Formats' pixel type names → numpy
-BF_DTYPES = {"int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2", "int32": "i4", "uint32": "u4",
-             "float": "f4", "double": "f8"}
+BF_DTYPES = {
+    "int8": "i1",
+    "uint8": "u1",
+    "int16": "i2",
+    "uint16": "u2",
+    "int32": "i4",
+    "uint32": "u4",
+    "float": "f4",
+    "double": "f8",
+}
 
 
 def bioformats_required() -> bool:
@@ -74,7 +82,8 @@ class BioFormatsView:
         """Level ``resolution`` (0 or the smallest) as ``(H, W, 3)`` for RGB, else ``(C, H, W)``."""
         if resolution not in self._planes:
             dtype = np.dtype(BF_DTYPES[self.info["pixel_type"]]).newbyteorder(
-                "<" if self.info["little_endian"] else ">")
+                "<" if self.info["little_endian"] else ">"
+            )
             dumps = sorted((d for d in self.info["dumps"] if d["resolution"] == resolution), key=lambda d: d["zct"][1])
             if not dumps:
                 raise KeyError(f"the probe dumped no planes of resolution {resolution}")
@@ -105,8 +114,17 @@ class BioFormats:
         listing.write_text("".join(f"{p.resolve()}\n" for p in paths), encoding="utf-8")
         # A UTF-8 locale, as on a desktop running QuPath: Java 17 maps file names to bytes by the locale.
         env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
-        cmd = [self.java, "-Xmx1g", "-Dfile.encoding=UTF-8", "-Dsun.jnu.encoding=UTF-8", "-cp", str(self.jar),
-               str(PROBE), str(folder), str(listing)]
+        cmd = [
+            self.java,
+            "-Xmx1g",
+            "-Dfile.encoding=UTF-8",
+            "-Dsun.jnu.encoding=UTF-8",
+            "-cp",
+            str(self.jar),
+            str(PROBE),
+            str(folder),
+            str(listing),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"Probe.java failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -124,8 +142,10 @@ def bioformats() -> BioFormats:
     java, jar = find_java(), find_jar()
     missing = [what for what, ok in (("java (11+)", java), (f"Bio-Formats' {JAR_NAME}", jar)) if not ok]
     if missing:
-        msg = (f"Bio-Formats conformance suite NOT run: {' and '.join(missing)} not found; run "
-               "`bash .ci/bioformats.sh` (installs Java if needed, caches the jar) or set LPFM_BIOFORMATS_JAR")
+        msg = (
+            f"Bio-Formats conformance suite NOT run: {' and '.join(missing)} not found; run "
+            "`bash .ci/bioformats.sh` (installs Java if needed, caches the jar) or set LPFM_BIOFORMATS_JAR"
+        )
         if bioformats_required():
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)

@@ -55,8 +55,14 @@ class Case:
 
 
 def _prov(key: str, prompt: str = "denoise") -> Provenance:
-    return Provenance(source={"system": "memory", "uri": "memory://conformance"}, prompt=prompt,
-                      task={"kind": "denoise", "scale": 1}, engine={"name": "identity"}, seed=7, idempotency_key=key)
+    return Provenance(
+        source={"system": "memory", "uri": "memory://conformance"},
+        prompt=prompt,
+        task={"kind": "denoise", "scale": 1},
+        engine={"name": "identity"},
+        seed=7,
+        idempotency_key=key,
+    )
 
 
 def _image(shape: tuple[int, int, int], dtype: str, seed: int) -> np.ndarray:
@@ -73,38 +79,78 @@ def _image(shape: tuple[int, int, int], dtype: str, seed: int) -> np.ndarray:
     return np.clip(info.min + base * (float(info.max) - info.min), info.min, info.max).astype(dt)
 
 
-def _direct(folder: Path, key: str, img: np.ndarray, channels: list[str], *, mpp: tuple[float, float] | None = None,
-            compression: str = "zlib", tile: int = 128, name: str = "result", path: Path | None = None,
-            prompt: str = "denoise", uncertainty: np.ndarray | None = None, stripes: int | None = None,
-            **jpeg: Any) -> Case:
+def _direct(
+    folder: Path,
+    key: str,
+    img: np.ndarray,
+    channels: list[str],
+    *,
+    mpp: tuple[float, float] | None = None,
+    compression: str = "zlib",
+    tile: int = 128,
+    name: str = "result",
+    path: Path | None = None,
+    prompt: str = "denoise",
+    uncertainty: np.ndarray | None = None,
+    stripes: int | None = None,
+    **jpeg: Any,
+) -> Case:
     h, w = img.shape[:2]
     spec = OutputSpec(name, w, h, channels, img.dtype, mpp, uncertainty=uncertainty is not None)
-    sink = OmeTiffSink(path=path, compression=compression, tile=tile, **jpeg) if path else \
-        OmeTiffSink(folder, compression=compression, tile=tile, **jpeg)
+    sink = (
+        OmeTiffSink(path=path, compression=compression, tile=tile, **jpeg)
+        if path
+        else OmeTiffSink(folder, compression=compression, tile=tile, **jpeg)
+    )
     with sink.open(spec, key, {"system": "memory"}) as writer:
         if stripes:
             for x in range(0, w, stripes):
                 for y in range(0, h, 97):
-                    writer.write_block(x, img[y : y + 97, x : x + stripes],
-                                       None if uncertainty is None else uncertainty[y : y + 97, x : x + stripes])
+                    writer.write_block(
+                        x,
+                        img[y : y + 97, x : x + stripes],
+                        None if uncertainty is None else uncertainty[y : y + 97, x : x + stripes],
+                    )
         else:
             for y in range(0, h, 97):
                 writer.write_rows(img[y : y + 97], None if uncertainty is None else uncertainty[y : y + 97])
         ref = writer.commit(_prov(key, prompt))
-    return Case(Path(ref.uri), name, channels, img.dtype, mpp, ref.extra["levels"], ref.provenance.summary(), key,
-                img, ref.provenance.output["compression"] != "jpeg", extra=ref.extra)
+    return Case(
+        Path(ref.uri),
+        name,
+        channels,
+        img.dtype,
+        mpp,
+        ref.extra["levels"],
+        ref.provenance.summary(),
+        key,
+        img,
+        ref.provenance.output["compression"] != "jpeg",
+        extra=ref.extra,
+    )
 
 
 def _uncertainty_case(main: Case, unc: np.ndarray) -> Case:
-    return Case(Path(main.extra["uncertainty"]), main.name + " uncertainty", ["uncertainty"], np.dtype(np.float32),
-                main.mpp, main.levels, main.summary, main.idempotency_key, unc, True)
+    return Case(
+        Path(main.extra["uncertainty"]),
+        main.name + " uncertainty",
+        ["uncertainty"],
+        np.dtype(np.float32),
+        main.mpp,
+        main.levels,
+        main.summary,
+        main.idempotency_key,
+        unc,
+        True,
+    )
 
 
 def _pipeline(sample_slide: Path, folder: Path, prompt: str, region: Region, engine: Any, **kw: Any) -> Any:
     with open_image(sample_slide) as h:
         item = plan(h, parse_prompt(prompt), region=region)[0]
-        res = run_item(h, item, engine, OmeTiffSink(folder, compression="zlib", tile=128), tile_size=128,
-                       overlap=16, **kw)
+        res = run_item(
+            h, item, engine, OmeTiffSink(folder, compression="zlib", tile=128), tile_size=128, overlap=16, **kw
+        )
         src = h.read_region(0, region.x, region.y, region.width, region.height)
     return res, src
 
@@ -119,51 +165,117 @@ def _build_cases(root: Path, sample_slide: Path) -> dict[str, Case]:
     cases: dict[str, Case] = {}
     rgb = _image((400, 600, 3), "uint8", 1)
     for comp in ("jpeg", "zlib", "zstd", "lzw", "none", "auto"):
-        cases[f"rgb8-{comp}"] = _direct(root / comp, f"{comp:a<64}", rgb, RGB, mpp=(0.25, 0.25), compression=comp,
-                                        name=f"H&E {comp}")
-    cases["rgb8-jpeg-q90-420"] = _direct(root / "jpeg420", "j" * 64, rgb, RGB, mpp=(0.25, 0.25), compression="jpeg",
-                                         jpeg_quality=90, jpeg_subsampling="4:2:0")
+        cases[f"rgb8-{comp}"] = _direct(
+            root / comp, f"{comp:a<64}", rgb, RGB, mpp=(0.25, 0.25), compression=comp, name=f"H&E {comp}"
+        )
+    cases["rgb8-jpeg-q90-420"] = _direct(
+        root / "jpeg420",
+        "j" * 64,
+        rgb,
+        RGB,
+        mpp=(0.25, 0.25),
+        compression="jpeg",
+        jpeg_quality=90,
+        jpeg_subsampling="4:2:0",
+    )
     cases["rgb8-no-pixel-size"] = _direct(root / "nompp", "n" * 64, rgb, RGB, mpp=None)
-    cases["1ch-uint8"] = _direct(root / "c1", "b" * 64, _image((300, 420, 1), "uint8", 2), ["Hematoxylin"],
-                                 mpp=(0.5, 0.5))
-    cases["2ch-uint16"] = _direct(root / "c2", "c" * 64, _image((300, 420, 2), "uint16", 3), ["DAPI", "FITC"],
-                                  mpp=(0.325, 0.325))
-    cases["3ch-uint16"] = _direct(root / "c3", "d" * 64, _image((260, 300, 3), "uint16", 4), ["CD3", "CD8", "PanCK"],
-                                  mpp=(0.5, 0.5), compression="zstd")
-    cases["3ch-uint8-not-rgb"] = _direct(root / "c3b", "e" * 64, _image((260, 300, 3), "uint8", 5),
-                                         ["Hoechst", "GFP", "mCherry"], compression="lzw")
-    cases["5ch-uint8"] = _direct(root / "c5", "f" * 64, _image((200, 300, 5), "uint8", 6),
-                                 ["DAPI", "CD3", "CD20", "PanCK", "Ki67"], mpp=(0.5, 0.5), compression="lzw")
-    cases["float32"] = _direct(root / "f32", "g" * 64, _image((300, 280, 1), "float32", 7), ["restored"],
-                               compression="zstd")
+    cases["1ch-uint8"] = _direct(
+        root / "c1", "b" * 64, _image((300, 420, 1), "uint8", 2), ["Hematoxylin"], mpp=(0.5, 0.5)
+    )
+    cases["2ch-uint16"] = _direct(
+        root / "c2", "c" * 64, _image((300, 420, 2), "uint16", 3), ["DAPI", "FITC"], mpp=(0.325, 0.325)
+    )
+    cases["3ch-uint16"] = _direct(
+        root / "c3",
+        "d" * 64,
+        _image((260, 300, 3), "uint16", 4),
+        ["CD3", "CD8", "PanCK"],
+        mpp=(0.5, 0.5),
+        compression="zstd",
+    )
+    cases["3ch-uint8-not-rgb"] = _direct(
+        root / "c3b", "e" * 64, _image((260, 300, 3), "uint8", 5), ["Hoechst", "GFP", "mCherry"], compression="lzw"
+    )
+    cases["5ch-uint8"] = _direct(
+        root / "c5",
+        "f" * 64,
+        _image((200, 300, 5), "uint8", 6),
+        ["DAPI", "CD3", "CD20", "PanCK", "Ki67"],
+        mpp=(0.5, 0.5),
+        compression="lzw",
+    )
+    cases["float32"] = _direct(
+        root / "f32", "g" * 64, _image((300, 280, 1), "float32", 7), ["restored"], compression="zstd"
+    )
     for i, dt in enumerate(("int8", "int16", "int32", "uint32", "float64")):
-        cases[dt] = _direct(root / dt, f"{dt:h<64}", _image((200, 260, 2), dt, 10 + i), ["a", "b"],
-                            mpp=(1.0, 1.0))
+        cases[dt] = _direct(root / dt, f"{dt:h<64}", _image((200, 260, 2), dt, 10 + i), ["a", "b"], mpp=(1.0, 1.0))
     # non-ASCII in folder, file, image and channel names and in the prompt
     uni = root / UNICODE_DIR
     uni.mkdir()
-    cases["unicode"] = _direct(uni, "u" * 64, _image((200, 300, 5), "uint16", 20), UNICODE_CHANNELS, mpp=(0.25, 0.25),
-                               name="slide µ × → ü 細胞", path=uni / "résultat µ×→ü 細胞.ome.tiff",
-                               prompt="AF → H&E ×2 für µ 細胞")
+    cases["unicode"] = _direct(
+        uni,
+        "u" * 64,
+        _image((200, 300, 5), "uint16", 20),
+        UNICODE_CHANNELS,
+        mpp=(0.25, 0.25),
+        name="slide µ × → ü 細胞",
+        path=uni / "résultat µ×→ü 細胞.ome.tiff",
+        prompt="AF → H&E ×2 für µ 細胞",
+    )
     # x.ome.tif (one f) with its uncertainty image
     unc = np.random.default_rng(30).random((300, 400, 1), dtype=np.float32)
-    one_f = _direct(root / "onef", "o" * 64, _image((300, 400, 3), "uint8", 31), RGB, mpp=(0.5, 0.5),
-                    path=root / "onef" / "result.ome.tif", uncertainty=unc)
+    one_f = _direct(
+        root / "onef",
+        "o" * 64,
+        _image((300, 400, 3), "uint8", 31),
+        RGB,
+        mpp=(0.5, 0.5),
+        path=root / "onef" / "result.ome.tif",
+        uncertainty=unc,
+    )
     cases["ome-tif-one-f"] = one_f
     cases["ome-tif-one-f-uncertainty"] = _uncertainty_case(one_f, unc)
     # a wide result written in vertical stripes, deeper pyramid (coarse levels built at commit)
-    cases["wide-striped"] = _direct(root / "wide", "w" * 64, _image((300, 4500, 3), "uint8", 32), RGB,
-                                    mpp=(0.25, 0.25), tile=256, compression="zstd", stripes=2048)
+    cases["wide-striped"] = _direct(
+        root / "wide",
+        "w" * 64,
+        _image((300, 4500, 3), "uint8", 32),
+        RGB,
+        mpp=(0.25, 0.25),
+        tile=256,
+        compression="zstd",
+        stripes=2048,
+    )
     # through the pipeline: super-resolution (pixel size ÷ scale) and an uncertainty map
     res, src = _pipeline(sample_slide, root / "sr", "sr x2", Region(500, 700, 300, 200), IdentityEngine())
-    cases["pipeline-sr-x2"] = Case(Path(res.output.uri), res.provenance.output["name"], RGB, np.dtype(np.uint8),
-                                   (0.499 / 2, 0.499 / 2), res.output.extra["levels"], res.provenance.summary(),
-                                   res.provenance.idempotency_key, src.repeat(2, 0).repeat(2, 1), True)
-    res, src = _pipeline(sample_slide, root / "unc", "denoise", Region(0, 0, 300, 200), _ConstantUncertainty(),
-                         samples_uncertainty=True)
-    main = Case(Path(res.output.uri), res.provenance.output["name"], RGB, np.dtype(np.uint8), (0.499, 0.499),
-                res.output.extra["levels"], res.provenance.summary(), res.provenance.idempotency_key, src, True,
-                extra=res.output.extra)
+    cases["pipeline-sr-x2"] = Case(
+        Path(res.output.uri),
+        res.provenance.output["name"],
+        RGB,
+        np.dtype(np.uint8),
+        (0.499 / 2, 0.499 / 2),
+        res.output.extra["levels"],
+        res.provenance.summary(),
+        res.provenance.idempotency_key,
+        src.repeat(2, 0).repeat(2, 1),
+        True,
+    )
+    res, src = _pipeline(
+        sample_slide, root / "unc", "denoise", Region(0, 0, 300, 200), _ConstantUncertainty(), samples_uncertainty=True
+    )
+    main = Case(
+        Path(res.output.uri),
+        res.provenance.output["name"],
+        RGB,
+        np.dtype(np.uint8),
+        (0.499, 0.499),
+        res.output.extra["levels"],
+        res.provenance.summary(),
+        res.provenance.idempotency_key,
+        src,
+        True,
+        extra=res.output.extra,
+    )
     cases["pipeline-denoise"] = main
     cases["pipeline-uncertainty"] = _uncertainty_case(main, np.full((200, 300, 1), 0.25, np.float32))
     return cases
@@ -178,10 +290,34 @@ def seen(tmp_path_factory: pytest.TempPathFactory, sample_slide: Path, bioformat
     return {name: (case, view) for (name, case), view in zip(cases.items(), views)}
 
 
-CASES = ["rgb8-jpeg", "rgb8-zlib", "rgb8-zstd", "rgb8-lzw", "rgb8-none", "rgb8-auto", "rgb8-jpeg-q90-420",
-         "rgb8-no-pixel-size", "1ch-uint8", "2ch-uint16", "3ch-uint16", "3ch-uint8-not-rgb", "5ch-uint8", "float32",
-         "int8", "int16", "int32", "uint32", "float64", "unicode", "ome-tif-one-f", "ome-tif-one-f-uncertainty",
-         "wide-striped", "pipeline-sr-x2", "pipeline-denoise", "pipeline-uncertainty"]
+CASES = [
+    "rgb8-jpeg",
+    "rgb8-zlib",
+    "rgb8-zstd",
+    "rgb8-lzw",
+    "rgb8-none",
+    "rgb8-auto",
+    "rgb8-jpeg-q90-420",
+    "rgb8-no-pixel-size",
+    "1ch-uint8",
+    "2ch-uint16",
+    "3ch-uint16",
+    "3ch-uint8-not-rgb",
+    "5ch-uint8",
+    "float32",
+    "int8",
+    "int16",
+    "int32",
+    "uint32",
+    "float64",
+    "unicode",
+    "ome-tif-one-f",
+    "ome-tif-one-f-uncertainty",
+    "wide-striped",
+    "pipeline-sr-x2",
+    "pipeline-denoise",
+    "pipeline-uncertainty",
+]
 
 
 def _get(seen: dict[str, tuple], name: str) -> tuple[Case, Any]:
@@ -198,8 +334,9 @@ def test_ome_tiff_reader_and_full_pyramid(seen: dict[str, tuple], name: str) -> 
     assert view["resolution_count"] == len(case.levels)
     assert view["levels"] == case.levels
     with tifffile.TiffFile(case.path) as tif:  # our pyramid depth, as we wrote it
-        assert [[lv.shape[-1 if not case.rgb else 1], lv.shape[-2 if not case.rgb else 0]]
-                for lv in tif.series[0].levels] == case.levels
+        assert [
+            [lv.shape[-1 if not case.rgb else 1], lv.shape[-2 if not case.rgb else 0]] for lv in tif.series[0].levels
+        ] == case.levels
     assert view["image_name"] == case.name
 
 

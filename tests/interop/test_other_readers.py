@@ -46,8 +46,16 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, n
         key = f"{name:k<64}"
         with OmeTiffSink(root / name, tile=128, compression=comp).open(spec, key, {"system": "memory"}) as w:
             w.write_rows(img)
-            ref = w.commit(Provenance(source={"system": "memory"}, prompt="denoise", task={"kind": "denoise"},
-                                      engine={"name": "identity"}, seed=0, idempotency_key=key))
+            ref = w.commit(
+                Provenance(
+                    source={"system": "memory"},
+                    prompt="denoise",
+                    task={"kind": "denoise"},
+                    engine={"name": "identity"},
+                    seed=0,
+                    idempotency_key=key,
+                )
+            )
         made[name] = (Path(ref.uri), img, comp)
     return made
 
@@ -69,8 +77,11 @@ def test_tifffile_reads_every_level_channels_and_provenance(outputs: dict, name:
         ome = from_xml(tif.ome_metadata)
         for level, want in zip(series.levels, _levels(img)):
             got = level.asarray()
-            got = got if img.shape[2] == 3 and img.dtype == np.uint8 else np.moveaxis(got.reshape(
-                (img.shape[2],) + got.shape[-2:]), 0, -1)
+            got = (
+                got
+                if img.shape[2] == 3 and img.dtype == np.uint8
+                else np.moveaxis(got.reshape((img.shape[2],) + got.shape[-2:]), 0, -1)
+            )
             assert got.shape == want.shape
             if comp != "jpeg":
                 np.testing.assert_array_equal(got, want)

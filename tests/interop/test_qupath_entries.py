@@ -28,41 +28,85 @@ from lpfm_toolkit.provenance import NAMESPACE
 FOCI = "0.4.0-QuPath_Foci"
 FOCI_IMAGES = "/home/phm/Images/TrainingFoci/RNA/Images"
 FOCI_ENTRY = "381_P14_C1ql1-570_Cbln1-633_GFP-520_n2_1_w4CSU-6420000.tif"
-QUPATH_PIXEL_TYPES = {"uint8": "UINT8", "int8": "INT8", "uint16": "UINT16", "int16": "INT16", "uint32": "UINT32",
-                      "int32": "INT32", "float": "FLOAT32", "double": "FLOAT64"}
+QUPATH_PIXEL_TYPES = {
+    "uint8": "UINT8",
+    "int8": "INT8",
+    "uint16": "UINT16",
+    "int16": "INT16",
+    "uint32": "UINT32",
+    "int32": "INT32",
+    "float": "FLOAT32",
+    "double": "FLOAT64",
+}
 
 
 def _box(x: int, y: int, w: int, h: int, cls: str, name: str, ident: str) -> dict:
     ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
-    return {"type": "Feature", "id": ident, "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": "annotation", "name": name,
-                           "classification": {"name": cls, "color": [200, 0, 0]}}}
+    return {
+        "type": "Feature",
+        "id": ident,
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"objectType": "annotation", "name": name, "classification": {"name": cls, "color": [200, 0, 0]}},
+    }
 
 
 def _rgb_project(folder: Path, slide: Path) -> Path:
     """A QuPath 0.5.1-shaped project with one entry (the bundled slide, under a non-ASCII name)."""
     folder.mkdir(parents=True)
     w, h = 2220, 2967
-    metadata = {"name": slide.name, "width": w, "height": h, "sizeZ": 1, "sizeT": 1, "channelType": "DEFAULT",
-                "isRGB": True, "pixelType": "UINT8", "levels": [{"downsample": 1.0, "width": w, "height": h}],
-                "channels": [{"name": "Red", "color": -65536}, {"name": "Green", "color": -16711936},
-                             {"name": "Blue", "color": -16776961}],
-                "pixelCalibration": {"pixelWidth": {"value": 0.499, "unit": "µm"},
-                                     "pixelHeight": {"value": 0.499, "unit": "µm"},
-                                     "zSpacing": {"value": 1.0, "unit": "z-slice"}, "timeUnit": "SECONDS",
-                                     "timepoints": []},
-                "preferredTileWidth": 240, "preferredTileHeight": 240}
-    builder = {"builderType": "uri", "providerClassName": "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
-               "uri": uri_from_path(slide.resolve()), "args": [], "metadata": metadata}
-    entry = {"serverBuilder": builder, "entryID": 1, "randomizedName": "0e1f2a3b-4c5d-4e6f-8a7b-9c0d1e2f3a4b",
-             "imageName": slide.name, "metadata": {}}
-    project = {"version": "0.5.1", "createTimestamp": 1700000000000, "modifyTimestamp": 1700000000000,
-               "uri": uri_from_path((folder / "project.qpproj").resolve()), "lastID": 1, "images": [entry]}
+    metadata = {
+        "name": slide.name,
+        "width": w,
+        "height": h,
+        "sizeZ": 1,
+        "sizeT": 1,
+        "channelType": "DEFAULT",
+        "isRGB": True,
+        "pixelType": "UINT8",
+        "levels": [{"downsample": 1.0, "width": w, "height": h}],
+        "channels": [
+            {"name": "Red", "color": -65536},
+            {"name": "Green", "color": -16711936},
+            {"name": "Blue", "color": -16776961},
+        ],
+        "pixelCalibration": {
+            "pixelWidth": {"value": 0.499, "unit": "µm"},
+            "pixelHeight": {"value": 0.499, "unit": "µm"},
+            "zSpacing": {"value": 1.0, "unit": "z-slice"},
+            "timeUnit": "SECONDS",
+            "timepoints": [],
+        },
+        "preferredTileWidth": 240,
+        "preferredTileHeight": 240,
+    }
+    builder = {
+        "builderType": "uri",
+        "providerClassName": "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
+        "uri": uri_from_path(slide.resolve()),
+        "args": [],
+        "metadata": metadata,
+    }
+    entry = {
+        "serverBuilder": builder,
+        "entryID": 1,
+        "randomizedName": "0e1f2a3b-4c5d-4e6f-8a7b-9c0d1e2f3a4b",
+        "imageName": slide.name,
+        "metadata": {},
+    }
+    project = {
+        "version": "0.5.1",
+        "createTimestamp": 1700000000000,
+        "modifyTimestamp": 1700000000000,
+        "uri": uri_from_path((folder / "project.qpproj").resolve()),
+        "lastID": 1,
+        "images": [entry],
+    }
     (folder / "project.qpproj").write_text(json.dumps(project, ensure_ascii=False), encoding="utf-8")
     (folder / "annotations").mkdir()
     feats = [_box(900, 1200, 300, 260, "Tümor µ", "région ×1 → 細胞", "00000000-0000-4000-8000-000000000001")]
-    (folder / "annotations" / "1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}),
-                                                      encoding="utf-8")
+    (folder / "annotations" / "1.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": feats}), encoding="utf-8"
+    )
     return folder
 
 
@@ -97,10 +141,32 @@ def projects(tmp_path_factory: pytest.TempPathFactory, sample_slide: Path, share
     rng = np.random.default_rng(9)
     tifffile.imwrite(images / FOCI_ENTRY, (rng.random((2048, 2048)) * 4000 + 200).astype(np.uint16))
     boxes = root / "foci-boxes.geojson"
-    boxes.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        _box(300, 400, 600, 520, "Nucleus", "n1", "00000000-0000-4000-8000-0000000000f1")]}), encoding="utf-8")
-    result = _enhance(str(foci), "--image", FOCI_ENTRY, "--annotations", str(boxes), "--class", "Nucleus",
-                      "--engine", "classical", "-p", "denoise", "--tiff-tile", "256", "--remap", f"{FOCI_IMAGES}={images}")
+    boxes.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [_box(300, 400, 600, 520, "Nucleus", "n1", "00000000-0000-4000-8000-0000000000f1")],
+            }
+        ),
+        encoding="utf-8",
+    )
+    result = _enhance(
+        str(foci),
+        "--image",
+        FOCI_ENTRY,
+        "--annotations",
+        str(boxes),
+        "--class",
+        "Nucleus",
+        "--engine",
+        "classical",
+        "-p",
+        "denoise",
+        "--tiff-tile",
+        "256",
+        "--remap",
+        f"{FOCI_IMAGES}={images}",
+    )
     assert result.exit_code == 0 and "1 done" in result.output, result.output
     return {"rgb": rgb, "foci": foci}
 
@@ -123,11 +189,10 @@ def entries(projects: dict[str, Path], bioformats: Any, tmp_path_factory: pytest
     return [(name, e, v) for (name, e), v in zip(found, views)]
 
 
-
 @pytest.mark.bioformats
 @pytest.mark.parametrize("project", ["rgb", "foci"])
 def test_entry_metadata_agrees_with_bioformats(entries: list[tuple], project: str) -> None:
-    (entry, view), = [(e, v) for name, e, v in entries if name == project]
+    ((entry, view),) = [(e, v) for name, e, v in entries if name == project]
     assert "error" not in view.info, view.info.get("error")
     assert view["reader"] == "loci.formats.in.OMETiffReader"
     meta = entry["serverBuilder"]["metadata"]
@@ -161,7 +226,7 @@ def test_entry_metadata_agrees_with_bioformats(entries: list[tuple], project: st
 
 @pytest.mark.bioformats
 def test_rgb_entry_is_the_super_resolved_region(entries: list[tuple], sample_slide: Path) -> None:
-    (entry, view), = [(e, v) for name, e, v in entries if name == "rgb"]
+    ((entry, view),) = [(e, v) for name, e, v in entries if name == "rgb"]
     assert view["pixel_width_um"] == pytest.approx(0.499 / 2)
     assert "細胞" in view["file"] and "ü" in view["file"]
     from lpfm_toolkit.sources import open_image

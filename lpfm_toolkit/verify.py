@@ -276,21 +276,44 @@ def _open_tiff(path: Path) -> Any:
     return TiffHandle(path)
 
 
-def level_digests(path: Path) -> list[str]:
-    """The :class:`PixelDigest` of every pyramid level of ``path`` as stored (decoded), band by band."""
+def level_digests(path: Path, first: int = 0) -> list[str]:
+    """The :class:`PixelDigest` of pyramid levels ``first``… of ``path`` as stored (decoded), band by band.
+
+    Bands are decoded by a few threads (the codecs release the GIL), at most a handful ahead of the hash.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     out = []
-    with _open_tiff(path) as handle:
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with _open_tiff(path) as handle, ThreadPoolExecutor(workers, thread_name_prefix="lpfm-verify") as pool:
         for level, lv in enumerate(handle.levels):
+            if level < first:
+                continue
             d = PixelDigest(lv.height, lv.width, len(handle.channel_names), handle.dtype)
-            for y in range(0, lv.height, _BAND_ROWS):
-                d.update(0, handle.read_region(level, 0, y, lv.width, min(_BAND_ROWS, lv.height - y)))
+            ys = list(range(0, lv.height, _BAND_ROWS))
+            read = lambda y, lv=lv, level=level: handle.read_region(  # noqa: E731
+                level, 0, y, lv.width, min(_BAND_ROWS, lv.height - y)
+            )
+            pending = [pool.submit(read, y) for y in ys[: 2 * workers]]
+            for i in range(len(ys)):
+                band = pending[i].result()
+                if i + 2 * workers < len(ys):
+                    pending.append(pool.submit(read, ys[i + 2 * workers]))
+                pending[i] = None  # type: ignore[call-overload]  # free the band once hashed
+                d.update(0, band)
             out.append(d.hexdigest())
     return out
 
 
 def record_stored(tiff: Path, prov: Provenance, sidecar: Path) -> None:
-    """Add the stored pixels' checksums and the file size to ``sidecar`` (rewritten atomically)."""
-    stored: dict[str, Any] = {"scheme": DIGEST_SCHEME, "file_size": tiff.stat().st_size, "levels": level_digests(tiff)}
+    """Add the stored pixels' checksums and the file size to ``sidecar`` (rewritten atomically).
+
+    Losslessly stored level 0 is the written pixels themselves: its checksum is ``output_sha256`` and it is not
+    decoded again; lossy (JPEG) levels, and every reduced level, are decoded and hashed.
+    """
+    lossless = str(prov.output.get("compression", "")).lower() in LOSSLESS and prov.output_sha256 is not None
+    levels = [prov.output_sha256, *level_digests(tiff, first=1)] if lossless else level_digests(tiff)
+    stored: dict[str, Any] = {"scheme": DIGEST_SCHEME, "file_size": tiff.stat().st_size, "levels": levels}
     unc = prov.output.get("uncertainty")
     if unc and Path(unc).is_file():
         stored["uncertainty_file_size"] = Path(unc).stat().st_size

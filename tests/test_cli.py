@@ -262,3 +262,100 @@ def test_info_and_config(runner: CliRunner, sample_slide: Path, tmp_path: Path, 
     cfg.write_text('[lpfm]\nomero_password = "x"\n')
     res = runner.invoke(cli, ["config", "show"])
     assert res.exit_code == 2 and "secrets are not read" in res.output
+
+
+def _tiny_bundle(path: Path, seed: int = 0) -> Path:
+    """An untrained, seeded bundle of tiny networks (loads in milliseconds)."""
+    torch = pytest.importorskip("torch")
+    from lpfm_toolkit.engine.bundle import write_bundle
+    from lpfm_toolkit.engine.models.encoder import StainEncoder
+    from lpfm_toolkit.engine.models.refiner import Refiner
+    from lpfm_toolkit.engine.models.restorer import Restorer
+
+    torch.manual_seed(seed)
+    restorer = Restorer(channels=[8, 16], blocks=[1, 1])
+    torch.nn.init.normal_(restorer.tail.weight, std=0.01)
+    components = {
+        "restorer": restorer,
+        "encoder": StainEncoder(channels=[8, 16], feature_dim=16, projection_dim=8),
+        "refiner": Refiner(block_out_channels=[8, 16], norm_num_groups=4, feature_dim=16),
+    }
+    return write_bundle(
+        path,
+        name="tiny-test",
+        components=components,
+        dtype="float32",
+        default_steps=1,
+        tasks=["sr2", "denoise"],
+        training={"note": "untrained test bundle"},
+    )
+
+
+def test_reproduce_finds_a_moved_bundle_restores_the_sampler_and_checks_the_model(
+    sample_slide: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from lpfm_toolkit.engine.bundle import load_bundle
+    from lpfm_toolkit.engine.lpfm import LpfmEngine
+    from lpfm_toolkit.errors import ModelError
+    from lpfm_toolkit.pipeline import plan, run_item
+    from lpfm_toolkit.prompts import parse_prompt
+    from lpfm_toolkit.sinks.ometiff import OmeTiffSink
+    from lpfm_toolkit.sources import Region, open_image
+    from lpfm_toolkit.verify import reproduce
+
+    bundle = _tiny_bundle(tmp_path / "bundles" / "tiny-test")
+    engine = LpfmEngine(load_bundle(bundle), device="cpu", steps=2, samples=2, sampler="dpm")  # not the default
+    with open_image(sample_slide) as h:
+        item = plan(h, parse_prompt("denoise"), region=Region(1000, 1300, 48, 48), seed=3)[0]
+        res = run_item(
+            h, item, engine, OmeTiffSink(tmp_path / "out"), tile_size=32, overlap=8, samples_uncertainty=True
+        )
+    out = Path(res.output.uri)
+    assert res.provenance.engine["model_path"] == str(bundle.resolve())
+    assert reproduce(out).identical  # found by its folder; sampler dpm and 2 samples restored
+    moved = tmp_path / "elsewhere" / "tiny-test"
+    shutil.move(bundle, moved)
+    with pytest.raises(ModelError, match="--model"):
+        reproduce(out)
+    assert reproduce(out, model=str(moved)).identical
+    other = _tiny_bundle(tmp_path / "other" / "tiny-test", seed=1)  # same name, other weights
+    with pytest.raises(ModelError, match="checksum"):
+        reproduce(out, model=str(other))
+
+
+def test_verify_command_and_stored_checksums(runner: CliRunner, sample_slide: Path, tmp_path: Path) -> None:
+    invoke(
+        runner,
+        "enhance",
+        str(sample_slide),
+        "-p",
+        "sr x2",
+        "--region",
+        REGION,
+        "--engine",
+        "classical",
+        "--out",
+        str(tmp_path),
+    )
+    out = next(tmp_path.glob("*.ome.tiff"))
+    side = json.loads(next(tmp_path.glob("*.lpfm.json")).read_text())
+    assert side["stored"]["file_size"] == out.stat().st_size
+    assert len(side["stored"]["levels"]) == len(side["output"]["levels"])
+    assert side["stored"]["levels"][0] != side["output_sha256"]  # JPEG: the decoded pixels differ from those written
+    res = invoke(runner, "verify", str(out))
+    assert res.exit_code == 0 and "checksums match" in res.output
+    quick = invoke(runner, "verify", str(out), "--quick")
+    assert quick.exit_code == 0 and "header" in quick.output
+
+
+def test_demo_twice_replaces_its_own_preview(runner: CliRunner, tmp_path: Path) -> None:
+    for prompt in ("denoise", "deblur"):
+        res = invoke(
+            runner, "demo", "--engine", "classical", "-p", prompt, "--region", "900,1200,64,64", "--out", str(tmp_path)
+        )
+        assert res.exit_code == 0, res.output
+    from lpfm_toolkit.preview import is_preview
+
+    assert is_preview(tmp_path / "demo-before-after.png")

@@ -596,3 +596,42 @@ def test_unicode_and_dash_paths_work(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     (out,) = (folder / "Ergebnisse ü").glob("*.ome.tiff")
     assert run(["verify", str(out)]).exit_code == 0
+
+
+# --------------------------------------------------------------------------------------------- QuPath projects
+def _qupath_helpers():
+    """The project writer of tests/qupath (its conftest cannot be imported by name under importlib mode)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "qupath" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("qupath_project_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["garbage-qpproj", "no-qpproj", "slide-moved-away"])
+def test_hostile_qupath_projects(kind: str, tmp_path: Path) -> None:
+    qp = _qupath_helpers()
+    feats = [qp.box_feature(100, 100, 64, 64, "Tumor", "a", "00000000-0000-4000-8000-00000000000a")]
+    work = tmp_path / "lab ✓"
+    project = qp.write_project(
+        work / "proj",
+        C.SAMPLE,
+        "0.5.1",
+        annotations=feats,
+        old_uri="file:/D:/lab/proj/project.qpproj",
+        image_uri="file:/D:/Slides/gone/cmu_small_region.svs",
+    )
+    if kind == "garbage-qpproj":
+        C.garbage(project, "project.qpproj", head=b'{"version": "0.5.1", "images": [')
+    elif kind == "no-qpproj":
+        (project / "project.qpproj").unlink()
+    before = snapshot(work)
+    res = run(["qupath", "enhance", str(project), "--class", "Tumor", "--engine", "classical", "-p", "sr x2"])
+    assert "Traceback" not in res.output
+    if kind == "slide-moved-away":  # a batch: the item fails, the run says how to fix it, exit 1
+        assert res.exit_code == 1 and "--remap" in res.output, res.output
+    else:
+        one_error_line(res, 2, ())
+    assert_untouched_and_nothing_finished(work, before, failed=True)

@@ -204,6 +204,13 @@ def _build_cases(root: Path, sample_slide: Path) -> dict[str, Case]:
         mpp=(0.5, 0.5),
         compression="lzw",
     )
+    # --compression jpeg on 8-bit images that are not RGB: grey JPEG tiles, one plane per channel
+    cases["1ch-uint8-jpeg"] = _direct(
+        root / "c1j", "p" * 64, _image((300, 420, 1), "uint8", 8), ["Hematoxylin"], mpp=(0.5, 0.5), compression="jpeg"
+    )
+    cases["3ch-uint8-jpeg-not-rgb"] = _direct(
+        root / "c3j", "q" * 64, _image((260, 300, 3), "uint8", 9), ["Hoechst", "GFP", "mCherry"], compression="jpeg"
+    )
     cases["float32"] = _direct(
         root / "f32", "g" * 64, _image((300, 280, 1), "float32", 7), ["restored"], compression="zstd"
     )
@@ -303,6 +310,8 @@ CASES = [
     "2ch-uint16",
     "3ch-uint16",
     "3ch-uint8-not-rgb",
+    "1ch-uint8-jpeg",
+    "3ch-uint8-jpeg-not-rgb",
     "5ch-uint8",
     "float32",
     "int8",
@@ -394,7 +403,7 @@ def test_pixels_at_full_and_smallest_level(seen: dict[str, tuple], name: str) ->
         for ours, theirs in zip(expected, decoded):  # tifffile agrees with what we wrote
             np.testing.assert_array_equal(theirs.reshape(ours.shape), ours)
     else:  # JPEG: Bio-Formats must decode exactly as tifffile (libjpeg-turbo) does
-        expected = decoded
+        expected = [d if case.rgb else d.reshape((len(case.channels),) + d.shape[-2:]) for d in decoded]
     for resolution, want in zip((0, last), expected):
         got = view.pixels(resolution)
         assert got.shape == want.shape and got.dtype == want.dtype

@@ -17,22 +17,34 @@ from lpfm_toolkit.sources.local import OpenSlideHandle, PillowHandle, TiffHandle
 SAMPLE_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
 
 
-def write_ome_pyramid(path: Path, img: np.ndarray, mpp: float, axes: str, channel_names: list[str] | None = None,
-                      levels: int = 3) -> None:
+def write_ome_pyramid(
+    path: Path, img: np.ndarray, mpp: float, axes: str, channel_names: list[str] | None = None, levels: int = 3
+) -> None:
     """An OME-TIFF pyramid in SubIFDs written by tifffile itself (an independent writer)."""
     meta = {"axes": axes, "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}
     if channel_names:
         meta["Channel"] = {"Name": channel_names}
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
-        tw.write(img, subifds=levels - 1, tile=(64, 64), metadata=meta,
-                 photometric="rgb" if axes.endswith("S") else "minisblack", compression="zlib")
+        tw.write(
+            img,
+            subifds=levels - 1,
+            tile=(64, 64),
+            metadata=meta,
+            photometric="rgb" if axes.endswith("S") else "minisblack",
+            compression="zlib",
+        )
         for i in range(1, levels):
             if axes == "CYX":
                 sub = img[:, :: 2**i, :: 2**i]
             else:
                 sub = img[:: 2**i, :: 2**i]
-            tw.write(sub, subfiletype=1, tile=(64, 64), photometric="rgb" if axes.endswith("S") else "minisblack",
-                     compression="zlib")
+            tw.write(
+                sub,
+                subfiletype=1,
+                tile=(64, 64),
+                photometric="rgb" if axes.endswith("S") else "minisblack",
+                compression="zlib",
+            )
 
 
 def test_sample_slide_is_the_published_file(sample_slide: Path) -> None:
@@ -165,3 +177,66 @@ def test_bad_regions(sample_slide: Path) -> None:
             h.read_region(0, 0, 0, 0, 10)
         with pytest.raises(RegionError, match="level 3 does not exist"):
             h.read_region(3, 0, 0, 10, 10)
+
+
+def _open_fds() -> set[str]:
+    return {str(Path(f"/proc/self/fd/{fd}").resolve()) for fd in __import__("os").listdir("/proc/self/fd")}
+
+
+def test_a_header_declaring_an_impossible_size_is_refused_and_the_file_closed(tmp_path: Path) -> None:
+    import struct
+
+    path = tmp_path / "huge.tif"  # 10^6 × 10^6 px declared, 256 bytes of data
+    entries = [
+        (256, 4, 10**6),
+        (257, 4, 10**6),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, 8),
+        (277, 3, 1),
+        (278, 4, 10**6),
+        (279, 4, 256),
+    ]
+    body = b"II" + struct.pack("<HI", 42, 8 + 256) + bytes(range(256)) + struct.pack("<H", len(entries))
+    for tag, typ, value in entries:
+        body += struct.pack("<HHI", tag, typ, 1) + (
+            struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)
+        )
+    path.write_bytes(body + b"\0\0\0\0")
+    with pytest.raises(CorruptImageError, match="declares 1000000×1000000"):
+        TiffHandle(path)
+    assert str(path.resolve()) not in _open_fds()  # TiffFile was opened, then closed when parsing failed
+
+
+def test_pipes_and_devices_are_named_not_called_empty(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "stream.svs"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsupportedFormatError, match="named pipe"):
+        open_image(fifo)  # returns at once: a FIFO is never opened
+    with pytest.raises(UnsupportedFormatError, match="device"):
+        open_image("/dev/zero")
+
+
+def test_fingerprint_sees_a_same_size_edit_in_the_middle(tmp_path: Path) -> None:
+    from lpfm_toolkit.sources.local import file_fingerprint
+
+    path = tmp_path / "big.bin"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes())
+    path.write_bytes(bytes(data))
+    before = file_fingerprint(path)
+    data[len(data) // 2] ^= 1  # far from the first and last MiB
+    path.write_bytes(bytes(data))
+    assert file_fingerprint(path) != before
+
+
+def test_nonsense_pixel_size_in_a_file_is_treated_as_unknown(tmp_path: Path) -> None:
+    img = np.zeros((32, 32, 3), np.uint8)
+    path = tmp_path / "neg.ome.tiff"
+    tifffile.imwrite(
+        path, img, photometric="rgb", ome=True, metadata={"axes": "YXS", "PhysicalSizeX": -0.5, "PhysicalSizeY": -0.5}
+    )
+    with open_image(path) as h:
+        assert h.mpp is None

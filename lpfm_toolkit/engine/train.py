@@ -98,7 +98,7 @@ RECIPES: dict[str, TrainConfig] = {
         encoder_steps=600, restorer_steps=6000, stainer_steps=2000, refiner_steps=2500, lr=6e-4,
         stainer={"channels": [16, 32, 64, 96], "blocks": [1, 1, 1, 1]},
         task_weights={"sr2": 1.5, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5},
-        stage_minutes={"encoder": 5, "restorer": 62, "stainer": 8, "refiner": 10}),
+        checkpoint_every=25, stage_minutes={"encoder": 5, "restorer": 80, "stainer": 6, "refiner": 8}),
     # the previous recipe: LPFM's discrete protocol on the bundled slide only
     "tiny-v1": TrainConfig(),
     # a seconds-long run that exercises every stage (tests, smoke checks)

@@ -36,9 +36,14 @@ def is_debug() -> bool:
 
 def fail(message: str, hint: str | None = None, code: int = 2) -> None:
     """Print one red line and exit."""
-    text = f"error: {message}" + (f" — {hint}" if hint else "")
+    text = " ".join((f"error: {message}" + (f" — {hint}" if hint else "")).split())  # one line, always
     err_console.print(text, style="bold red", markup=False, soft_wrap=True)
     sys.exit(code)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def handle_errors(func: F) -> F:
@@ -59,7 +64,17 @@ def handle_errors(func: F) -> F:
         except (OSError, MemoryError) as exc:
             if is_debug():
                 raise
-            fail(f"{type(exc).__name__}: {exc}", "re-run with --debug for the full traceback", 1)
+            fail(f"{type(exc).__name__}: {_one_line(exc)}", "re-run with --debug for the full traceback", 1)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last net: a user never sees a traceback without --debug
+            if is_debug():
+                raise
+            fail(
+                f"unexpected {type(exc).__name__}: {_one_line(exc)}",
+                "this is a bug in lpfm; re-run with --debug and report the traceback",
+                1,
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -67,8 +82,13 @@ def handle_errors(func: F) -> F:
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr, shown from the first update; yields ``update(done, total)``."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     prog = Progress(*columns, console=err_console, transient=False)
     task_id = prog.add_task(description, total=total)
     started = False
@@ -104,5 +124,4 @@ def setup_logging(verbose: int, debug: bool) -> None:
     level = logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING)
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console,
-                                                                                  show_path=debug)])
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=debug)])

@@ -359,3 +359,22 @@ def test_demo_twice_replaces_its_own_preview(runner: CliRunner, tmp_path: Path) 
     from lpfm_toolkit.preview import is_preview
 
     assert is_preview(tmp_path / "demo-before-after.png")
+
+
+def test_an_unexpected_exception_is_one_line_not_a_traceback(
+    runner: CliRunner, sample_slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lpfm_toolkit.sources.local as local
+
+    def broken(*args, **kwargs):
+        raise TypeError("something\nthe authors did not foresee")
+
+    monkeypatch.setattr(local.OpenSlideHandle, "describe", broken)
+    res = runner.invoke(cli, ["info", str(sample_slide)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip() == (
+        "error: unexpected TypeError: something the authors did not foresee — this is a "
+        "bug in lpfm; re-run with --debug and report the traceback"
+    )
+    debug = runner.invoke(cli, ["--debug", "info", str(sample_slide)])
+    assert isinstance(debug.exception, TypeError)

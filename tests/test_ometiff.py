@@ -418,3 +418,25 @@ def test_compression_settings_are_recorded_in_provenance(tmp_path: Path, compres
         assert page.compression == 7  # JPEG; 4:4:4 as RGB JPEG (Bio-Formats misreads YCbCr 4:4:4)
         assert page.photometric == (2 if subsampling == "4:4:4" else 6)
         assert page.tags["YCbCrSubSampling"].value == ((1, 1) if subsampling == "4:4:4" else (2, 2))
+
+
+def test_writer_that_cannot_open_its_second_scratch_file_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """The uncertainty pyramid failing to open must not leak the image's scratch file, folder or threads."""
+    from lpfm_toolkit.sinks import ometiff
+    from lpfm_toolkit.sinks.base import OutputSpec
+
+    real = ometiff._TilePyramid
+    opened: list = []
+
+    def second_fails(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if args[1] == "unc":
+            raise OSError(28, "No space left on device")
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(ometiff, "_TilePyramid", second_fails)
+    spec = OutputSpec("t", 64, 64, ["R", "G", "B"], np.dtype(np.uint8), None, uncertainty=True)
+    with pytest.raises(OSError, match="No space"):
+        OmeTiffSink(tmp_path).open(spec, "k" * 64, {})
+    assert list(tmp_path.iterdir()) == []
+    assert opened and opened[0]._store.closed

@@ -422,11 +422,20 @@ class OmeTiffWriter(SinkWriter):
         self._scratch = Path(tempfile.mkdtemp(prefix=".lpfm-scratch-", dir=final.parent))
         n_levels = n_pyramid_levels(spec.width, spec.height, tile)
         self._pool = ThreadPoolExecutor(_COMMIT_WORKERS, thread_name_prefix="lpfm-encode")
-        self._img = _TilePyramid(self._scratch, "img", spec.width, spec.height, len(spec.channel_names),
-                                 np.dtype(spec.dtype), tile, n_levels, compression, spec.is_rgb, self._pool,
-                                 self.jpeg_quality, self.jpeg_subsampling)
-        self._unc = _TilePyramid(self._scratch, "unc", spec.width, spec.height, 1, np.dtype(np.float32), tile,
-                                 n_levels, "zlib", False, self._pool) if spec.uncertainty else None
+        img: _TilePyramid | None = None
+        try:  # a second scratch file that cannot be opened must not leave the first one (or the folder) behind
+            img = _TilePyramid(self._scratch, "img", spec.width, spec.height, len(spec.channel_names),
+                               np.dtype(spec.dtype), tile, n_levels, compression, spec.is_rgb, self._pool,
+                               self.jpeg_quality, self.jpeg_subsampling)
+            unc = _TilePyramid(self._scratch, "unc", spec.width, spec.height, 1, np.dtype(np.float32), tile,
+                               n_levels, "zlib", False, self._pool) if spec.uncertainty else None
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            if img is not None:
+                img.close()
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            raise
+        self._img, self._unc = img, unc
         self.column_alignment = self._img.alignment
         self._done = False
 

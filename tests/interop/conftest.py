@@ -137,6 +137,12 @@ class BioFormats:
 
 
 @pytest.fixture(scope="session")
+def interop_strict() -> bool:
+    """True in CI: whatever the suite needs and lacks is a failure, not a skip."""
+    return bioformats_required()
+
+
+@pytest.fixture(scope="session")
 def bioformats() -> BioFormats:
     """Java + Bio-Formats, or a skip (a failure in CI) that says what is missing and how to get it."""
     java, jar = find_java(), find_jar()

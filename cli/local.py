@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from lpfm_toolkit.cli.common import console, err_console, handle_errors, levels_table, progress_bar
+from lpfm_toolkit.cli.common import console, err_console, fail, handle_errors, levels_table, progress_bar
 from lpfm_toolkit.config import load_settings
 from lpfm_toolkit.errors import SlideNotFoundError
 
@@ -346,9 +346,11 @@ def verify(output: Path, quick: bool) -> None:
     rec = read_output(output)  # unreadable records and foreign files: one line, exit 2
     problems = check_output(rec.tiff, full=not quick)
     if problems:
-        for problem in problems:
-            err_console.print(f"damaged: {rec.tiff.name}: {problem}", style="bold red", markup=False)
-        sys.exit(1)
+        fail(
+            f"{rec.tiff.name} is damaged: {'; '.join(problems)}",
+            "make it again with the same `lpfm enhance` command and --force",
+            1,
+        )
     levels = len(rec.provenance.stored.get("levels") or rec.provenance.output.get("levels") or [])
     how = "header, levels, size and provenance" if quick else f"{levels} levels decoded, checksums match"
     console.print(f"ok: {rec.tiff} ({how}; sidecar and embedded provenance agree)")

@@ -324,8 +324,18 @@ class PillowHandle(_FileHandle):
 def open_local(path: str | Path, mpp: float | None = None) -> ImageHandle:
     """Open a local slide or image, choosing the reader by content and suffix."""
     p = Path(path).expanduser()
+    try:
+        p.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # name too long, loops, I/O errors of the file system
+        shown = p.name if len(p.name) <= 60 else p.name[:59] + "…"
+        raise SlideNotFoundError(
+            f"{shown} cannot be opened ({exc.strerror or exc})", "check the path (and that the drive is mounted)"
+        ) from exc
     if not p.exists():
-        raise SlideNotFoundError(f"{p} does not exist", "check the path (and that the drive is mounted)")
+        shown = str(p) if len(str(p)) <= 200 else "…" + str(p)[-199:]
+        raise SlideNotFoundError(f"{shown} does not exist", "check the path (and that the drive is mounted)")
     if p.is_dir():
         raise UnsupportedFormatError(f"{p} is a folder", "give the slide file itself (for MRXS, the .mrxs file)")
     mode = p.stat().st_mode

@@ -416,7 +416,51 @@ RECORDS += [
     ),
 ]
 
-CASES = INPUTS + OPTIONS + OUTPUTS + RECORDS
+
+def _cut_end(out: Path, n: int = 300) -> Path:
+    out.write_bytes(out.read_bytes()[:-n])
+    return out
+
+
+# names, pipes and links where a path is expected
+PATHS = [
+    Case("name-too-long", lambda w: enhance(w / ("x" * 300 + ".svs"), "--out", _out(w)), words=("cannot be opened",)),
+    Case("newline-in-name", lambda w: enhance(w / "two\nlines.svs", "--out", _out(w)), words=("does not exist",)),
+    Case(
+        "out-is-the-source",
+        lambda w: enhance(C.small_rgb(w), "--force", "--out", str(w / "crop.ome.tiff")),
+        words=("lpfm did not write",),
+    ),
+    Case(
+        "show-sidecar-fifo",
+        lambda w: ["provenance", "show", str(C.fifo(w, "x.lpfm.json"))],
+        words=("not a regular file",),
+    ),
+    Case(
+        "show-output-fifo",
+        lambda w: ["provenance", "show", str(C.fifo(w, "x.ome.tiff"))],
+        words=("not a regular file",),
+    ),
+    Case(
+        "out-sidecar-is-a-fifo",
+        lambda w: enhance(C.SAMPLE, "--region", REGION, "--out", str((C.fifo(w, "x.lpfm.json"), w / "x.ome.tiff")[1])),
+        words=("not an lpfm sidecar",),
+    ),
+    Case(
+        "out-sidecar-links-elsewhere",
+        lambda w: enhance(
+            C.SAMPLE,
+            "--region",
+            REGION,
+            "--out",
+            str((C.symlink(w, "/etc/hostname", "x.lpfm.json"), w / "x.ome.tiff")[1]),
+        ),
+        words=("not an lpfm sidecar",),
+    ),
+    Case("verify-truncated-output", lambda w: ["verify", str(_cut_end(_made(w)))], code=1, words=("damaged",)),
+]
+
+CASES = INPUTS + OPTIONS + OUTPUTS + RECORDS + PATHS
 
 
 def _config(env: dict[str, str], w: Path) -> dict[str, str]:

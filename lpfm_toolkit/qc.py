@@ -555,3 +555,299 @@ def qc_features(qc: SlideQC) -> list[Any]:
             )
         )
     return out
+
+
+# -- lpfm enhance --auto --------------------------------------------------------------------------------------
+TASK_KINDS = {"deblur": "DEBLUR", "denoise": "DENOISE", "restore": "RESTORE"}
+
+
+def _auto_task() -> Any:
+    from dataclasses import dataclass as _dc
+
+    from lpfm_toolkit.prompts import Task, TaskKind
+
+    @_dc(frozen=True)
+    class AutoTask(Task):
+        """The whole region's task in ``--auto`` runs: each flagged tile gets its own (deblur/denoise/restore)."""
+
+        @property
+        def label(self) -> str:
+            return "auto"
+
+        @property
+        def slug(self) -> str:
+            return "auto"
+
+    return AutoTask(TaskKind.RESTORE, prompt="auto: enhance the tiles lpfm qc flags, each with its matching task")
+
+
+@dataclass
+class AutoTile:
+    """One tile of the enhancement grid: where, its flags and task, and the estimates of its flagged
+    quarters before and (after the run) after enhancement."""
+
+    x: int  # level pixels
+    y: int
+    width: int
+    height: int
+    seed: int
+    flags: dict[str, bool]
+    task: str | None
+    quarters: list[tuple[int, int, int, int]]  # flagged quarters, (x, y, w, h) inside the tile
+    before: list[TileEstimate]
+    after: list[TileEstimate] | None = None
+
+    def still_flagged(self, thresholds: Thresholds) -> bool:
+        return any(any(e.flags(thresholds, MIN_TISSUE).values()) for e in self.after or [])
+
+
+def _estimate_dict(e: TileEstimate | None) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    return {"blur_sigma": _r(e.blur_sigma), "noise_sigma": _r(e.noise_sigma), "jpeg_quality": _r(e.jpeg_quality)}
+
+
+def _mean_estimate(es: Sequence[TileEstimate]) -> dict[str, Any]:
+    blur = [e.blur_sigma for e in es if not math.isnan(e.blur_sigma)]
+    return {
+        "blur_sigma": _r(float(np.mean(blur))) if blur else None,
+        "noise_sigma": _r(float(np.mean([e.noise_sigma for e in es]))),
+        "jpeg_quality": _r(float(np.mean([e.jpeg_quality for e in es]))),
+    }
+
+
+class AutoEngine:
+    """An :class:`~lpfm_toolkit.engine.base.Engine` that enhances only the flagged tiles of a plan.
+
+    Tiles are recognised by their seed, which the pipeline derives from their position
+    (:func:`lpfm_toolkit.tiling.tile_seed`); an unflagged tile is returned unchanged, so pixels no flagged
+    tile reaches stay identical to the input, and flagged tiles blend into their neighbours without a seam.
+    Each enhanced tile is scored again with the same estimator (``after``).
+    """
+
+    name = "auto"
+
+    def __init__(
+        self,
+        tiles: list[AutoTile],
+        engines: dict[str, Any],
+        estimator: Any,
+        thresholds: Thresholds,
+        tile_size: int,
+        overlap: int,
+    ) -> None:
+        self.tiles = {t.seed: t for t in tiles}
+        self.engines = engines
+        self.estimator = estimator
+        self.thresholds = thresholds
+        self.tile_size, self.overlap = tile_size, overlap
+        self.batch_size = max([getattr(e, "batch_size", 1) for e in engines.values()] + [1])
+        self._tasks = {name: _task(name) for name in engines}
+
+    # Engine protocol (duck-typed so this module does not import the engine base class eagerly)
+    def check(self, task: Any, channel_names: Sequence[str]) -> None:
+        for name, eng in self.engines.items():
+            eng.check(self._tasks[name], channel_names)
+
+    def output_channels(self, task: Any, channel_names: Sequence[str]) -> list[str]:
+        return list(channel_names)
+
+    def needs_overview(self, task: Any) -> bool:
+        return any(e.needs_overview(self._tasks[n]) for n, e in self.engines.items())
+
+    def prepare(self, task: Any, overview: np.ndarray) -> None:
+        for name, eng in self.engines.items():
+            eng.prepare(self._tasks[name], overview)
+
+    def process(self, tiles: np.ndarray, task: Any, seeds: Sequence[int]) -> Any:
+        from lpfm_toolkit.engine.base import EngineOutput
+
+        out = np.array(tiles, dtype=np.float32, copy=True)
+        by_task: dict[str, list[int]] = {}
+        for i, s in enumerate(seeds):
+            plan_tile = self.tiles.get(int(s))
+            if plan_tile is not None and plan_tile.task is not None:
+                by_task.setdefault(plan_tile.task, []).append(i)
+        for name, idx in by_task.items():
+            res = self.engines[name].process(tiles[idx], self._tasks[name], [seeds[i] for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = res.pixels[j]
+                t = self.tiles[int(seeds[i])]
+                t.after = self.estimator.estimate([res.pixels[j][y : y + h, x : x + w] for x, y, w, h in t.quarters])
+        return EngineOutput(out)
+
+    def report(self) -> dict[str, Any]:
+        """Before/after per region (connected flagged tiles) and for the whole region."""
+        from shapely.geometry import box
+        from shapely.ops import unary_union
+
+        flagged = [t for t in self.tiles.values() if t.task is not None]
+
+        def scores(members: list[AutoTile]) -> dict[str, Any]:
+            done = [t for t in members if t.after is not None]
+            return {
+                "before": _mean_estimate([e for t in members for e in t.before]),
+                "after": _mean_estimate([e for t in done for e in t.after or []]) if done else None,
+                "still_flagged": sum(t.still_flagged(self.thresholds) for t in done),
+            }
+
+        regions = []
+        for task in sorted({t.task for t in flagged if t.task}):  # connected tiles of one task = one region
+            same = [t for t in flagged if t.task == task]
+            boxes = [box(t.x, t.y, t.x + t.width, t.y + t.height) for t in same]
+            merged = unary_union(boxes)
+            for poly in list(merged.geoms) if hasattr(merged, "geoms") else [merged]:
+                members = [t for t, b in zip(same, boxes) if poly.intersects(b.representative_point())]
+                x0, y0, x1, y1 = (int(v) for v in poly.bounds)
+                regions.append(
+                    {"bounds": [x0, y0, x1 - x0, y1 - y0], "task": task, "tiles": len(members), **scores(members)}
+                )
+        return {
+            "tiles": len(self.tiles),
+            "flagged_tiles": len(flagged),
+            "tasks": {n: sum(t.task == n for t in flagged) for n in self.engines},
+            **(scores(flagged) if flagged else {"before": None, "after": None, "still_flagged": 0}),
+            "regions": regions,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        plan = sorted((t.x, t.y, t.task or "") for t in self.tiles.values())  # what the key depends on
+        desc: dict[str, Any] = {
+            "name": self.name,
+            "estimator": self.estimator.describe(),
+            "thresholds": self.thresholds.to_dict(),
+            "engines": {n: e.describe() for n, e in self.engines.items()},
+            "plan_sha256": hashlib.sha256(json.dumps(plan).encode()).hexdigest(),
+        }
+        if any(t.after is not None for t in self.tiles.values()):
+            desc["qc"] = self.report()  # filled in after the run: provenance carries before and after
+        return desc
+
+
+def _task(name: str) -> Any:
+    from lpfm_toolkit.prompts import Task, TaskKind
+
+    return Task(getattr(TaskKind, TASK_KINDS[name]), prompt=f"auto: {name}")
+
+
+def plan_auto(
+    handle: ImageHandle,
+    *,
+    level: int,
+    region: Region,
+    tile: int,
+    overlap: int,
+    seed: int,
+    estimator: Any,
+    thresholds: Thresholds,
+    progress: ProgressFn | None = None,
+) -> list[AutoTile]:
+    """Score every tile of the enhancement grid and choose its task (None: leave it as it is)."""
+    from lpfm_toolkit.pipeline import to_float
+    from lpfm_toolkit.tiling import TileGrid, tile_seed
+
+    grid = TileGrid(region.width, region.height, tile, overlap)
+    out = []
+    for i, t in enumerate(grid):
+        px = to_float(handle.read_region(level, region.x + t.x, region.y + t.y, t.width, t.height))
+        # quarters localise a defect that covers only part of a tile (defects do not follow the tile grid)
+        hw, hh = max(t.width // 2, 1), max(t.height // 2, 1)
+        quarters = [(qx, qy, hw, hh) for qy in (0, t.height - hh) for qx in (0, t.width - hw)]
+        ests = estimator.estimate([px[y : y + h, x : x + w] for x, y, w, h in quarters])
+        qflags = [e.flags(thresholds, MIN_TISSUE) for e in ests]
+        flags = {k: any(f[k] for f in qflags) for k in DEFECTS}
+        task = TileQC(region.x + t.x, region.y + t.y, t.width, t.height, ests[0], flags).task()
+        hit = [j for j, f in enumerate(qflags) if any(f.values())]
+        out.append(
+            AutoTile(
+                region.x + t.x,
+                region.y + t.y,
+                t.width,
+                t.height,
+                tile_seed(seed, level, region.x + t.x, region.y + t.y),
+                flags,
+                task,
+                [quarters[j] for j in hit],
+                [ests[j] for j in hit],
+            )
+        )
+        if progress is not None:
+            progress(i + 1, len(grid))
+    return out
+
+
+@dataclass
+class AutoResult:
+    """The enhanced whole region (an :class:`~lpfm_toolkit.pipeline.EnhanceResult`) and the before/after report."""
+
+    result: Any  # None when no tile was flagged: nothing is written
+    report: dict[str, Any]
+
+
+def auto_enhance(
+    handle: ImageHandle,
+    sink: Any,
+    engine_factory: Callable[[], Any],
+    *,
+    level: int = 0,
+    region: Region | None = None,
+    seed: int = 0,
+    estimator: Any = None,
+    thresholds: Thresholds | None = None,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    force: bool = False,
+    qc_progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None,
+) -> AutoResult:
+    """Enhance only the tiles QC flags, each with its matching task, into one output of the whole region.
+
+    blur → deblur, noise or JPEG → denoise, blur with either → restore; every other pixel is the input's.
+    ``engine_factory()`` makes one engine per task needed (the engine ``lpfm enhance`` would use). The
+    enhanced tiles are scored again with the same estimator; provenance (``engine.qc``) and the returned
+    report hold before/after per region and for the whole region.
+    """
+    from lpfm_toolkit.pipeline import WorkItem, run_item
+
+    if not 0 <= level < len(handle.levels):
+        from lpfm_toolkit.errors import RegionError
+
+        raise RegionError(
+            f"level {level} does not exist in {handle.name}", f"choose a level from 0 to {len(handle.levels) - 1}"
+        )
+    region = region or handle.full_region(level)
+    handle.check_region(level, region)
+    thresholds = thresholds or Thresholds()
+    estimator = estimator or ClassicalEstimator(handle.is_rgb)
+    probe = engine_factory()
+    tile = tile_size or probe.tile_size
+    ovl = probe.overlap if overlap is None else overlap
+    tiles = plan_auto(
+        handle,
+        level=level,
+        region=region,
+        tile=tile,
+        overlap=ovl,
+        seed=seed,
+        estimator=estimator,
+        thresholds=thresholds,
+        progress=qc_progress,
+    )
+    needed = sorted({t.task for t in tiles if t.task is not None})
+    if not needed:
+        return AutoResult(None, AutoEngine(tiles, {}, estimator, thresholds, tile, ovl).report())
+    engines = {name: (probe if i == 0 else engine_factory()) for i, name in enumerate(needed)}
+    auto = AutoEngine(tiles, engines, estimator, thresholds, tile, ovl)
+    item = WorkItem(level, region, _auto_task(), seed)
+    result = run_item(
+        handle,
+        item,
+        auto,
+        sink,
+        tile_size=tile,
+        overlap=ovl,
+        force=force,  # type: ignore[arg-type]
+        progress=progress,
+    )
+    report = result.provenance.engine.get("qc") or auto.report()
+    return AutoResult(result, report)

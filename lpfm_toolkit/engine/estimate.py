@@ -172,7 +172,7 @@ _JPEG_LUMA = np.array([
     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.float32).reshape(8, 8)
 # fmt: on
 #: the qualities the quantisation test tries (IJG scaling of the standard luminance table)
-JPEG_QUALITIES = np.arange(20, 100, 5)
+JPEG_QUALITIES = np.arange(20, 99)
 #: a quantisation-grid score at least this high means "JPEG-compressed at that quality"
 JPEG_SCORE_MIN = 0.5
 
@@ -220,7 +220,7 @@ def estimate_jpeg(gray: np.ndarray, max_blocks: int = 256) -> tuple[float, float
     ox = max(range(8), key=lambda o: float(np.mean(np.abs(_dct_blocks(g, 0, o, max_blocks)[:, :, 5:]) < 0.6)))
     oy = max(range(8), key=lambda o: float(np.mean(np.abs(_dct_blocks(g, o, ox, max_blocks)[:, 5:, :]) < 0.6)))
     offset = (oy, ox)
-    c = _dct_blocks(g, *offset)
+    c = _dct_blocks(g, *offset, max_blocks)
     scores = np.zeros(len(JPEG_QUALITIES))
     for i, table in enumerate(_TABLES):
         sel = table >= 3  # steps smaller than the rounding noise of decoded 8-bit pixels say nothing
@@ -230,7 +230,7 @@ def estimate_jpeg(gray: np.ndarray, max_blocks: int = 256) -> tuple[float, float
         big = np.abs(coef) >= 0.5 * step  # zeros are multiples of every step: they prove nothing
         if int(big.sum()) >= 50:
             scores[i] = float(np.cos(2 * np.pi * coef[big] / step[big]).mean())
-    k = int(np.argmax(scores))
+    k = int(np.argmax(scores))  # neighbouring qualities share most steps: their scores come close
     score = float(max(scores[k], 0.0))
     return (float(JPEG_QUALITIES[k]) if score >= JPEG_SCORE_MIN else 100.0), score
 

@@ -111,6 +111,33 @@ def tissue_mosaic(
     return out
 
 
+def degrade_region(
+    clean: np.ndarray,
+    box: tuple[int, int, int, int],
+    blur: float,
+    noise: float,
+    quality: int,
+    rng: np.random.Generator,
+    margin: int = 16,
+) -> np.ndarray:
+    """The pixels of ``box`` (x, y, w, h) of ``clean`` (8-bit RGB) blurred (Gaussian σ), then noisy (σ on
+    0–255), then JPEG-compressed (``quality``; 0 for none), as a scanner would; blur sees ``margin`` px of
+    real context around the box."""
+    from scipy import ndimage
+
+    x0, y0, w, h = box
+    ya, xa = max(0, y0 - margin), max(0, x0 - margin)
+    yb, xb = min(clean.shape[0], y0 + h + margin), min(clean.shape[1], x0 + w + margin)
+    region = clean[ya:yb, xa:xb].astype(np.float32) / 255
+    if blur:
+        region = ndimage.gaussian_filter(region, (blur, blur, 0), mode="reflect")
+    region = region[y0 - ya : y0 - ya + h, x0 - xa : x0 - xa + w]
+    if noise:
+        region = region + rng.normal(0, noise / 255, region.shape).astype(np.float32)
+    u8 = np.clip(np.round(region * 255), 0, 255).astype(np.uint8)
+    return jpeg_roundtrip(u8, quality) if quality else u8
+
+
 def synthetic_slide(
     clean: np.ndarray,
     *,
@@ -127,15 +154,12 @@ def synthetic_slide(
     noise (:data:`NOISE_RANGE`) with ``p_noise`` and JPEG (:data:`QUALITY_RANGE`) with ``p_jpeg``; about
     ``(1-p_blur)(1-p_noise)(1-p_jpeg)`` of the regions stay clean.
     """
-    from scipy import ndimage
-
     from lpfm_toolkit.engine.estimate import tissue_mask
 
     rng = np.random.default_rng(seed)
     h, w = clean.shape[:2]
     img = clean.copy()
     size = tile * block
-    margin = 16  # context read around a region so blur has real pixels at its border
     truth: list[TileTruth] = []
     for y0 in range(0, h - tile + 1, size):
         for x0 in range(0, w - tile + 1, size):
@@ -144,18 +168,7 @@ def synthetic_slide(
             noise = float(rng.uniform(*NOISE_RANGE)) if rng.random() < p_noise else 0.0
             quality = int(rng.integers(QUALITY_RANGE[0], QUALITY_RANGE[1] + 1)) if rng.random() < p_jpeg else 0
             if blur or noise or quality:
-                ya, xa = max(0, y0 - margin), max(0, x0 - margin)
-                yb, xb = min(h, y1 + margin), min(w, x1 + margin)
-                region = clean[ya:yb, xa:xb].astype(np.float32) / 255
-                if blur:
-                    region = ndimage.gaussian_filter(region, (blur, blur, 0), mode="reflect")
-                region = region[y0 - ya : y0 - ya + (y1 - y0), x0 - xa : x0 - xa + (x1 - x0)]
-                if noise:
-                    region = region + rng.normal(0, noise / 255, region.shape).astype(np.float32)
-                u8 = np.clip(np.round(region * 255), 0, 255).astype(np.uint8)
-                if quality:
-                    u8 = jpeg_roundtrip(u8, quality)
-                img[y0:y1, x0:x1] = u8
+                img[y0:y1, x0:x1] = degrade_region(clean, (x0, y0, x1 - x0, y1 - y0), blur, noise, quality, rng)
             for ty in range(y0, y1 - tile + 1, tile):
                 for tx in range(x0, x1 - tile + 1, tile):
                     frac = float(tissue_mask(clean[ty : ty + tile, tx : tx + tile].astype(np.float32) / 255).mean())

@@ -43,7 +43,7 @@ ProgressFn = Callable[[int, int], None]
 #: the most output pixels one work item may have (about 260k × 260k): beyond it, planning alone would take
 #: minutes and the result would not fit any disk; split it with regions
 MAX_OUTPUT_PIXELS = 1 << 36
-#: compressions that keep every pixel value (what ``auto`` resolves to is decided by :func:`output_options`)
+#: engines that give the same pixels every time (no samples, so no uncertainty map)
 _DETERMINISTIC_ENGINES = ("classical", "identity")
 
 

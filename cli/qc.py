@@ -331,3 +331,112 @@ def _run_omero(
     if run.table_file_id is not None:
         console.print(f"QC table on dataset {dataset_id}: OMERO file {run.table_file_id}")
     return [o.qc for o in run.outcomes if o.qc is not None]
+
+
+def run_auto(
+    slide: Path,
+    level: int,
+    region_text: str | None,
+    out: str | None,
+    settings: Any,
+    force: bool,
+    trust_pickle: bool,
+    mpp: float | None = None,
+) -> Any:
+    """``lpfm enhance --auto``: QC the region, enhance the flagged tiles with their tasks, print before/after."""
+    from lpfm_toolkit.cli.local import build_engine, check_out
+    from lpfm_toolkit.config import check_mpp
+    from lpfm_toolkit.pipeline import preflight_engine
+    from lpfm_toolkit.prompts import Task, TaskKind
+    from lpfm_toolkit.qc import auto_enhance, get_estimator
+    from lpfm_toolkit.sinks.ometiff import OmeTiffSink
+    from lpfm_toolkit.sources import Region, open_image
+
+    check_mpp(mpp)
+    region = Region.parse(region_text) if region_text else None
+    if settings.samples > 1:
+        raise ConfigError("--samples does not apply to --auto", "drop --samples, or enhance with -p PROMPT")
+    restore = Task(TaskKind.RESTORE, prompt="auto")
+    target, is_file = check_out(out or settings.output_dir, restore, force, False)
+    with open_image(slide, mpp=mpp) as handle:
+        explicit = {k for k, v in settings.origin.items() if v == "flag"}
+        for kind in (TaskKind.DEBLUR, TaskKind.DENOISE, TaskKind.RESTORE):  # every task --auto may choose
+            settings.engine = preflight_engine(
+                settings.engine,
+                Task(kind),
+                handle.channel_names,
+                method=settings.method,
+                model=settings.model,
+                steps=settings.steps,
+                samples=settings.samples,
+                explicit=explicit,
+            )
+        if "method" in explicit and settings.method is not None:
+            raise ConfigError(
+                "--method picks one classical method, but --auto runs several tasks",
+                "drop --method (each task uses its default method)",
+            )
+        settings.method = None
+        if is_file:
+            sink = OmeTiffSink(path=target, compression=settings.compression, tile=settings.tiff_tile, overwrite=force)
+        else:
+            sink = OmeTiffSink(target, compression=settings.compression, tile=settings.tiff_tile)
+        estimator = get_estimator("auto", brightfield=handle.is_rgb)
+        with progress_bar(f"qc · {handle.name}") as qc_update, progress_bar(f"auto · {handle.name}") as update:
+            res = auto_enhance(
+                handle,
+                sink,
+                lambda: build_engine(settings, trust_pickle),
+                level=level,
+                region=region,
+                seed=settings.seed,
+                estimator=estimator,
+                tile_size=settings.tile_size,
+                overlap=settings.overlap,
+                force=force,
+                qc_progress=qc_update,
+                progress=update,
+            )
+    _auto_report(res.report)
+    if res.result is None:
+        console.print("nothing flagged: no output written (the region needs no enhancement)")
+    return res
+
+
+def _auto_report(report: dict[str, Any]) -> None:
+    def fmt(e: dict[str, Any] | None, key: str, digits: int = 1) -> str:
+        if not e or e.get(key) is None:
+            return "-"
+        return f"{e[key]:.{digits}f}"
+
+    table = Table(title=f"lpfm enhance --auto: {report['flagged_tiles']} of {report['tiles']} tiles enhanced")
+    for col in (
+        "region (x,y,w,h)",
+        "task",
+        "tiles",
+        "blur σ before → after",
+        "noise σ before → after",
+        "still flagged",
+    ):
+        table.add_column(col, justify="left" if col.startswith(("region", "task")) else "right")
+    rows = [
+        *report["regions"],
+        {
+            "bounds": None,
+            "task": "all",
+            **{k: report[k] for k in ("before", "after")},
+            "tiles": report["flagged_tiles"],
+            "still_flagged": report["still_flagged"],
+        },
+    ]
+    for r in rows:
+        where = ",".join(map(str, r["bounds"])) if r["bounds"] else "whole region"
+        table.add_row(
+            where,
+            r["task"],
+            str(r["tiles"]),
+            f"{fmt(r['before'], 'blur_sigma', 2)} → {fmt(r['after'], 'blur_sigma', 2)}",
+            f"{fmt(r['before'], 'noise_sigma')} → {fmt(r['after'], 'noise_sigma')}",
+            str(r["still_flagged"]),
+        )
+    console.print(table)

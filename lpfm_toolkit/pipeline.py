@@ -479,7 +479,7 @@ def _file_state(handle: ImageHandle) -> tuple[int, int, int] | None:
 def _local_file(ref: OutputRef) -> Path | None:
     """The OME-TIFF file a result lives in, when it is a local file (not OMERO or an array)."""
     uri = str(ref.uri)
-    if "://" in uri or not uri.endswith((".ome.tiff", ".ome.tif")):
+    if "://" in uri or not uri.lower().endswith((".ome.tiff", ".ome.tif")):
         return None
     return Path(uri)
 

@@ -25,13 +25,13 @@ from lpfm_toolkit.errors import (
     ProvenanceError,
     SlideNotFoundError,
 )
-from lpfm_toolkit.provenance import DIGEST_SCHEME, PixelDigest, Provenance
+from lpfm_toolkit.provenance import DIGEST_SCHEME, NAMESPACE, PixelDigest, Provenance
 from lpfm_toolkit.sinks.base import OutputRef, OutputSpec, Sink, SinkWriter
 
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".lpfm.json"
-JSON_NAMESPACE = "lpfm-toolkit/provenance/json"
+JSON_NAMESPACE = NAMESPACE + "/json"  # as the OME-TIFF writer embeds it
 TIFF_SUFFIXES = (".ome.tiff", ".ome.tif")
 #: a sidecar is a few kB; anything this large is not one (and is not read into memory)
 MAX_SIDECAR_BYTES = 16 << 20
@@ -42,19 +42,17 @@ _BAND_ROWS = 512
 
 
 def sidecar_for(tiff: Path) -> Path:
-    """``x.ome.tiff`` / ``x.ome.tif`` → ``x.lpfm.json`` (any other name: name + ``.lpfm.json``)."""
-    for suffix in TIFF_SUFFIXES:
-        if tiff.name.endswith(suffix):
-            return tiff.with_name(tiff.name[: -len(suffix)] + SIDECAR_SUFFIX)
-    return tiff.with_name(tiff.name + SIDECAR_SUFFIX)
+    """``x.ome.tiff`` / ``x.ome.tif`` → ``x.lpfm.json`` (the writer's own rule)."""
+    from lpfm_toolkit.sinks.ometiff import sidecar_path
+
+    return sidecar_path(tiff)
 
 
 def uncertainty_for(tiff: Path) -> Path:
-    """Where the uncertainty map of ``tiff`` goes (``x.uncertainty.ome.tiff``)."""
-    for suffix in TIFF_SUFFIXES:
-        if tiff.name.endswith(suffix):
-            return tiff.with_name(tiff.name[: -len(suffix)] + ".uncertainty" + suffix)
-    return tiff.with_name(tiff.name + ".uncertainty.ome.tiff")
+    """Where the uncertainty map of ``tiff`` goes (``x.uncertainty.ome.tiff``; the writer's own rule)."""
+    from lpfm_toolkit.sinks.ometiff import uncertainty_path
+
+    return uncertainty_path(tiff)
 
 
 def read_sidecar(path: Path) -> Provenance:
@@ -141,6 +139,7 @@ def read_output(path: str | Path) -> OutputRecord:
         side: Provenance | None = read_sidecar(p)
         assert side is not None
         stem = p.name[: -len(SIDECAR_SUFFIX)] if p.name.endswith(SIDECAR_SUFFIX) else p.stem
+        # the image beside it: same stem, either OME-TIFF suffix; else the path it recorded
         tiff = next(
             (p.with_name(stem + s) for s in TIFF_SUFFIXES if p.with_name(stem + s).exists()),
             Path(str(side.output.get("uri") or p.with_name(stem + ".ome.tiff"))),

@@ -378,3 +378,25 @@ def test_an_unexpected_exception_is_one_line_not_a_traceback(
     )
     debug = runner.invoke(cli, ["--debug", "info", str(sample_slide)])
     assert isinstance(debug.exception, TypeError)
+
+
+def test_single_file_out_with_one_f_reruns_and_verifies(runner: CliRunner, sample_slide: Path, tmp_path: Path) -> None:
+    args = [
+        "enhance",
+        str(sample_slide),
+        "-p",
+        "sr x2",
+        "--region",
+        REGION,
+        "--engine",
+        "classical",
+        "--out",
+        str(tmp_path / "Result.OME.TIF"),
+    ]
+    assert invoke(runner, *args).exit_code == 0
+    assert (tmp_path / "Result.lpfm.json").is_file()
+    again = invoke(runner, *args)
+    assert "already done" in again.output
+    assert invoke(runner, "verify", str(tmp_path / "Result.OME.TIF")).exit_code == 0
+    other = runner.invoke(cli, [*args[:5], "0,0,64,64", *args[6:]])
+    assert other.exit_code == 2 and "different run" in other.output

@@ -222,8 +222,15 @@ def record_problem(data: Any) -> str | None:
         Task.from_dict(data["task"])
     except (LpfmError, KeyError, ValueError, TypeError, AttributeError) as exc:
         return f"task is not a known task ({str(exc)[:80]})"
-    if not isinstance(data["engine"].get("name"), str):
+    engine = data["engine"]
+    if not isinstance(engine.get("name"), str):
         return "engine 'name' is missing"
+    for name, low in (("steps", 0), ("samples", 1)):
+        if name in engine and (not _is_int(engine[name]) or engine[name] < low):
+            return f"engine {name} {str(engine[name])[:20]!r} is not an integer ≥ {low}"
+    for name in ("model", "model_path", "model_sha256", "sampler", "method"):
+        if engine.get(name) is not None and not isinstance(engine[name], str):
+            return f"engine {name} is not text"
     tiling = data.get("tiling", {})
     for name, low in (("tile", 1), ("overlap", 0), ("scale", 1)):
         if name in tiling and (not _is_int(tiling[name]) or tiling[name] < low):

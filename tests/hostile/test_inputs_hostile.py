@@ -395,6 +395,7 @@ BAD_RECORDS = [
     ("region-negative", lambda w: _edited(w, lambda r: r["source"].update(region=[-5, 0, 10, 10])), "negative"),
     ("region-three-numbers", lambda w: _edited(w, lambda r: r["source"].update(region=[0, 0, 10])), "four integers"),
     ("seed-text", lambda w: _edited(w, lambda r: r.update(seed="7")), "'seed'"),
+    ("steps-text", lambda w: _edited(w, lambda r: r["engine"].update(steps="four")), "engine steps"),
     ("task-unknown", lambda w: _edited(w, lambda r: r["task"].update(kind="explode")), "task"),
     ("too-large", lambda w: _sidecar(w, b" " * (17 << 20)), "too large"),
 ]

@@ -18,7 +18,7 @@ import tifffile
 from click.testing import CliRunner
 
 from lpfm_toolkit.cli.main import cli
-from lpfm_toolkit.errors import MissingDependencyError, SlideNotFoundError
+from lpfm_toolkit.errors import ConfigError, MissingDependencyError, SlideNotFoundError
 from lpfm_toolkit.jobs import (
     DONE,
     FAILED,
@@ -408,6 +408,27 @@ def test_importing_jobs_imports_no_torch_and_no_dask() -> None:
     assert out.strip() == "[]"
 
 
+def test_importing_jobs_imports_no_connector_and_kinds_resolve_lazily() -> None:
+    code = ("import sys, lpfm_toolkit.jobs as j; "
+            "s = j.JobSpec(source='/p/project.qpproj', entry='1', kind='qupath', prompt='sr x2', out=''); "
+            "t = j.JobSpec(source='omero://h:4064', entry='7', kind='omero', prompt='sr x2', out=''); "
+            "print(sorted(m for m in sys.modules if m.startswith('lpfm_toolkit.integrations')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # specs of every kind are made without importing their connector
+    from lpfm_toolkit.jobs.sources import kinds, register_source, source_for
+
+    assert set(kinds()) >= {"file", "qupath", "omero"}
+    assert type(source_for("qupath")).__module__ == "lpfm_toolkit.integrations.qupath.jobsource"
+    register_source("mine", "lpfm_toolkit.jobs.sources:FileSource")
+    assert JobSpec(source="/a.svs", prompt="sr x2", out="/o", kind="mine").kind == "mine"
+    with pytest.raises(ConfigError, match="unknown job kind"):
+        JobSpec(source="/a.svs", prompt="sr x2", out="/o", kind="nope")
+
+
 def test_a_spec_round_trips_through_json() -> None:
     s = JobSpec(source="/a.svs", prompt="sr x2", out="/o", region=(1, 2, 3, 4), remaps=("C:/x=/y",))
     assert JobSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert "roi_classes" not in s.to_dict()  # fields added later are left out at their defaults (same recipes)
+    o = JobSpec(source="omero://h:4064", entry="7", kind="omero", prompt="sr x2", out="", roi_classes=("Tumor",),
+                output_mode="channels", target_dataset="results")
+    assert JobSpec.from_dict(json.loads(json.dumps(o.to_dict()))) == o

@@ -29,7 +29,9 @@ from lpfm_toolkit.sources.base import ImageHandle
 
 log = logging.getLogger(__name__)
 
-KINDS = ("file", "qupath")
+#: fields added after the first release: left out of :meth:`JobSpec.to_dict` at their defaults, so specs
+#: (and the watcher's recipes) written before them stay the same
+_LATER_FIELDS = {"roi_classes": (), "output_mode": "new", "target_dataset": None}
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,11 @@ class JobSpec:
     """One work item as data (picklable, JSON round-trips through :meth:`to_dict` / :meth:`from_dict`).
 
     ``kind`` ``file``: ``source`` is a slide. ``kind`` ``qupath``: ``source`` is the ``project.qpproj`` and
-    ``entry`` the entry ID; the result is added to the project as a new entry. ``region`` is x, y, width,
-    height at ``level`` (``None``: the whole level). ``out``: the output folder.
+    ``entry`` the entry ID; the result is added to the project as a new entry. ``kind`` ``omero``:
+    ``source`` is the server (``omero://host:port``) and ``entry`` the image ID; results become new OMERO
+    images (``output_mode``, ``target_dataset`` as in ``lpfm omero enhance``), one per ROI of
+    ``roi_classes`` when given. ``region`` is x, y, width, height at ``level`` (``None``: the whole level).
+    ``out``: the output folder. Kinds are resolved through :mod:`lpfm_toolkit.jobs.sources`.
     """
 
     source: str
@@ -61,17 +66,27 @@ class JobSpec:
     compression: str = "auto"
     tiff_tile: int = 512
     remaps: tuple[str, ...] = field(default=())  # QuPath --remap OLD=NEW rules
+    roi_classes: tuple[str, ...] = field(default=())  # OMERO: one result per ROI of these classes
+    output_mode: str = "new"  # OMERO: new | channels
+    target_dataset: str | None = None  # OMERO: dataset id or name for the results
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"unknown job kind {self.kind!r}", f"use one of {', '.join(KINDS)}")
-        if self.kind == "qupath" and not self.entry:
-            raise ConfigError("a QuPath job needs an entry ID", "give the entry of the project to enhance")
+        from lpfm_toolkit.jobs.sources import kinds
+
+        if self.kind not in kinds():
+            raise ConfigError(f"unknown job kind {self.kind!r}", f"use one of {', '.join(kinds())}")
+        needs = {"qupath": "an entry ID", "omero": "an image ID"}
+        if self.kind in needs and not self.entry:
+            raise ConfigError(f"a {self.kind} job needs {needs[self.kind]}", "give the item of the source to enhance")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["region"] = list(self.region) if self.region is not None else None
         d["remaps"] = list(self.remaps)
+        d["roi_classes"] = list(self.roi_classes)
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == (list(default) if isinstance(default, tuple) else default):
+                del d[name]
         return d
 
     @classmethod
@@ -85,6 +100,7 @@ class JobSpec:
         if d.get("region") is not None:
             d["region"] = tuple(int(v) for v in d["region"])
         d["remaps"] = tuple(d.get("remaps") or ())
+        d["roi_classes"] = tuple(d.get("roi_classes") or ())
         return cls(**d)
 
     @property
@@ -100,8 +116,13 @@ class JobSpec:
 
     def label(self) -> str:
         """How the job is shown: ``slide.svs (entry 3) · sr x2 · level 0 · x,y,w,h``."""
-        where = Path(self.source).name + (f" (entry {self.entry})" if self.entry else "")
+        if self.kind == "omero":
+            where = f"{self.source.rstrip('/')}/image/{self.entry}"
+        else:
+            where = Path(self.source).name + (f" (entry {self.entry})" if self.entry else "")
         region = ",".join(map(str, self.region)) if self.region else "whole"
+        if self.roi_classes:
+            region = "ROIs " + ", ".join(self.roi_classes)
         return f"{where} · {self.prompt} · level {self.level} · {region}"
 
 
@@ -134,26 +155,30 @@ def engine_for(spec: JobSpec) -> Engine:
     return cache[spec.engine_options]
 
 
-def _open(spec: JobSpec) -> ImageHandle:
-    """The source as an image handle (a QuPath entry's reads its image file; the project is only read)."""
-    if spec.kind == "qupath":
-        from lpfm_toolkit.integrations.qupath import QuPathProject, parse_remaps
+def _source(spec: JobSpec) -> Any:
+    from lpfm_toolkit.jobs.sources import source_for
 
-        project = QuPathProject.open(spec.source, backend="file", remaps=parse_remaps(list(spec.remaps)),
-                                     readonly=True)
-        return project.open_entry(project.entry(spec.entry or ""))
-    from lpfm_toolkit.sources import open_image
-
-    return open_image(spec.source)
+    return source_for(spec.kind)
 
 
-def _item(handle: ImageHandle, spec: JobSpec) -> Any:
+def _items(handle: ImageHandle, spec: JobSpec) -> list[Any]:
+    """The work items of a job: its region, or one per ROI of ``roi_classes`` (sources that have ROIs)."""
     from lpfm_toolkit.pipeline import plan
     from lpfm_toolkit.prompts import parse_prompt
     from lpfm_toolkit.sources import Region
 
+    task = parse_prompt(spec.prompt)
+    if spec.roi_classes:
+        wanted = {c.strip().lower() for c in spec.roi_classes}
+        anns = [a for a in handle.annotations() if a.class_name and a.class_name.strip().lower() in wanted]
+        if not anns:
+            from lpfm_toolkit.errors import RegionError
+
+            raise RegionError(f"{handle.name} has no ROI of class {', '.join(spec.roi_classes)}",
+                              "draw or class ROIs, or queue the whole image")
+        return plan(handle, task, level=spec.level, annotations=anns, seed=spec.seed)
     region = Region(*spec.region) if spec.region is not None else None
-    return plan(handle, parse_prompt(spec.prompt), level=spec.level, region=region, seed=spec.seed)[0]
+    return plan(handle, task, level=spec.level, region=region, seed=spec.seed)
 
 
 def _tiling(spec: JobSpec, engine: Engine) -> dict[str, int]:
@@ -168,8 +193,14 @@ def _key(key_for: Any, handle: ImageHandle, item: Any, engine: Engine, spec: Job
     extra: dict[str, Any] = {}
     params = inspect.signature(key_for).parameters
     if "compression" in params:  # outputs' compression and uncertainty map are part of newer keys
-        extra = {"compression": spec.compression, "uncertainty": spec.samples > 1}
+        compression = spec.compression if spec.kind != "omero" else None  # as the sink reports it
+        extra = {"compression": compression, "uncertainty": spec.samples > 1}
     return str(key_for(handle, item, engine, _tiling(spec, engine), **extra))
+
+
+def _job_key(keys: list[str]) -> str:
+    """One item: its idempotency key; several (ROIs): a digest of theirs, in order."""
+    return keys[0] if len(keys) == 1 else hashlib.sha256(" ".join(keys).encode()).hexdigest()
 
 
 def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
@@ -180,15 +211,15 @@ def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
     """
     from lpfm_toolkit.pipeline import key_for
 
-    handle = _open(spec)
+    handle = _source(spec).open(spec)
     with handle:
-        item = _item(handle, spec)
+        items = _items(handle, spec)
         engine = engine_for(spec)
         if spec.engine == "auto":
             spec = dataclasses.replace(spec, engine=engine.name)
             _engines.cache[spec.engine_options] = engine
-        engine.check(item.task, handle.channel_names)
-        return spec, _key(key_for, handle, item, engine, spec)
+        engine.check(items[0].task, handle.channel_names)
+        return spec, _job_key([_key(key_for, handle, item, engine, spec) for item in items])
 
 
 def job_key(spec: JobSpec) -> str:
@@ -196,18 +227,12 @@ def job_key(spec: JobSpec) -> str:
     return prepare(spec)[1]
 
 
-def output_dir(spec: JobSpec) -> Path:
-    """Where the OME-TIFF goes (for QuPath jobs without ``out``: the project's ``lpfm-outputs``)."""
-    if spec.out:
-        return Path(spec.out)
-    if spec.kind == "qupath":
-        from lpfm_toolkit.integrations.qupath.project import DEFAULT_OUTPUT_DIR
-
-        return Path(spec.source).parent / DEFAULT_OUTPUT_DIR
-    raise ConfigError("the job has no output folder", "add it again with --out DIR")
+def output_dir(spec: JobSpec) -> Path | None:
+    """The local folder the job's results are written to (None for sources that write elsewhere)."""
+    return _source(spec).output_dir(spec)
 
 
-def _marked_sink(folder: Path, compression: str, tile: int) -> Any:
+def marked_sink(folder: Path, compression: str, tile: int) -> Any:
     """An OME-TIFF sink whose writers mark their scratch folder with this process (see :mod:`.scratch`)."""
     from lpfm_toolkit.jobs.scratch import mark_scratch, signals_deferred
     from lpfm_toolkit.sinks.ometiff import OmeTiffSink
@@ -225,7 +250,7 @@ def _marked_sink(folder: Path, compression: str, tile: int) -> Any:
 
 
 def compute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) -> JobResult:
-    """Run one job into an OME-TIFF (skipped when the output already exists); the worker side of a job.
+    """Run one job (skipped when its outputs already exist); the worker side of a job.
 
     Scratch folders in the output folder left by writers that died on this host are removed first.
     """
@@ -233,42 +258,40 @@ def compute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) 
     from lpfm_toolkit.pipeline import output_name, run_item
 
     spec = spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
+    source = _source(spec)
     t0 = time.perf_counter()
     engine = engine_for(spec)
-    folder = output_dir(spec)
-    clean_scratch(folder)
-    sink = _marked_sink(folder, spec.compression, spec.tiff_tile)
-    handle = _open(spec)
+    folder = source.output_dir(spec)
+    if folder is not None:
+        clean_scratch(folder)
+    handle = source.open(spec)
     with handle:
-        item = _item(handle, spec)
-        result = run_item(handle, item, engine, sink, tile_size=spec.tile, overlap=spec.overlap,
-                          samples_uncertainty=spec.samples > 1, progress=progress)
-        name = output_name(handle, item.task, item)
-    return JobResult(key=result.provenance.idempotency_key, uri=result.output.uri, name=name,
-                     skipped=result.skipped, seconds=round(time.perf_counter() - t0, 3), worker=worker_id())
+        sink = source.sink(spec, handle)
+        results, names = [], []
+        for item in _items(handle, spec):
+            results.append(run_item(handle, item, engine, sink, tile_size=spec.tile, overlap=spec.overlap,
+                                    samples_uncertainty=spec.samples > 1, progress=progress))
+            names.append(output_name(handle, item.task, item))
+    return JobResult(key=_job_key([r.provenance.idempotency_key for r in results]),
+                     uri=" ".join(r.output.uri for r in results), name=" ".join(names),
+                     skipped=all(r.skipped for r in results), seconds=round(time.perf_counter() - t0, 3),
+                     worker=worker_id())
 
 
 def finalize(spec: JobSpec | dict[str, Any], result: JobResult) -> str:
-    """The coordinator's part of a finished job; returns the result URI to record.
+    """The coordinator's part of a finished job (its source's follow-up); returns the result URI to record.
 
-    For QuPath jobs, adds the result as a new project entry (once: an existing entry with the same key is
-    reused), and returns ``<output file>#entry=<ID>``.
+    For QuPath jobs it adds the result as a new project entry (once) and returns ``<file>#entry=<ID>``; for
+    OMERO jobs it marks the original ``lpfm:done``.
     """
     spec = spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
-    if spec.kind != "qupath":
-        return result.uri
-    from lpfm_toolkit.integrations.qupath import QuPathProject, parse_remaps
+    return str(_source(spec).finalize(spec, result))
 
-    with QuPathProject.open(spec.source, backend="file", remaps=parse_remaps(list(spec.remaps))) as project:
-        entry = project.entry(spec.entry or "")
-        ref = project.sink(entry, output_dir(spec), compression=spec.compression,
-                           tile=spec.tiff_tile).find(result.key, result.name)
-    if ref is None:
-        from lpfm_toolkit.errors import ProjectError
 
-        raise ProjectError(f"the result {result.uri} of entry {spec.entry} disappeared before it was added",
-                           "retry the job")
-    return f"{ref.uri}#entry={ref.extra.get('entry_id')}"
+def failed_for_good(spec: JobSpec | dict[str, Any], error: str) -> None:
+    """The coordinator's follow-up of a job that used its last attempt (OMERO: mark the original failed)."""
+    spec = spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
+    _source(spec).failed(spec, error)
 
 
 def execute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) -> str:

@@ -1,0 +1,134 @@
+"""Jobs on a local process pool vs a local Dask cluster, same cores, same threads per job.
+
+Eight 768x768 RGB slides (tiled TIFFs cut from the bundled sample slide), ``-p deblur --engine classical
+--method richardson_lucy``; each configuration runs the same eight jobs into its own output folder:
+
+* ``pool2``: ``LocalRunner(workers=2)`` (what ``lpfm jobs run --workers 2`` does: 1 math thread per worker here);
+* ``dask2``: a ``LocalCluster`` of two worker processes with one thread each (``dask worker --nthreads 1``);
+* ``dask1``: the same with one worker (for the 1 -> 2 worker scaling);
+* ``dask2-plain`` (``--plain``): two Dask workers running the bare job function, i.e. what the runner did
+  before :func:`lpfm_toolkit.jobs.runners.dask_job` (no allocator tuning, no thread share).
+
+Per job the time is the pipeline's own ``durations.total_s`` from each output's provenance; wall time is the
+whole run. Prints ratios (the numbers that go into docs/benchmarks.md) and writes JSON with ``--json``.
+
+    python benchmarks/dask_bench.py [--plain] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SLIDE = Path(__file__).resolve().parents[1] / "lpfm_toolkit" / "data" / "cmu_small_region.svs"
+SIZE = 768
+ORIGINS = [(0, 0), (700, 0), (1400, 0), (0, 800), (700, 800), (1400, 800), (0, 1600), (700, 1600)]
+
+
+def make_slides(folder: Path) -> list[Path]:
+    import tifffile
+
+    from lpfm_toolkit.sources import open_image
+
+    paths = []
+    with open_image(SLIDE) as h:
+        for i, (x, y) in enumerate(ORIGINS):
+            p = folder / f"slide{i}.tif"
+            tifffile.imwrite(p, h.read_region(0, x, y, SIZE, SIZE), photometric="rgb", tile=(256, 256))
+            paths.append(p)
+    return paths
+
+
+def run(name: str, slides: list[Path], root: Path, runner: Any) -> dict[str, Any]:
+    from lpfm_toolkit.jobs import JobSpec, JobStore, add_jobs, run_queued
+    from lpfm_toolkit.sinks.ometiff import read_provenance
+
+    out = root / name
+    specs = [
+        JobSpec(source=str(p), prompt="deblur", out=str(out), engine="classical", method="richardson_lucy")
+        for p in slides
+    ]
+    with JobStore(root / f"{name}.sqlite") as store:
+        add_jobs(store, specs)
+        t0 = time.perf_counter()
+        try:
+            summary = run_queued(store, runner)
+        finally:
+            runner.close()
+        wall = time.perf_counter() - t0
+        jobs = store.jobs()
+    assert summary.done == len(slides), summary
+    provs = [read_provenance(j.result_uri) for j in jobs]
+    per_job = [p.durations["total_s"] for p in provs]
+    return {
+        "name": name,
+        "wall_s": round(wall, 2),
+        "job_mean_s": round(statistics.mean(per_job), 3),
+        "job_median_s": round(statistics.median(per_job), 3),
+        "checksums": sorted(p.output_sha256 for p in provs),
+    }
+
+
+def dask(n: int, plain: bool) -> Any:
+    from distributed import Client, LocalCluster
+
+    from lpfm_toolkit.jobs import DaskRunner
+    from lpfm_toolkit.jobs.spec import run_job
+
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+    runner = DaskRunner(Client(cluster), cluster=cluster)
+    if plain:  # the job function as it was submitted before dask_job: no allocator tuning, threads=None
+        runner.submit = lambda spec: runner.client.submit(run_job, spec, None, pure=False)  # type: ignore[method-assign]
+    runner.client.wait_for_workers(n)
+    return runner
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--plain", action="store_true", help="also run the bare job function on two Dask workers")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args()
+    from lpfm_toolkit.jobs import LocalRunner
+
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="lpfm-dask-bench-") as tmp:
+        root = Path(tmp)
+        slides = make_slides(root)
+        results = [
+            run("pool2", slides, root, LocalRunner(2)),
+            run("dask2", slides, root, dask(2, False)),
+            run("dask1", slides, root, dask(1, False)),
+        ]
+        if args.plain:
+            results.append(run("dask2-plain", slides, root, dask(2, True)))
+    by = {r["name"]: r for r in results}
+    same = all(r["checksums"] == by["pool2"]["checksums"] for r in results)
+    ratios = {
+        "dask2 job / pool2 job (mean total_s)": round(by["dask2"]["job_mean_s"] / by["pool2"]["job_mean_s"], 3),
+        "dask2 wall / pool2 wall": round(by["dask2"]["wall_s"] / by["pool2"]["wall_s"], 3),
+        "dask 1 -> 2 workers speed-up (wall)": round(by["dask1"]["wall_s"] / by["dask2"]["wall_s"], 3),
+    }
+    if "dask2-plain" in by:
+        ratios["dask2-plain job / pool2 job"] = round(by["dask2-plain"]["job_mean_s"] / by["pool2"]["job_mean_s"], 3)
+        ratios["dask2-plain wall / pool2 wall"] = round(by["dask2-plain"]["wall_s"] / by["pool2"]["wall_s"], 3)
+    report = {
+        "cores": len(os.sched_getaffinity(0)),
+        "load_before": [round(v, 2) for v in load],
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "identical_pixels": same,
+        "runs": [{k: v for k, v in r.items() if k != "checksums"} for r in results],
+        "ratios": ratios,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

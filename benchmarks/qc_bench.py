@@ -111,6 +111,119 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1))
 
 
+def _qc_child(slide: str, estimator: str) -> None:
+    """One QC run in its own process: prints seconds and peak RSS (MiB) as JSON."""
+    import resource
+
+    from lpfm_toolkit.qc import assess, get_estimator
+    from lpfm_toolkit.sources import open_image
+
+    est = get_estimator(estimator)
+    with open_image(slide) as h:
+        lv = h.levels[0]
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t0 = time.perf_counter()
+        qc = assess(h, estimator=est)
+        seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {
+                "pixels": lv.width * lv.height,
+                "tiles": len(qc.tiles),
+                "seconds": seconds,
+                "peak_rss_mib": round(peak, 1),
+                "rss_before_mib": round(rss0, 1),
+            }
+        )
+    )
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
+    """QC vs enhancement of the same region in one process, then QC's peak memory at growing slide sizes."""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from lpfm_toolkit.engine import get_engine
+    from lpfm_toolkit.pipeline import plan, run_item
+    from lpfm_toolkit.prompts import parse_prompt
+    from lpfm_toolkit.qc import assess, get_estimator
+    from lpfm_toolkit.sinks.memory import ArraySink
+    from lpfm_toolkit.sources import Region, open_image
+
+    torch.set_num_threads(args.threads)
+    sample = Path(__file__).resolve().parents[1] / "lpfm_toolkit" / "data" / "cmu_small_region.svs"
+    x, y, w, h = (int(v) for v in args.region.split(","))
+    region = Region(x, y, w, h)
+    gp = w * h / 1e9
+    rows: dict[str, Any] = {}
+    with open_image(sample) as handle:
+        for name in ("classical", "learned"):
+            try:
+                est = get_estimator(name)
+            except Exception as exc:  # noqa: BLE001 - no learned estimator: time the classical one only
+                print(f"{name}: {exc}", file=sys.stderr)
+                continue
+            assess(handle, region=Region(x, y, 256, 256), estimator=est)  # warm-up (imports)
+            t0 = time.perf_counter()
+            assess(handle, region=region, estimator=est)
+            rows[f"qc {name}"] = time.perf_counter() - t0
+        for label, engine_name, prompt, method in (
+            ("enhance lpfm restore (steps 0)", "lpfm", "restore", None),
+            ("enhance classical denoise (nlm)", "classical", "denoise", "nlm"),
+            ("enhance classical deblur (richardson_lucy)", "classical", "deblur", "richardson_lucy"),
+        ):
+            try:
+                engine = get_engine(engine_name, method=method)
+            except Exception as exc:  # noqa: BLE001
+                print(f"{label}: {exc}", file=sys.stderr)
+                continue
+            task = parse_prompt(prompt)
+            run_item(handle, plan(handle, task, region=Region(x, y, 256, 256))[0], engine, ArraySink(), force=True)
+            t0 = time.perf_counter()
+            run_item(handle, plan(handle, task, region=region)[0], engine, ArraySink(), force=True)
+            rows[label] = time.perf_counter() - t0
+    per_gp = {k: round(v / gp, 1) for k, v in rows.items()}
+    ratios = {
+        f"{e} / {q}": round(rows[e] / rows[q], 1)
+        for e in rows
+        if e.startswith("enhance")
+        for q in rows
+        if q.startswith("qc")
+    }
+    result: dict[str, Any] = {
+        "region": [x, y, w, h],
+        "threads": args.threads,
+        "seconds": rows,
+        "seconds_per_gigapixel": per_gp,
+        "ratios": ratios,
+    }
+    print(json.dumps(result, indent=1), flush=True)
+    # memory: QC of synthetic slides of growing size, each in its own process
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from synthetic import write_synthetic_slide
+
+    mem = []
+    with tempfile.TemporaryDirectory(prefix="lpfm-qc-bench-") as tmp:
+        for size in args.sizes:
+            slide = write_synthetic_slide(Path(tmp) / f"synthetic-{size}.ome.tiff", size)
+            out = subprocess.run(
+                [sys.executable, __file__, "_child", str(slide), "classical"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            rec = json.loads(out.strip().splitlines()[-1])
+            rec["size"] = size
+            mem.append(rec)
+            print(json.dumps(rec), flush=True)
+    result["memory"] = mem
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "qc_speed.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -126,8 +239,18 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--size", type=int, default=2048)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--estimator", default=None, help="estimator folder (default: the shipped one)")
+    sp = sub.add_parser("speed")
+    sp.add_argument("--region", default="0,0,2048,2048", help="x,y,w,h of the sample slide to time")
+    sp.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384])
+    sp.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("_child")
+    c.add_argument("slide")
+    c.add_argument("estimator")
     args = p.parse_args(argv)
-    {"train": cmd_train, "evaluate": cmd_evaluate}[args.cmd](args)
+    if args.cmd == "_child":
+        _qc_child(args.slide, args.estimator)
+        return
+    {"train": cmd_train, "evaluate": cmd_evaluate, "speed": cmd_speed}[args.cmd](args)
 
 
 if __name__ == "__main__":

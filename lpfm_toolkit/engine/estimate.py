@@ -221,15 +221,24 @@ def estimate_jpeg(gray: np.ndarray, max_blocks: int = 256) -> tuple[float, float
     oy = max(range(8), key=lambda o: float(np.mean(np.abs(_dct_blocks(g, o, ox, max_blocks)[:, 5:, :]) < 0.6)))
     offset = (oy, ox)
     c = _dct_blocks(g, *offset, max_blocks)
-    scores = np.zeros(len(JPEG_QUALITIES))
-    for i, table in enumerate(_TABLES):
+    scores = np.full(len(JPEG_QUALITIES), -1.0)
+
+    def score(i: int) -> None:
+        table = _TABLES[i]
         sel = table >= 3  # steps smaller than the rounding noise of decoded 8-bit pixels say nothing
         sel[0, 0] = False
         coef = c[:, sel]
         step = np.broadcast_to(table[sel], coef.shape)
         big = np.abs(coef) >= 0.5 * step  # zeros are multiples of every step: they prove nothing
-        if int(big.sum()) >= 50:
-            scores[i] = float(np.cos(2 * np.pi * coef[big] / step[big]).mean())
+        scores[i] = float(np.cos(2 * np.pi * coef[big] / step[big]).mean()) if int(big.sum()) >= 50 else 0.0
+
+    # Scores change smoothly with quality: every 5th table first, then every table near the best two.
+    for i in range(0, len(JPEG_QUALITIES), 5):
+        score(i)
+    for centre in np.argsort(scores)[-2:]:
+        for i in range(max(0, centre - 4), min(len(JPEG_QUALITIES), centre + 5)):
+            if scores[i] < -0.5:
+                score(i)
     k = int(np.argmax(scores))  # neighbouring qualities share most steps: their scores come close
     score = float(max(scores[k], 0.0))
     return (float(JPEG_QUALITIES[k]) if score >= JPEG_SCORE_MIN else 100.0), score

@@ -106,6 +106,14 @@ class LearnedEstimator:
                 "point at a bundle's estimator/ folder",
             )
         weights = folder / cfg.get("weights", "model.safetensors")
+        if not weights.is_file():
+            raise ModelError(f"the estimator weights {weights} are missing", "reinstall lpfm-toolkit")
+        checksum = sha256_file(weights)
+        if cfg.get("sha256") and cfg["sha256"] != checksum:
+            raise ModelError(
+                f"{weights} does not match the sha256 in {cfg_path}",
+                "the file changed or is damaged: reinstall lpfm-toolkit or retrain the estimator",
+            )
         net = EstimatorNet(**cfg.get("config", {}))
         try:
             net.load_state_dict(load_file(str(weights)))
@@ -114,7 +122,7 @@ class LearnedEstimator:
                 f"the estimator weights {weights} do not load ({exc})",
                 "reinstall lpfm-toolkit or retrain the estimator",
             ) from exc
-        return cls(net, sha256_file(weights))
+        return cls(net, checksum)
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``folder``."""
@@ -125,8 +133,12 @@ class LearnedEstimator:
         tmp = folder / ".model.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(tmp))
         tmp.replace(folder / "model.safetensors")
+        from lpfm_toolkit.engine.bundle import sha256_file
+
+        self.checksum = sha256_file(folder / "model.safetensors")
         cfg = {
             "class": "EstimatorNet",
+            "sha256": self.checksum,
             "config": self.net.config(),
             "weights": "model.safetensors",
             "sharp_sigma": SHARP_SIGMA,

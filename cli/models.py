@@ -160,11 +160,15 @@ def train(recipe_name: str, images: tuple[Path, ...], out: Path | None, work_dir
               help="Score tiles from this bottom fraction of the image (0: the whole image).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
+@click.option("--tta", is_flag=True, help="Also score each bundle with the 8-fold flip/rotation self-ensemble.")
+@click.option("--tuned/--no-tuned", default=True, show_default=True,
+              help="Also score baselines given the truth: true σ (NLM, TV, wavelet, BM3D), true kernel "
+                   "(Wiener, Richardson–Lucy), spline; BM3D with σ estimated.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("lpfm-eval"), show_default=True)
 @handle_errors
 def evaluate(image: Path | None, models_: tuple[str, ...], steps_list: tuple[int, ...], samples: int,
              sampler: str | None, degradations: str | None, tiles: int, tile_size: int, holdout: float, seed: int,
-             device: str | None, out: Path) -> None:
+             device: str | None, tta: bool, tuned: bool, out: Path) -> None:
     """Score bundles against the classical baselines on degraded held-out tiles of IMAGE (default: the sample)."""
     from lpfm_toolkit.engine.bundle import load_bundle
     from lpfm_toolkit.engine.evaluate import Candidate, holdout_tiles, write_html, write_json
@@ -183,9 +187,12 @@ def evaluate(image: Path | None, models_: tuple[str, ...], steps_list: tuple[int
             label = f"{bundle.name} steps={steps}" + (f" samples={k}" if steps else "")
             engine = LpfmEngine(bundle, device=device, steps=steps, samples=k, sampler=sampler)
             candidates.append(Candidate(label, engine, learned=True))
+            if tta and steps == 0:
+                engine = LpfmEngine(bundle, device=device, steps=0, sampler=sampler, tta=True)
+                candidates.append(Candidate(f"{label} +tta", engine, learned=True))
     protocols = [p.strip() for p in degradations.split(",")] if degradations else None
     with progress_bar("evaluating") as update:
-        report = run_eval(clean, candidates, protocols, seed=seed, progress=update)
+        report = run_eval(clean, candidates, protocols, seed=seed, progress=update, tuned=tuned)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(report.to_markdown() + "\n")
     write_json(report, out / "report.json")

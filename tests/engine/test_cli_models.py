@@ -40,11 +40,13 @@ def test_evaluate_writes_tables_and_html(tiny_bundle: Path, tmp_path: Path, samp
     out = tmp_path / "eval"
     res = CliRunner().invoke(cli, ["evaluate", str(sample_slide), "--model", str(tiny_bundle), "--steps", "0",
                                    "--steps", "1", "--samples", "2", "--tiles", "3", "--tile", "64",
-                                   "--degradations", "sr-x2,denoise-s31", "--out", str(out)])
+                                   "--degradations", "sr-x2,denoise-s31", "--tta", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     methods = {(r["protocol"], r["method"]) for r in report["rows"]}
     assert ("sr-x2", "classical:bicubic") in methods and ("denoise-s31", "tiny-test steps=0") in methods
+    assert ("denoise-s31", "tuned:bm3d true σ") in methods and ("sr-x2", "tuned:spline") in methods
+    assert ("sr-x2", "tiny-test steps=0 +tta") in methods
     assert "tiny-test steps=1 samples=2" in report["spearman"]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 8 and "uncertainty" in html

@@ -172,6 +172,10 @@ def run_local(
             sink = OmeTiffSink(path=target, compression=settings.compression, tile=settings.tiff_tile, overwrite=force)
         else:
             sink = OmeTiffSink(target, compression=settings.compression, tile=settings.tiff_tile)
+        from lpfm_toolkit.jobs.scratch import clean_scratch
+
+        for left in clean_scratch(target.parent if is_file else target):  # a killed earlier run's leftovers
+            console.print(f"removed {left.name}, left behind by an interrupted run", style="yellow")
         engine = build_engine(settings, trust_pickle)  # the model loads only now, after every cheap check
         with progress_bar(f"{task.label} · {handle.name}") as update:
             result = run_item(

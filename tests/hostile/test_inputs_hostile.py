@@ -680,3 +680,18 @@ def test_hostile_qupath_projects(kind: str, tmp_path: Path) -> None:
     else:
         one_error_line(res, 2, ())
     assert_untouched_and_nothing_finished(work, before, failed=True)
+
+
+def test_scratch_left_by_a_killed_run_is_removed_by_the_next(tmp_path: Path) -> None:
+    import socket
+
+    out = tmp_path / "out"
+    stale = out / ".lpfm-scratch-abc123"  # what `kill -9` during a job's write leaves, marked with its writer
+    stale.mkdir(parents=True)
+    (stale / "img.tiles").write_bytes(b"\0" * 1000)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that has ended
+    (stale / "lpfm-owner").write_text(f"{socket.gethostname()}:{gone.pid}")
+    res = run(enhance(C.SAMPLE, "--region", REGION, "--out", str(out)))
+    assert res.exit_code == 0 and "removed .lpfm-scratch-abc123" in res.output, res.output
+    assert not stale.exists() and len(list(out.glob("*.ome.tiff"))) == 1

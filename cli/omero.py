@@ -34,17 +34,48 @@ def _settings(ctx: click.Context) -> Any:
 @click.option("--port", type=int, default=None, help="Port (default 4064).")
 @click.option("--user", "-u", default=None, help="User name (or OMERO_USER). The password comes from "
               "OMERO_PASSWORD or a prompt, never a flag.")
-@click.option("--session-key", default=None, envvar="OMERO_SESSION_KEY", show_envvar=True,
-              help="Join an existing session instead of logging in (e.g. from `omero sessions key`).")
+@click.option("--session-key", default=None, metavar="-",
+              help="Refused with a value (it would show in `ps`); `--session-key -` reads the key from standard "
+              "input. Or set OMERO_SESSION_KEY / LPFM_OMERO_SESSION_KEY, or use --session-key-file.")
+@click.option("--session-key-file", type=click.File("r"), default=None,
+              help="Read the session key (from `omero sessions key`) from this file, or - for standard input.")
 @click.option("--group", "-g", default=None, help="Group name or id to work in.")
 @click.option("--secure/--insecure", default=None, help="Encrypt the connection (default: secure).")
 @click.pass_context
 def omero(ctx: click.Context, host: str | None, port: int | None, user: str | None, session_key: str | None,
-          group: str | None, secure: bool | None) -> None:
-    """Run lpfm over OMERO images and ROIs; results become new images next to the originals."""
+          session_key_file: Any, group: str | None, secure: bool | None) -> None:
+    """Run lpfm over OMERO images and ROIs; results become new images next to the originals.
+
+    Join an existing session (OMERO.web, `omero login`) with OMERO_SESSION_KEY in the environment, or
+    --session-key-file; a key given as a flag value would be visible to every user in `ps`.
+    """
     ctx.ensure_object(dict)  # shared with the subcommands' contexts
-    ctx.obj["omero_flags"] = {"host": host, "port": port, "user": user, "session_key": session_key,
+    ctx.obj["omero_flags"] = {"host": host, "port": port, "user": user,
+                               "session_key": session_key_from(session_key, session_key_file),
                                "group": group, "secure": secure}
+
+
+def session_key_from(flag: str | None, key_file: Any) -> str | None:
+    """The session key from ``--session-key -`` (stdin) or ``--session-key-file``; a flag value is refused.
+
+    None: take it from the environment (``OMERO_SESSION_KEY``, ``LPFM_OMERO_SESSION_KEY``).
+    """
+    if flag is not None and flag != "-":
+        fail("--session-key with a value puts the key in the process list, where every user can read it (ps)",
+             "set OMERO_SESSION_KEY (or LPFM_OMERO_SESSION_KEY) instead, or pass --session-key-file FILE "
+             "(- for standard input)")
+    if flag == "-" and key_file is not None:
+        fail("--session-key - and --session-key-file exclude each other", "give one of them")
+    if flag == "-":
+        text = sys.stdin.readline()
+    elif key_file is not None:
+        text = key_file.readline()
+    else:
+        return None
+    key = text.strip()
+    if not key:
+        fail("the session key read was empty", "write the key from `omero sessions key` into the file or stdin")
+    return key
 
 
 @omero.command("info")

@@ -1,8 +1,8 @@
 """An OMERO session as a context manager over :class:`omero.gateway.BlitzGateway`.
 
-Credentials come from flags, the environment (``OMERO_PASSWORD``, ``OMERO_SESSION_KEY``) or the toolkit's
-settings (host, port, user, group, secure); the library never prompts and never logs or keeps a password
-or session key. The session keeps itself alive during long jobs, reconnects once when the session is
+Credentials come from flags, the environment (``OMERO_PASSWORD``, ``OMERO_SESSION_KEY`` or
+``LPFM_OMERO_SESSION_KEY``) or the toolkit's settings (host, port, user, group, secure); the library never
+prompts and never logs or keeps a password or session key. The session keeps itself alive during long jobs, reconnects once when the session is
 lost, always closes, and restores the group it switched.
 """
 
@@ -84,7 +84,8 @@ class OmeroSettings:
             port=port_value,
             user=pick(user, "OMERO_USER", "omero_user"),
             password=password if password is not None else env.get("OMERO_PASSWORD") or None,
-            session_key=session_key if session_key is not None else env.get("OMERO_SESSION_KEY") or None,
+            session_key=session_key if session_key is not None else (
+                env.get("OMERO_SESSION_KEY") or env.get("LPFM_OMERO_SESSION_KEY") or None),
             group=pick(group, "OMERO_GROUP", "omero_group"),
             secure=bool(secure_value),
         )

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 KEY = "lpfm.idempotency_key"
 STATE = "lpfm.state"
+#: who is uploading a partial image: ``host:pid:token`` (token: random per process)
+WRITER = "lpfm.writer"
 MODES = ("new", "channels")
 #: results up to this many bytes (and within the server's plane size) go through createImageFromNumpySeq
 SMALL_BYTES = 64 * 1024 * 1024
@@ -165,6 +169,50 @@ def copy_rois(rois: list[Any], annotations_by_shape: dict[int, Any], region_box:
     return out
 
 
+# -- who is uploading ------------------------------------------------------------------------------------------
+_TOKEN = uuid.uuid4().hex[:12]
+#: images this process is uploading right now (created, not yet complete or deleted)
+_UPLOADING: set[int] = set()
+
+
+def writer_id() -> str:
+    """``host:pid:token`` of this process, recorded on a partial image while it uploads."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_TOKEN}"
+
+
+def writer_gone(writer: str, image_id: int) -> bool:
+    """True only when the uploader ``writer`` of ``image_id`` provably stopped: its process is gone on this host,
+    or it is this process and this process is not uploading that image."""
+    host, pid, token = (writer.split(":") + ["", "", ""])[:3] if writer.count(":") == 2 else ("", "", "")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host, or no writer recorded (an older version): cannot be proven
+    if int(pid) == os.getpid():
+        return token == _TOKEN and image_id not in _UPLOADING
+    from lpfm_toolkit.jobs.scratch import pid_alive
+
+    return not pid_alive(int(pid))
+
+
+def provenance_from_pairs(pairs: dict[str, str], uri: str) -> Provenance:
+    """A provenance record rebuilt from a result's key-value annotation (when its JSON file was removed)."""
+    region = [int(v) for v in pairs.get("lpfm.source.region", "").split(",") if v.strip().lstrip("-").isdigit()]
+    level = pairs.get("lpfm.source.level", "")
+    seed = pairs.get("lpfm.seed", "0")
+    return Provenance(
+        source={"system": pairs.get("lpfm.source.system", ""), "uri": pairs.get("lpfm.source.uri", ""),
+                "level": int(level) if level.isdigit() else None, "region": region or None},
+        prompt=pairs.get("lpfm.prompt", ""),
+        task={"kind": pairs.get("lpfm.task", ""), "scale": pairs.get("lpfm.task.scale", "1")},
+        engine={"name": pairs.get("lpfm.engine", ""), "model": pairs.get("lpfm.model") or None,
+                "model_sha256": pairs.get("lpfm.model.sha256") or None},
+        seed=int(seed) if seed.lstrip("-").isdigit() else 0,
+        idempotency_key=pairs.get(KEY, ""),
+        output={"uri": uri, "rebuilt_from": "the image's key-value annotation (the provenance file was removed)"},
+        input_sha256=pairs.get("lpfm.input.sha256") or None,
+        output_sha256=pairs.get("lpfm.output.sha256") or None,
+    )
+
+
 # -- the sink -------------------------------------------------------------------------------------------------
 class OmeroSink(Sink):
     """New images in the source's dataset (or ``dataset``): ``mode`` ``new`` or ``channels``."""
@@ -219,25 +267,49 @@ class OmeroSink(Sink):
 
     # -- idempotency ---------------------------------------------------------------------------------------------
     def find(self, idempotency_key: str, spec_name: str) -> OutputRef | None:
-        """An image already made with this key; partial leftovers of a crashed run are deleted."""
+        """An image already made with this key (complete), or None.
+
+        Nothing is deleted that this run did not create, except a partial upload that is provably abandoned
+        by a writer of ours: marked ``lpfm.state=writing`` by this user, with a writer (``host:pid:token``)
+        whose process is gone on this host, or that is this process and no longer uploading. Partial images
+        of other users, of live or unknown writers (another host, an older version), and complete results
+        (also those whose provenance file a user removed) are left alone.
+        """
         key = self._mode_key(idempotency_key)
         images = self.session.call(
             lambda c: list(c.getObjectsByMapAnnotations("Image", key=KEY, value=key, ns=NAMESPACE)),
             "look for earlier results")
         found: OutputRef | None = None
+        me: int | None = None
         for image in images:
             image_id = int(image.getId())
-            state, prov = self._read_provenance(image_id)
-            if state == "complete" and prov is not None:
+            pairs, prov = self._read_provenance(image_id)
+            state = pairs.get(STATE)
+            if pairs.get(KEY) != key:
+                continue  # the key is on another annotation of the image, not our marker: not ours to judge
+            if state == "complete":
+                if prov is None:
+                    log.warning("image %s is a complete lpfm result whose provenance file was removed; kept, and "
+                                "its provenance rebuilt from its key-value annotation", image_id)
+                    prov = provenance_from_pairs(pairs, self._uri(image_id))
                 if found is None:
                     found = OutputRef(uri=self._uri(image_id), provenance=prov,
-                                      extra={"image_id": image_id, "name": image.getName(), "mode": self.mode})
+                                      extra={"image_id": image_id, "name": image.getName(), "mode": self.mode,
+                                             "provenance_file": prov.output.get("rebuilt_from") is None})
                 continue
+            if state != "writing":
+                log.warning("image %s carries the key of %s with state %r; left alone", image_id, spec_name, state)
+                continue
+            if me is None:
+                me = int(self.session.call(lambda c: c.getUserId(), "read your user id"))
             owner = int(image._obj.getDetails().getOwner().getId().getValue())
-            if owner != self.session.call(lambda c: c.getUserId(), "read your user id"):
+            if owner != me:
                 log.warning("image %s looks like a partial lpfm result of another user; left alone", image_id)
                 continue
-            # a run of ours that died mid-upload (a concurrent run of the very same work would lose it too)
+            if not writer_gone(pairs.get(WRITER, ""), image_id):
+                log.warning("image %s is a partial result of %s still being uploaded, or by a writer this run cannot "
+                            "check (%s); left alone", image_id, spec_name, pairs.get(WRITER) or "no writer recorded")
+                continue
             log.warning("deleting image %s: a partial result of an interrupted run (%s)", image_id, spec_name)
             self._delete(image_id)
         return found
@@ -246,20 +318,26 @@ class OmeroSink(Sink):
         # the same work written as a channels image is a different result from a plain one
         return key if self.mode == "new" else f"{key}:channels"
 
-    def _read_provenance(self, image_id: int) -> tuple[str | None, Provenance | None]:
+    def _read_provenance(self, image_id: int) -> tuple[dict[str, str], Provenance | None]:
+        """The key-value pairs of our marker annotation, and the provenance file (None when absent)."""
         from omero.gateway import FileAnnotationWrapper, MapAnnotationWrapper
 
-        def read(conn: Any) -> tuple[str | None, Provenance | None]:
-            state = None
+        def read(conn: Any) -> tuple[dict[str, str], Provenance | None]:
+            pairs: dict[str, str] = {}
             prov = None
             for link in conn.getAnnotationLinks("Image", parent_ids=[image_id], ns=NAMESPACE):
                 ann = link.getAnnotation()
                 if isinstance(ann, MapAnnotationWrapper):
-                    state = dict((k, v) for k, v in ann.getValue()).get(STATE)
+                    values = dict((k, v) for k, v in ann.getValue())
+                    if KEY in values and (not pairs or values.get(STATE) == "complete"):
+                        pairs = values
                 elif isinstance(ann, FileAnnotationWrapper):
-                    text = b"".join(ann.getFileInChunks()).decode("utf-8")
-                    prov = Provenance.from_json(text)
-            return state, prov
+                    text = b"".join(ann.getFileInChunks()).decode("utf-8", errors="replace")
+                    try:
+                        prov = Provenance.from_json(text)
+                    except (ValueError, TypeError, KeyError):
+                        log.warning("image %s: its provenance file cannot be read; ignored", image_id)
+            return pairs, prov
 
         return self.session.call(read, f"read the provenance of image {image_id}")
 
@@ -415,7 +493,8 @@ class OmeroWriter(SinkWriter):
         else:
             self.image_id = self._create_tiled(conn, description, ds_id)
         image_id = self.image_id
-        marker = self._add_map(conn, image_id, {KEY: self.key, STATE: "writing"})
+        _UPLOADING.add(image_id)
+        marker = self._add_map(conn, image_id, {KEY: self.key, STATE: "writing", WRITER: writer_id()})
         self._set_metadata(conn, image_id)
         prov.output.update({"uri": self.sink._uri(image_id), "image_id": image_id, "dataset_id": ds_id})
         if self.sink.copy_rois:
@@ -425,6 +504,7 @@ class OmeroWriter(SinkWriter):
         pairs = {**prov.summary(), "lpfm.output.uri": self.sink._uri(image_id), "lpfm.mode": self.sink.mode,
                  KEY: self.key, STATE: "complete"}
         self._update_map(conn, marker, pairs)
+        _UPLOADING.discard(image_id)
         return image_id
 
     def _create_small(self, conn: Any, description: str, ds_id: int | None) -> int:
@@ -446,6 +526,7 @@ class OmeroWriter(SinkWriter):
                                                   self.spec.name, description, conn.SERVICE_OPTS)
         image_id = int(rvalue(iid))
         self.image_id = image_id  # from here on a failure must delete it
+        _UPLOADING.add(image_id)
         image = conn.getObject("Image", image_id)
         pid = int(image.getPixelsId())
         rps = conn.c.sf.createRawPixelsStore(conn.SERVICE_OPTS)
@@ -585,6 +666,7 @@ class OmeroWriter(SinkWriter):
         image_id, self.image_id = self.image_id, None
         if image_id is None:
             return
+        _UPLOADING.discard(image_id)  # not being uploaded any more: a later find() may delete a leftover
         conn = self.sink.session.conn
         if conn is None:
             self.image_id = image_id

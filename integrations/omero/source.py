@@ -284,13 +284,21 @@ class OmeroImageHandle(StoredMetadataHandle):
     def _open_store(self) -> None:
         """A RawPixelsStore of our own on the current gateway; reads the pyramid and the request limits."""
         conn = self.session.conn
+        rps = None
         try:
             rps = conn.c.sf.createRawPixelsStore(conn.SERVICE_OPTS)
             rps.setPixelsId(self.pixels_id, True, conn.SERVICE_OPTS)
             descriptions = rps.getResolutionDescriptions(conn.SERVICE_OPTS)
             self._limits = read_limits(conn, rps)
-        except permission_types() as exc:
-            raise permission_error(exc, f"read the pixels of image {self.image_id}") from exc
+        except BaseException as exc:
+            if rps is not None:  # a stateful service: close it, or it stays open on the server until timeout
+                try:
+                    rps.close(conn.SERVICE_OPTS)
+                except Exception as close_exc:
+                    log.debug("closing the RawPixelsStore: %s", describe_server_error(close_exc))
+            if isinstance(exc, permission_types()):
+                raise permission_error(exc, f"read the pixels of image {self.image_id}") from exc
+            raise
         self._rps, self._rps_level, self._rps_conn = rps, None, conn
         # descriptions: largest first; OMERO numbers resolution levels the other way (n-1 = full size)
         full = descriptions[0].sizeX if descriptions else self.size_x

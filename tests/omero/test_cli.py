@@ -141,3 +141,24 @@ def test_info_with_a_session_key_from_the_environment_detaches(server, cmu) -> N
     gw = server.gateways[0]
     gw.conn.connect.assert_called_once_with(sUuid="session-key-1")
     assert gw.closed is False  # detached, not killed
+
+
+def test_a_session_key_as_a_flag_value_is_refused_and_read_from_stdin_or_a_file(server, cmu, tmp_path) -> None:
+    iid, _ = cmu
+    res = CliRunner().invoke(cli, ["omero", "--host", "h", "--session-key", "session-key-1", "info", str(iid)],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "process list" in res.output and "OMERO_SESSION_KEY" in res.output
+    assert "session-key-1" not in res.output and not server.gateways  # refused before any connection
+    res = CliRunner().invoke(cli, ["omero", "--host", "h", "--session-key", "-", "info", str(iid), "--json"],
+                             input="session-key-1\n", env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    server.gateways[-1].conn.connect.assert_called_once_with(sUuid="session-key-1")
+    key_file = tmp_path / "key"
+    key_file.write_text("session-key-1\n")
+    res = CliRunner().invoke(cli, ["omero", "--host", "h", "--session-key-file", str(key_file), "info", str(iid)],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["omero", "--host", "h", "info", str(iid)],
+                             env={"LPFM_OMERO_SESSION_KEY": "session-key-1", "COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    server.gateways[-1].conn.connect.assert_called_once_with(sUuid="session-key-1")

@@ -290,3 +290,95 @@ def test_a_partial_result_of_another_user_is_left_alone(server, settings, slide)
     server.images[other].obj.getDetails().setOwner(omero.model.ExperimenterI(99, False))
     (again,) = _run(server, settings, iid)
     assert not again.skipped and other in server.images and other not in server.deleted
+
+
+# -- find() deletes only provably abandoned uploads of ours (issue 10) ------------------------------------------
+
+def _mark(server, image_id: int, **pairs: str) -> None:
+    """Rewrite the lpfm marker of ``image_id`` (state, writer …) as if another run had left it so."""
+    for ann in server.annotations_of(image_id):
+        if isinstance(ann, omero.model.MapAnnotationI):
+            values = {nv.name: nv.value for nv in ann.getMapValue()}
+            values.update(pairs)
+            values = {k: v for k, v in values.items() if v is not None}
+            ann.setMapValue([omero.model.NamedValue(k, v) for k, v in values.items()])
+
+
+def _drop_provenance_file(server, image_id: int) -> None:
+    server.image_ann_links = [(i, a) for i, a in server.image_ann_links
+                              if not (i == image_id and isinstance(server.annotations[a], omero.model.FileAnnotationI))]
+
+
+def test_a_complete_result_whose_provenance_file_was_removed_is_kept_and_reused(server, settings, slide) -> None:
+    iid, _ = slide
+    (first,) = _run(server, settings, iid)
+    done = first.output.extra["image_id"]
+    _drop_provenance_file(server, done)
+    (again,) = _run(server, settings, iid)
+    assert again.skipped and again.output.extra["image_id"] == done
+    assert done in server.images and done not in server.deleted
+    assert again.provenance.idempotency_key == first.provenance.idempotency_key
+    assert again.provenance.output["rebuilt_from"] and again.output.extra["provenance_file"] is False
+
+
+def test_a_partial_upload_of_a_live_or_unknown_writer_is_left_alone(server, settings, slide) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    iid, _ = slide
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        writers = {"live process here": f"{socket.gethostname()}:{live.pid}:abc",
+                   "another host": "elsewhere.example.org:1:abc", "no writer (older version)": None}
+        for why, writer in writers.items():
+            (first,) = _run(server, settings, iid, force=True)
+            partial = first.output.extra["image_id"]
+            _mark(server, partial, **{"lpfm.state": "writing", "lpfm.writer": writer})
+            (again,) = _run(server, settings, iid)
+            assert not again.skipped, why
+            assert partial in server.images and partial not in server.deleted, why
+            for done in (partial, again.output.extra["image_id"]):  # out of the way of the next case
+                _mark(server, done, **{"lpfm.state": "kept by the lab"})
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_partial_upload_of_a_dead_writer_of_ours_is_deleted(server, settings, slide) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    iid, _ = slide
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (first,) = _run(server, settings, iid)
+    partial = first.output.extra["image_id"]
+    _mark(server, partial, **{"lpfm.state": "writing", "lpfm.writer": f"{socket.gethostname()}:{dead.pid}:abc"})
+    (again,) = _run(server, settings, iid)
+    assert not again.skipped and partial in server.deleted
+    assert server.map_of(again.output.extra["image_id"])["lpfm.state"] == "complete"
+
+
+def test_an_upload_in_progress_in_this_process_is_not_deleted(server, settings, slide) -> None:
+    iid, _ = slide
+    (first,) = _run(server, settings, iid)
+    partial = first.output.extra["image_id"]
+    _mark(server, partial, **{"lpfm.state": "writing", "lpfm.writer": sink_mod.writer_id()})
+    sink_mod._UPLOADING.add(partial)  # as if another thread of this process were still uploading it
+    try:
+        (again,) = _run(server, settings, iid)
+    finally:
+        sink_mod._UPLOADING.discard(partial)
+    assert not again.skipped and partial in server.images and partial not in server.deleted
+    assert "lpfm.writer" not in server.map_of(again.output.extra["image_id"])  # gone once complete
+
+
+def test_a_marker_with_another_state_or_a_foreign_key_annotation_is_left_alone(server, settings, slide) -> None:
+    iid, _ = slide
+    (first,) = _run(server, settings, iid)
+    image = first.output.extra["image_id"]
+    _mark(server, image, **{"lpfm.state": "archived by the lab"})
+    (again,) = _run(server, settings, iid)
+    assert not again.skipped and image in server.images and image not in server.deleted

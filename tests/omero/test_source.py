@@ -179,3 +179,15 @@ def test_roi_class_falls_back_to_description() -> None:
 def test_parse_points_old_and_new_formats() -> None:
     assert parse_points("1,2 3.5,4") == [(1, 2), (3.5, 4)]
     assert parse_points("points[1,2, 3,4] points1[1,2, 3,4]") == [(1, 2), (3, 4)]
+
+
+def test_a_failed_setpixelsid_closes_the_raw_pixels_store(server, settings, rgb) -> None:
+    from lpfm_toolkit.integrations.omero.session import OmeroPermissionError
+
+    iid, _ = rgb
+    server.inject("setPixelsId", omero.SecurityViolation(None, None, "no"))
+    with OmeroSession(settings) as s:
+        with pytest.raises(OmeroPermissionError):
+            OmeroImageHandle(s, iid)
+        i = len(server.calls) - 1 - server.calls[::-1].index("setPixelsId")
+        assert server.calls[i + 1 :] == ["close"]  # the stateful service was closed, nothing else happened

@@ -161,3 +161,36 @@ def test_fluorescence_simulation_follows_the_stains() -> None:
     ihc = simulate_ihc(rgb, torch.Generator().manual_seed(1))
     dab = rgb_to_hed(ihc)[:, 2]
     assert ihc.shape == rgb.shape and float(dab.max()) > 0.3 and float(rgb_to_hed(rgb)[:, 2].abs().max()) < 0.05
+
+
+def test_zoomed_crops_and_stain_augmentation_are_seeded() -> None:
+    from lpfm_toolkit.engine import train as T
+
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.random((200, 200, 3)) * 0.6 + 0.2, 0, 1).astype(np.float32)
+    bank = T.TileBank([img], holdout=0.2)
+    cfg = T.recipe("smoke")
+
+    def batch(step: int) -> torch.Tensor:
+        r, g = T.batch_rng(0, step, 1)
+        c = bank.crops(4, 32, r, zoom=(1.0, 2.0))
+        return T.stain_augment(c, cfg, r, g)
+
+    a, b = batch(3), batch(3)
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, b)
+    assert not torch.equal(a, batch(4))
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert T._wanted_stages(cfg) == ("encoder", "restorer", "stainer", "refiner")
+    assert "stainer" not in T._wanted_stages(T.recipe("tiny-v1"))
+
+
+def test_blind_pairs_are_the_network_inputs_of_each_task() -> None:
+    from lpfm_toolkit.engine import train as T
+
+    clean = torch.rand(3, 3, 32, 32) * 0.5 + 0.25
+    g = torch.Generator().manual_seed(0)
+    x = T.degraded_pairs(clean, ["sr4", "denoise", "deblur"], g, blind=True)
+    assert x.shape == clean.shape  # SR inputs come back cubic-upsampled to the clean size
+    y = T.degraded_pairs(clean, ["sr4", "denoise", "deblur"], torch.Generator().manual_seed(0), blind=True)
+    assert torch.equal(x, y)
+    assert float((x - clean).abs().mean()) > 0.005

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,32 +9,48 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from lpfm_toolkit.cli.common import console, handle_errors, progress_bar
-from lpfm_toolkit.cli.local import build_engine, engine_options, settings_from_flags
+from lpfm_toolkit.cli.batch import batch_progress, report_batch
+from lpfm_toolkit.cli.common import console, handle_errors
+from lpfm_toolkit.cli.options import engine_flags, options_from_flags
 
 
 def project_options(func: Any) -> Any:
     """Options shared by the commands that open a project."""
     opts = [
-        click.option("--backend", type=click.Choice(["auto", "file", "paquo"]), default="auto", show_default=True,
-                     help="paquo needs a QuPath installation; file reads the project JSON directly."),
-        click.option("--remap", "remaps", multiple=True, metavar="OLD=NEW",
-                     help="Images moved: replace the path prefix OLD by NEW (repeatable)."),
-        click.option("--annotations", "annotations", type=click.Path(path_type=Path), default=None,
-                     help="GeoJSON for the one selected image, or a folder of <entryID>.geojson files "
-                          "(default: the project's annotations/ folder)."),
+        click.option(
+            "--backend",
+            type=click.Choice(["auto", "file", "paquo"]),
+            default="auto",
+            show_default=True,
+            help="paquo needs a QuPath installation; file reads the project JSON directly.",
+        ),
+        click.option(
+            "--remap",
+            "remaps",
+            multiple=True,
+            metavar="OLD=NEW",
+            help="Images moved: replace the path prefix OLD by NEW (repeatable).",
+        ),
+        click.option(
+            "--annotations",
+            "annotations",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="GeoJSON for the one selected image, or a folder of <entryID>.geojson files "
+            "(default: the project's annotations/ folder).",
+        ),
     ]
     for opt in reversed(opts):
         func = opt(func)
     return func
 
 
-def _open(project: Path, backend: str, remaps: tuple[str, ...], annotations: Path | None,
-          readonly: bool = False) -> Any:
+def _open(
+    project: Path, backend: str, remaps: tuple[str, ...], annotations: Path | None, readonly: bool = False
+) -> Any:
     from lpfm_toolkit.integrations.qupath import QuPathProject, parse_remaps
 
-    return QuPathProject.open(project, backend, remaps=parse_remaps(remaps), annotations=annotations,
-                              readonly=readonly)
+    return QuPathProject.open(project, backend, remaps=parse_remaps(remaps), annotations=annotations, readonly=readonly)
 
 
 @click.group()
@@ -52,16 +66,26 @@ def list_entries(project: Path, backend: str, remaps: tuple[str, ...], annotatio
     """List the entries of PROJECT: size, levels, pixel size, annotations by class, image file found or not."""
     with _open(project, backend, remaps, annotations, readonly=True) as proj:
         table = Table(title=Text(f"{proj.path}  (QuPath {proj.version or '?'}, {proj.backend} backend)"))
-        for col, justify in (("ID", "right"), ("image", "left"), ("size", "right"), ("levels", "right"),
-                             ("µm/px", "right"), ("annotations", "left"), ("image file", "left"),
-                             ("lpfm", "left")):
+        for col, justify in (
+            ("ID", "right"),
+            ("image", "left"),
+            ("size", "right"),
+            ("levels", "right"),
+            ("µm/px", "right"),
+            ("annotations", "left"),
+            ("image file", "left"),
+            ("lpfm", "left"),
+        ):
             table.add_column(col, justify=justify)  # type: ignore[arg-type]
         for e in proj.entries:
             size = f"{e.width}×{e.height}" if e.width and e.height else "?"
             mpp = f"{e.mpp[0]:.4g}" if e.mpp else "–"
             counts = proj.annotation_counts(e)
-            ann = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else ("none" if counts == {}
-                                                                                          else "unknown")
+            ann = (
+                ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                if counts
+                else ("none" if counts == {} else "unknown")
+            )
             res = proj.resolution(e)
             where = "MISSING" if res.path is None else ("found" if res.how == "stored" else f"found ({res.how})")
             lpfm = f"from {e.metadata.get('lpfm.source.entry')}" if e.is_result else ""
@@ -69,59 +93,104 @@ def list_entries(project: Path, backend: str, remaps: tuple[str, ...], annotatio
         console.print(table)
 
 
-@contextlib.contextmanager
-def _entry_progress(entry: Any, item: Any) -> Iterator[Any]:
-    label = item.label if item.annotation is not None else f"level {item.level}"
-    with progress_bar(f"{item.task.label} · {entry.id} {entry.name} · {label}") as update:
-        yield update
-
-
 @qupath.command("enhance")
 @click.argument("project", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", required=True, help='What to do, e.g. "sr x2", "denoise".')
-@click.option("--image", "images", multiple=True, metavar="NAME|ID",
-              help="Entry to process (repeatable; default: every entry that is not an lpfm result).")
-@click.option("--class", "classes", multiple=True, metavar="NAME",
-              help="Process each annotation of this class (repeatable) instead of whole images.")
-@click.option("--annotation", "annotation_refs", multiple=True, metavar="NAME|ID",
-              help="Process the annotation with this name or id (repeatable).")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="NAME|ID",
+    help="Entry to process (repeatable; default: every entry that is not an lpfm result).",
+)
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    metavar="NAME",
+    help="Process each annotation of this class (repeatable) instead of whole images.",
+)
+@click.option(
+    "--annotation",
+    "annotation_refs",
+    multiple=True,
+    metavar="NAME|ID",
+    help="Process the annotation with this name or id (repeatable).",
+)
 @click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to read.")
-@click.option("--out", "output_dir", type=click.Path(path_type=Path), default=None,
-              help="Folder for the OME-TIFFs (default: <project>/lpfm-outputs).")
+@click.option(
+    "--out",
+    "output_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder for the OME-TIFFs (default: <project>/lpfm-outputs).",
+)
 @project_options
-@engine_options
+@engine_flags
 @handle_errors
-def enhance(project: Path, prompt: str, images: tuple[str, ...], classes: tuple[str, ...],
-            annotation_refs: tuple[str, ...], level: int, output_dir: Path | None, backend: str,
-            remaps: tuple[str, ...], annotations: Path | None, force: bool, trust_pickle: bool,
-            **flags: Any) -> None:
+def enhance(
+    project: Path,
+    prompt: str,
+    images: tuple[str, ...],
+    classes: tuple[str, ...],
+    annotation_refs: tuple[str, ...],
+    level: int,
+    output_dir: Path | None,
+    backend: str,
+    remaps: tuple[str, ...],
+    annotations: Path | None,
+    force: bool,
+    **flags: Any,
+) -> None:
     """Enhance images of PROJECT (or their annotated regions) by PROMPT; each result is a new entry."""
     from lpfm_toolkit.errors import ConfigError
-    from lpfm_toolkit.integrations.qupath import enhance_project
+    from lpfm_toolkit.integrations.qupath import enhance_project, select_items
+    from lpfm_toolkit.options import build_engine
+    from lpfm_toolkit.prompts import parse_prompt
 
-    settings = settings_from_flags(**flags)
+    task = parse_prompt(prompt)
+    options, settings = options_from_flags(flags)
     with _open(project, backend, remaps, annotations) as proj:
         if annotations is not None and annotations.is_file() and len(proj.select(images)) != 1:
-            raise ConfigError(f"--annotations {annotations} is one file but {len(proj.select(images))} entries "
-                              "are selected", "select one entry with --image, or give a folder of <entryID>.geojson")
-        engine = build_engine(settings, trust_pickle)
-        outcomes = enhance_project(
-            proj, prompt, engine, images=images or None, classes=classes or None,
-            annotation_refs=annotation_refs or None, level=level, seed=settings.seed, output_dir=output_dir,
-            tile_size=settings.tile_size, overlap=settings.overlap, compression=settings.compression,
-            tiff_tile=settings.tiff_tile, force=force, samples_uncertainty=settings.samples > 1,
-            progress=_entry_progress)
-    table = Table(title=Text(f"lpfm qupath enhance · {prompt}"))
-    for col in ("entry", "region", "status", "result entry", "time"):
-        table.add_column(col)
-    styles = {"done": "green", "skipped": "cyan", "failed": "bold red", "nothing to do": "yellow"}
-    for o in outcomes:
-        detail = o.result_entry or o.error or ""
-        table.add_row(Text(f"{o.entry.id}: {o.entry.name}"), Text(o.item), Text(o.status, style=styles[o.status]),
-                      Text(detail), f"{o.seconds:.1f} s" if o.seconds else "")
-    console.print(table)
-    counts = {s: sum(o.status == s for o in outcomes) for s in styles}
-    console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do")
-    failed = [o for o in outcomes if o.status == "failed"]
-    if failed:
-        raise click.exceptions.Exit(1)
+            raise ConfigError(
+                f"--annotations {annotations} is one file but {len(proj.select(images))} entries are selected",
+                "select one entry with --image, or give a folder of <entryID>.geojson",
+            )
+        items = select_items(
+            proj, images=images or None, classes=classes or None, annotation_refs=annotation_refs or None, level=level
+        )
+        channels = _channels(proj, items)
+        if channels is not None:  # checked on the first image that opens; the others are checked as they run
+            options = options.resolved(task, channels)
+        engine = build_engine(options, task)  # the model loads only now, after every cheap check
+        with batch_progress(f"lpfm qupath enhance · {task.label}") as progress:
+            outcomes = enhance_project(
+                proj,
+                task,
+                engine,
+                items=items,
+                seed=settings.seed,
+                output_dir=output_dir,
+                tile_size=settings.tile_size,
+                overlap=settings.overlap,
+                compression=settings.compression,
+                tiff_tile=settings.tiff_tile,
+                force=force,
+                samples_uncertainty=options.samples > 1,
+                progress=progress,
+            )
+    report_batch(outcomes, f"lpfm qupath enhance · {prompt}")
+
+
+def _channels(project: Any, items: list[Any]) -> list[str] | None:
+    """The channel names of the first entry to be enhanced, or None when it does not open (its items fail)."""
+    from lpfm_toolkit.errors import LpfmError
+
+    entry = next((i.entry for i in items if not i.nothing), None)
+    if entry is None:
+        return None
+    try:
+        with project.open_entry(entry) as handle:
+            return list(handle.channel_names)
+    except (LpfmError, OSError):
+        return None

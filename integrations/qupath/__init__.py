@@ -8,10 +8,10 @@ from lpfm_toolkit.integrations.qupath.entries import ProjectEntry
 from lpfm_toolkit.integrations.qupath.geojson import parse_geojson, read_geojson, write_geojson
 from lpfm_toolkit.integrations.qupath.project import QuPathEntryHandle, QuPathProject
 from lpfm_toolkit.integrations.qupath.uris import Remap, parse_remaps, path_from_uri, uri_from_path
-from lpfm_toolkit.integrations.qupath.workflow import EntryOutcome, enhance_project
+from lpfm_toolkit.integrations.qupath.workflow import EntryItem, enhance_project, select_items
 
 __all__ = [
-    "EntryOutcome",
+    "EntryItem",
     "ProjectEntry",
     "QuPathEntryHandle",
     "QuPathProject",
@@ -21,6 +21,7 @@ __all__ = [
     "parse_remaps",
     "path_from_uri",
     "read_geojson",
+    "select_items",
     "uri_from_path",
     "write_geojson",
 ]

@@ -115,13 +115,13 @@ def test_round_trip_on_real_projects(qp, name: str, qupath_fixtures: Path, tmp_p
     added = check_written(proj_dir, old, old["images"], real_server_json(src, old["images"]))
     assert added["imageName"].endswith("Tumor roi [lpfm sr×2]")
     meta = added["metadata"]
-    assert meta[KEY_SOURCE_ENTRY] == outcomes[0].entry.id and meta["lpfm.task.scale"] == "2"
+    assert meta[KEY_SOURCE_ENTRY] == outcomes[0].detail["entry_id"] and meta["lpfm.task.scale"] == "2"
     assert meta[KEY_IDEMPOTENCY] and meta["lpfm.source.system"] == "qupath"
     reread = QuPathProject.open(proj_dir, "file")
     assert reread.entries[-1].is_result and reread.entries[-1].width == 128 and reread.entries[-1].height == 96
     assert [e.id for e in reread.entries[:-1]] == [str(i["entryID"]) for i in old["images"]]
     # a re-run adds nothing
-    again = enhance_project(project, "sr x2", get_engine("identity"), images=[outcomes[0].entry.id],
+    again = enhance_project(project, "sr x2", get_engine("identity"), images=[outcomes[0].detail["entry_id"]],
                             classes=["Tumor"], output_dir=tmp_path / "out")
     assert [o.status for o in again] == ["skipped"]
     assert len(json.loads((proj_dir / "project.qpproj").read_text(encoding="utf-8"))["images"]) == len(old["images"]) + 1
@@ -200,10 +200,10 @@ def test_whole_image_and_a_bad_annotation(qp, tmp_path: Path, tiny_tiff: Path) -
     folder = qp.write_project(tmp_path / "p", tiny_tiff, "0.6.0", annotations=feats)
     project = QuPathProject.open(folder, "file")
     outcomes = enhance_project(project, "sr x2", get_engine("identity"), classes=["Tumor"], output_dir=tmp_path / "o")
-    assert sorted((o.item, o.status) for o in outcomes) == [("Tumor: fine", "done"), ("Tumor: outside", "failed")]
+    assert sorted((o.detail["region"], o.status) for o in outcomes) == [("Tumor: fine", "done"), ("Tumor: outside", "failed")]
     assert "outside" in next(o.error for o in outcomes if o.status == "failed")
     whole = enhance_project(project, "sr x2", get_engine("identity"), output_dir=tmp_path / "o")
-    assert [(o.item, o.status) for o in whole] == [("whole image (level 0)", "done")]  # results are not re-enhanced
+    assert [(o.detail["region"], o.status) for o in whole] == [("whole image (level 0)", "done")]  # results are not re-enhanced
     entries = QuPathProject.open(folder, "file").entries
     assert entries[-1].name == "tiny.tif [lpfm sr×2]" and (entries[-1].width, entries[-1].height) == (600, 400)
     assert entries[-1].metadata["lpfm.source.region"] == "0,0,300,200"

@@ -224,6 +224,83 @@ def cmd_speed(args: argparse.Namespace) -> None:
     (RESULTS / "qc_speed.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 
+def cmd_pictures(args: argparse.Namespace) -> None:
+    """The pictures in docs/qc.md: a QC heat map of a synthetic slide, and --auto before/after."""
+    import tempfile
+
+    from PIL import Image, ImageDraw
+
+    from lpfm_toolkit.engine import get_engine
+    from lpfm_toolkit.engine.estimate_synthetic import degrade_region, sample_tissue, synthetic_slide, tissue_mosaic
+    from lpfm_toolkit.qc import assess, auto_enhance, get_estimator, write_heatmap
+    from lpfm_toolkit.sinks.memory import ArraySink
+    from lpfm_toolkit.sources import open_image
+
+    RESULTS.mkdir(exist_ok=True)
+    est = get_estimator(args.estimator)
+    src = sample_tissue("holdout")
+    slide = synthetic_slide(tissue_mosaic(src, 2048, 2048, seed=42), seed=42)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = slide.write(Path(tmp) / "synthetic.ome.tiff")
+        with open_image(path) as h:
+            qc = assess(h, estimator=est)
+            write_heatmap(qc, h, RESULTS / "qc_heatmap.png", max_size=512)
+        truth = Image.fromarray(slide.image[::4, ::4]).convert("RGB")
+        d = ImageDraw.Draw(truth)
+        for t in slide.truth:
+            if t.clean:
+                continue
+            label = " ".join(
+                s
+                for s in (
+                    f"b{t.blur:.1f}" if t.blur else "",
+                    f"n{t.noise:.0f}" if t.noise else "",
+                    f"q{t.quality}" if t.quality else "",
+                )
+                if s
+            )
+            d.rectangle((t.x // 4, t.y // 4, (t.x + t.size) // 4 - 1, (t.y + t.size) // 4 - 1), outline=(0, 0, 0))
+            d.text((t.x // 4 + 3, t.y // 4 + 3), label, fill=(0, 0, 0))
+        truth.save(RESULTS / "qc_heatmap_truth.png")
+        print(json.dumps(qc.summary(), indent=1))
+        clean = tissue_mosaic(src, 1024, 1024, seed=4, min_tissue=0.6)
+        img = clean.copy()
+        rng = np.random.default_rng(0)
+        for box, blur, noise in (((0, 0, 512, 512), 0.0, 30.0), ((512, 512, 512, 512), 3.0, 0.0)):
+            img[box[1] : box[1] + box[3], box[0] : box[0] + box[2]] = degrade_region(clean, box, blur, noise, 0, rng)
+        import tifffile
+
+        p2 = Path(tmp) / "two-defects.tiff"
+        tifffile.imwrite(p2, img, tile=(256, 256), photometric="rgb")
+        with open_image(p2) as h:
+            res = auto_enhance(h, ArraySink(), lambda: get_engine(args.engine), estimator=est)
+        out = res.result.output.extra["pixels"]
+        crop = (slice(256, 768), slice(256, 768))  # where the noisy, blurred and clean quarters meet
+        panel = np.concatenate(
+            [
+                img[crop],
+                np.full((512, 8, 3), 255, np.uint8),
+                out[crop],
+                np.full((512, 8, 3), 255, np.uint8),
+                clean[crop],
+            ],
+            axis=1,
+        )
+        pic = Image.fromarray(panel)
+        d = ImageDraw.Draw(pic)
+        labels = (
+            "input: noise sigma 30 top left, blur sigma 3 bottom right",
+            f"lpfm enhance --auto ({args.engine})",
+            "clean",
+        )
+        for i, text in enumerate(labels):
+            d.rectangle((i * 520, 0, i * 520 + 6 * len(text) + 6, 14), fill=(255, 255, 255))
+            d.text((i * 520 + 3, 2), text, fill=(0, 0, 0))
+        pic.save(RESULTS / "qc_auto.png")
+        (RESULTS / "qc_auto.json").write_text(json.dumps(res.report, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps({k: v for k, v in res.report.items() if k != "regions"}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -243,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--region", default="0,0,2048,2048", help="x,y,w,h of the sample slide to time")
     sp.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384])
     sp.add_argument("--threads", type=int, default=1)
+    pc = sub.add_parser("pictures")
+    pc.add_argument("--estimator", default="auto")
+    pc.add_argument("--engine", default="auto", help="the engine --auto enhances with (default: as lpfm enhance)")
     c = sub.add_parser("_child")
     c.add_argument("slide")
     c.add_argument("estimator")
@@ -250,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "_child":
         _qc_child(args.slide, args.estimator)
         return
-    {"train": cmd_train, "evaluate": cmd_evaluate, "speed": cmd_speed}[args.cmd](args)
+    {"train": cmd_train, "evaluate": cmd_evaluate, "speed": cmd_speed, "pictures": cmd_pictures}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ SOURCES = {
     "IHC Ki67 OS-2 (Hamamatsu)": ROOT / "training_data/eval/openslide-OS-2-Ki67-hamamatsu.ome.tif",
     "IHC Ki67 OS-2 (Olympus)": ROOT / "training_data/eval/openslide-OS-2-Ki67-olympus.ome.tif",
 }
-PROTOCOLS = ["sr-x2", "sr-x4", "sr-x2-skimage", "sr-x4-skimage", "denoise-s21", "denoise-s31", "denoise-s41",
-             "deblur"]
+PROTOCOLS = ["sr-x2", "sr-x4", "sr-x2-skimage", "sr-x4-skimage", "denoise-s21", "denoise-s31", "denoise-s41", "deblur"]
 
 
 def source_tiles(path: Path, tiles: int, tile: int) -> np.ndarray:
@@ -65,8 +64,11 @@ def run(args: argparse.Namespace) -> None:
                     abl.condition_on_encoder = False
                     cands.append(E.Candidate(f"lpfm:{label} without encoder features", abl, learned=True))
                 if label in args.tta:
-                    cands.append(E.Candidate(f"lpfm:{label} +tta",
-                                             LpfmEngine.from_options(model=model, steps=0, tta=True), learned=True))
+                    cands.append(
+                        E.Candidate(
+                            f"lpfm:{label} +tta", LpfmEngine.from_options(model=model, steps=0, tta=True), learned=True
+                        )
+                    )
             report = E.evaluate(clean, cands, protocols=PROTOCOLS, seed=args.seed, baselines=False)
         rows = [r for r in report.rows]
         data.setdefault(source, {"tiles": int(len(clean)), "tile": args.tile, "rows": []})
@@ -86,9 +88,12 @@ def write_report() -> Path:
     for source, b in base.items():
         rows = b["rows"] + learned.get(source, {}).get("rows", [])
         labels = list(dict.fromkeys(r["method"] for r in rows if r["learned"]))
-        lines += [f"## {source} ({b['tiles']} tiles of {b['tile']} px)", "",
-                  "| degradation | best baseline | PSNR | " + " | ".join(labels) + " |",
-                  "|---|---|---|" + "---|" * len(labels)]
+        lines += [
+            f"## {source} ({b['tiles']} tiles of {b['tile']} px)",
+            "",
+            "| degradation | best baseline | PSNR | " + " | ".join(labels) + " |",
+            "|---|---|---|" + "---|" * len(labels),
+        ]
         for proto in PROTOCOLS:
             cl = [r for r in rows if r["protocol"] == proto and not r["learned"]]
             if not cl:

@@ -73,11 +73,17 @@ def tradeoff(model: str, tiles: int, tile: int) -> list[dict]:
             degraded = E.degrade_tiles(clean, degradation, 1000 + p_index)
             for s, eng in engines.items():
                 outs = np.stack([eng.process(d[None], task, [i]).pixels[0] for i, d in enumerate(degraded)])
-                rows.append({"source": source, "protocol": proto, "steps": s,
-                             "psnr": float(np.mean([E.psnr(o, c) for o, c in zip(outs, clean)])),
-                             "ssim": float(np.mean([E.ssim(o, c) for o, c in zip(outs, clean)])),
-                             "hf_ratio": float(np.mean([hf_ratio(o, c) for o, c in zip(outs, clean)])),
-                             "grad_w1": float(np.mean([grad_hist_w1(o, c) for o, c in zip(outs, clean)]))})
+                rows.append(
+                    {
+                        "source": source,
+                        "protocol": proto,
+                        "steps": s,
+                        "psnr": float(np.mean([E.psnr(o, c) for o, c in zip(outs, clean)])),
+                        "ssim": float(np.mean([E.ssim(o, c) for o, c in zip(outs, clean)])),
+                        "hf_ratio": float(np.mean([hf_ratio(o, c) for o, c in zip(outs, clean)])),
+                        "grad_w1": float(np.mean([grad_hist_w1(o, c) for o, c in zip(outs, clean)])),
+                    }
+                )
                 print(rows[-1], flush=True)
     return rows
 
@@ -123,8 +129,9 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = [r for r in rows if r["protocol"] == proto and r["source"] == source]
             ax.plot([r["hf_ratio"] for r in pts], [r["psnr"] for r in pts], marker=marker, label=source)
             for r in pts:
-                ax.annotate(str(r["steps"]), (r["hf_ratio"], r["psnr"]), fontsize=8, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(
+                    str(r["steps"]), (r["hf_ratio"], r["psnr"]), fontsize=8, xytext=(3, 3), textcoords="offset points"
+                )
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(f"{proto} (numbers: refiner steps)")
         ax.set_xlabel("high-frequency power / truth's (1 = as sharp as the truth)")

@@ -46,14 +46,18 @@ def main() -> None:
     mosaic = np.concatenate(list(fluo), axis=1)
     results = {}
     outs = {}
-    for label, engine in (("Beer–Lambert (classical)", ClassicalEngine()),
-                          ("lpfm stainer", LpfmEngine.from_options(model=args.model, steps=0))):
+    for label, engine in (
+        ("Beer–Lambert (classical)", ClassicalEngine()),
+        ("lpfm stainer", LpfmEngine.from_options(model=args.model, steps=0)),
+    ):
         engine.check(task, ["nuclear", "cytoplasm"])
         engine.prepare(task, mosaic)
         out = np.stack([engine.process(f[None], task, [i]).pixels[0] for i, f in enumerate(fluo)])
         outs[label] = out
-        results[label] = {"ssim": float(np.mean([E.ssim(o, t) for o, t in zip(out, he)])),
-                          "psnr": float(np.mean([E.psnr(o, t) for o, t in zip(out, he)]))}
+        results[label] = {
+            "ssim": float(np.mean([E.ssim(o, t) for o, t in zip(out, he)])),
+            "psnr": float(np.mean([E.psnr(o, t) for o, t in zip(out, he)])),
+        }
     record = {"source": SOURCE.name, "tiles": len(he), "tile": args.tile, "results": results}
     out_path = ROOT / "benchmarks/results/engine_virtual_stain.json"
     out_path.write_text(json.dumps(record, indent=1))
@@ -75,8 +79,9 @@ def _picture(fluo: np.ndarray, outs: dict[str, np.ndarray], he: np.ndarray, path
         false = np.stack([f[..., 0], f[..., 1], f[..., 0]], axis=-1)
         imgs = [false, *(o[r] for o in outs.values()), he[r]]
         for c, px in enumerate(imgs):
-            canvas.paste(Image.fromarray((np.clip(px, 0, 1) * 255 + 0.5).astype(np.uint8)),
-                         (c * (t + 6), 20 + r * (t + 6)))
+            canvas.paste(
+                Image.fromarray((np.clip(px, 0, 1) * 255 + 0.5).astype(np.uint8)), (c * (t + 6), 20 + r * (t + 6))
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

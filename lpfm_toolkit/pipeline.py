@@ -127,7 +127,7 @@ def check_size(region: Region, task: Task) -> None:
         )
 
 
-def resolve_engine_name(engine: str, model: str | None, task: Task | None = None) -> str:
+def resolve_engine_name(engine: str, model: str | None, task: Task | None = None, channels: int | None = None) -> str:
     """The engine ``auto`` stands for here, for ``task`` (without loading any model)."""
     if engine != "auto":
         return engine
@@ -135,7 +135,7 @@ def resolve_engine_name(engine: str, model: str | None, task: Task | None = None
         return "lpfm"
     from lpfm_toolkit.engine import default_engine_name
 
-    return default_engine_name(task)
+    return default_engine_name(task, channels)
 
 
 def preflight_engine(
@@ -157,7 +157,7 @@ def preflight_engine(
     ``explicit`` names the options the user gave for this run; ``method`` and ``steps`` that come from a
     settings file for another engine are not refused (the engine ignores them).
     """
-    name = resolve_engine_name(engine, model, task)
+    name = resolve_engine_name(engine, model, task, len(channel_names))
     if "method" not in explicit and name != "classical":
         method = None
     if "steps" not in explicit and name != "lpfm":

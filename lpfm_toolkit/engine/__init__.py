@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 ENGINES = ("auto", "lpfm", "classical", "identity")
 
 
-def default_engine_name(task: Task | None = None) -> str:
-    """``lpfm`` when the shipped default bundle is installed (and, given ``task``, was trained for it), else
-    ``classical``. Decided from the bundle's ``model_index.json``: no model is loaded."""
+def default_engine_name(task: Task | None = None, channels: int | None = None) -> str:
+    """``lpfm`` when the shipped default bundle is installed (and, given ``task``, was trained for it, on
+    inputs of ``channels`` channels when given), else ``classical``. Decided from the bundle's
+    ``model_index.json`` and component configs: no model is loaded."""
     try:
         from lpfm_toolkit.engine.lpfm import default_bundle_available
     except ImportError:
@@ -29,7 +30,7 @@ def default_engine_name(task: Task | None = None) -> str:
     if task is not None:
         from lpfm_toolkit.engine.bundle import trained_for
 
-        if not trained_for(task):
+        if not trained_for(task, channels=channels):
             log.info("the default bundle was not trained for %s: the classical engine runs it", task.label)
             return "classical"
     return "lpfm"

@@ -195,21 +195,32 @@ def stains_match(stains: dict[str, Any], source: str | None, target: str | None)
     return source in sources and stains.get("target") == target
 
 
-def trained_for(task: Any, model: str | Path | None = None) -> bool:
-    """Whether a bundle (default: the shipped default) was trained for ``task``, from its index alone:
-    no torch, no weights. False when the bundle cannot be found or read."""
+def trained_for(task: Any, model: str | Path | None = None, channels: int | None = None) -> bool:
+    """Whether a bundle (default: the shipped default) was trained for ``task`` (and, given ``channels``, for
+    inputs with that many channels), from its index and component configs alone: no torch, no weights.
+    False when the bundle cannot be found or read."""
     from lpfm_toolkit.engine.taskcodes import TASK_NAMES, task_code
 
     try:
-        index = read_index(resolve(model))
+        path = resolve(model)
+        index = read_index(path)
     except ModelError:
         return False
     if TASK_NAMES[task_code(task)] not in index.get("tasks", []):
         return False
     stains = index.get("stains")
-    if getattr(task.kind, "value", None) == "virtual_stain" and isinstance(stains, dict):
-        return stains_match(stains, getattr(task.source_stain, "value", None),
-                            getattr(task.target_stain, "value", None))
+    staining = getattr(task.kind, "value", None) == "virtual_stain"
+    if staining and isinstance(stains, dict) and not stains_match(
+            stains, getattr(task.source_stain, "value", None), getattr(task.target_stain, "value", None)):
+        return False
+    if channels is not None:
+        components = index.get("components", {})
+        role = "stainer" if staining and "stainer" in components else "restorer"
+        try:
+            meta = json.loads((path / components.get(role, role) / "config.json").read_text())
+            return int(meta.get("config", {}).get("in_channels", 3)) == channels
+        except (OSError, ValueError, TypeError):
+            return True  # loading reports a damaged component with its own message
     return True
 
 

@@ -63,6 +63,11 @@ def test_auto_runs_classical_for_tasks_the_default_bundle_lacks(
     _conditioned_bundle(tmp_path / "vs", stainer=True)
     assert B.trained_for(parse_prompt("AF -> H&E"), tmp_path / "vs")
     assert not B.trained_for(parse_prompt("normalize stain"), tmp_path / "vs")
+    # the learned stainer takes two channels: one-channel autofluorescence stays classical under auto
+    assert B.trained_for(parse_prompt("AF -> H&E"), tmp_path / "vs", channels=2)
+    assert not B.trained_for(parse_prompt("AF -> H&E"), tmp_path / "vs", channels=1)
+    assert not B.trained_for(parse_prompt("denoise"), tmp_path / "vs", channels=1)
+    assert E.default_engine_name(parse_prompt("denoise"), channels=1) == "classical"
     assert not B.trained_for(parse_prompt("denoise"), tmp_path / "missing")
 
 

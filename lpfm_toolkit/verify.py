@@ -354,7 +354,8 @@ def check_output(tiff: Path, prov: Provenance | None = None, *, full: bool = Fal
         with tifffile.TiffFile(tiff) as tif:
             series = tif.series[0]
             shapes = [lv.shape for lv in series.levels]
-            for page in tif.pages:  # tiles that would lie beyond the end: a truncated file
+            pages = [page for lv in series.levels for page in lv.pages if page is not None]  # SubIFDs too
+            for page in pages:  # tiles that would lie beyond the end: a truncated file
                 ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
                 if ends and max(ends) > size:
                     problems.append("its tiles reach beyond the end of the file (truncated)")

@@ -38,7 +38,8 @@ def default_engine_name(task: Task | None = None, channels: int | None = None) -
 
 def get_engine(name: str = "auto", *, method: str | None = None, model: str | None = None,
                device: str | None = None, steps: int | None = None, samples: int = 1,
-               trust_pickle: bool = False, tta: bool = False, task: Task | None = None) -> Engine:
+               trust_pickle: bool = False, tta: bool = False, task: Task | None = None, sampler: str | None = None,
+               threads: int | None = None, compile: bool = False) -> Engine:
     """An engine by name. ``auto`` means the learned model when ``model`` is given or the default bundle is
     there and (given ``task``) was trained for that task; otherwise the classical engine."""
     if name == "auto":
@@ -58,7 +59,8 @@ def get_engine(name: str = "auto", *, method: str | None = None, model: str | No
             raise MissingDependencyError(f"the lpfm engine could not be loaded ({exc})",
                                          "install torch and diffusers, or use --engine classical") from exc
         return LpfmEngine.from_options(model=model, device=device, steps=steps, samples=samples,
-                                       trust_pickle=trust_pickle, tta=tta)
+                                       trust_pickle=trust_pickle, tta=tta, sampler=sampler, threads=threads,
+                                       compile=compile)
     raise ConfigError(f"unknown engine {name!r}", f"use one of {', '.join(ENGINES)}")
 
 

@@ -105,14 +105,15 @@ class LpfmEngine(Engine):
 
     @classmethod
     def from_options(cls, model: str | None = None, device: str | None = None, steps: int | None = None,
-                     samples: int = 1, trust_pickle: bool = False, tta: bool = False) -> LpfmEngine:
+                     samples: int = 1, trust_pickle: bool = False, tta: bool = False, sampler: str | None = None,
+                     threads: int | None = None, compile: bool = False) -> LpfmEngine:
         """Load a shipped bundle by name, a bundle folder, or (``None``) the default ``lpfm-tiny``.
 
-        ``LPFM_COMPILE=1`` in the environment wraps the networks in ``torch.compile``.
+        ``compile`` (or ``LPFM_COMPILE=1`` in the environment) wraps the networks in ``torch.compile``.
         """
-        compile_ = os.environ.get("LPFM_COMPILE", "") not in ("", "0")
+        compile_ = compile or os.environ.get("LPFM_COMPILE", "") not in ("", "0")
         return cls(load_bundle(model, trust_pickle=trust_pickle), device=device, steps=steps, samples=samples,
-                   compile=compile_, tta=tta)
+                   sampler=sampler, threads=threads, compile=compile_, tta=tta)
 
     # ------------------------------------------------------------------------------------- contract
 

@@ -167,6 +167,90 @@ def add_qupath(project: Path, prompt: str | None, images: tuple[str, ...], flag_
     _report_added(report, store_path)
 
 
+def _omero_settings(host: str | None, port: int | None) -> Any:
+    """The OMERO server for jobs: host/port from flags, ``OMERO_*`` or the settings file; credentials only from
+    the environment (``OMERO_USER`` + ``OMERO_PASSWORD``, or ``OMERO_SESSION_KEY``): jobs never prompt."""
+    from lpfm_toolkit.config import load_settings
+    from lpfm_toolkit.integrations.omero.session import OmeroSettings, omero_modules
+
+    omero_modules()  # a clear "install lpfm-toolkit[omero]" first
+    settings = OmeroSettings.resolve(host=host, port=port, settings=load_settings())
+    settings.check()
+    return settings
+
+
+def omero_options(func: Any) -> Any:
+    """Where the OMERO server is, and where results go (as for `lpfm omero enhance`)."""
+    opts = [
+        click.option("--omero-host", default=None, help="OMERO server (or OMERO_HOST / omero_host). Credentials "
+                     "come from OMERO_USER + OMERO_PASSWORD or OMERO_SESSION_KEY in the environment."),
+        click.option("--omero-port", type=int, default=None, help="OMERO port (default 4064)."),
+        click.option("--roi-class", "roi_classes", multiple=True,
+                     help="Only the ROIs of this class, one result each (repeatable); default: the whole image."),
+        click.option("--output", "output_mode", type=click.Choice(["new", "channels"]), default="new",
+                     show_default=True, help="new: the enhanced image; channels: original + enhanced as one image."),
+        click.option("--target-dataset", default=None,
+                     help="Dataset id or name for the results (default: the original's dataset)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _omero_template(prompt: str, level: int, trust_pickle: bool, flags: dict[str, Any], roi_classes: tuple[str, ...],
+                    output_mode: str, target_dataset: str | None) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(_template(prompt, "", level, None, trust_pickle, flags), roi_classes=tuple(roi_classes),
+                               output_mode=output_mode, target_dataset=target_dataset)
+
+
+@jobs.command("add-omero")
+@click.option("-p", "--prompt", default=None, help='What to do with --image/--dataset/--project images, e.g. "sr x2".')
+@click.option("--image", "image_ids", type=int, multiple=True, help="OMERO image id (repeatable).")
+@click.option("--dataset", "dataset_ids", type=int, multiple=True, help="Every image of this dataset (repeatable).")
+@click.option("--project", "project_ids", type=int, multiple=True, help="Every image of this project (repeatable).")
+@click.option("--tagged", is_flag=True, help="Also every image tagged lpfm:<prompt> or with the key-value pair "
+              "lpfm.enhance = <prompt> (each with its own prompt).")
+@omero_options
+@spec_options
+@store_option
+@handle_errors
+def add_omero(prompt: str | None, image_ids: tuple[int, ...], dataset_ids: tuple[int, ...],
+              project_ids: tuple[int, ...], tagged: bool, omero_host: str | None, omero_port: int | None,
+              roi_classes: tuple[str, ...], output_mode: str, target_dataset: str | None, level: int,
+              trust_pickle: bool, store_path: Path, **flags: Any) -> None:
+    """Queue OMERO images (--image, --dataset, --project) for PROMPT, and/or the images users tagged (--tagged).
+
+    Results become new OMERO images next to the originals (as `lpfm omero enhance` makes them); each original
+    is then tagged lpfm:done or lpfm:failed with a key-value note. See docs/omero.md.
+    """
+    from lpfm_toolkit.integrations.omero.jobsource import (
+        find_requests,
+        image_ids_of,
+        omero_specs,
+        queue,
+        server_uri,
+        session_for,
+    )
+
+    if not (image_ids or dataset_ids or project_ids or tagged):
+        raise ConfigError("nothing selected", "give --image, --dataset or --project with -p, or --tagged")
+    if (image_ids or dataset_ids or project_ids) and not prompt:
+        raise ConfigError("--image/--dataset/--project need --prompt", 'say what to do with them, e.g. -p "sr x2"')
+    settings = _omero_settings(omero_host, omero_port)
+    template = _omero_template(prompt or "", level, trust_pickle, flags, roi_classes, output_mode, target_dataset)
+    session = session_for(server_uri(settings))
+    ids = image_ids_of(session, images=image_ids, datasets=dataset_ids, projects=project_ids)
+    requests = find_requests(session) if tagged else []
+    specs = omero_specs(session, template, image_ids=ids, requests=requests, prompt=prompt)
+    if not specs:
+        raise ConfigError("no OMERO image to queue", "tag images lpfm:<prompt> in OMERO.web, or give --image/--dataset")
+    with _open_store(store_path, create=True) as store:
+        report = queue(store, specs)
+    _report_added(report, store_path)
+
+
 def _runner(workers: int, dask_scheduler: str | None, slurm: bool, opts: dict[str, Any]) -> Any:
     from lpfm_toolkit.jobs import LocalRunner, SlurmOptions, dask_runner, slurm_runner
 
@@ -325,24 +409,29 @@ def retry(keys: tuple[str, ...], all_failed: bool, store_path: Path) -> None:
 @click.option("--ext", "extensions", multiple=True, help="Extensions to take (default: whole-slide formats).")
 @click.option("--recursive", is_flag=True, help="Also look in subfolders.")
 @click.option("--flag-key", default="lpfm.enhance", show_default=True, help="QuPath metadata key to look for.")
+@click.option("--omero", "watch_omero_server", is_flag=True,
+              help="Also queue OMERO images tagged lpfm:<prompt> or with the pair lpfm.enhance = <prompt>.")
 @click.option("--region", "region_text", default=None, help="x,y,width,height at the level (default: all).")
+@omero_options
 @spec_options
 @run_options
 @store_option
 @handle_errors
 def watch(folders: tuple[Path, ...], projects: tuple[Path, ...], prompt: str | None, out: str | None, every: float,
           once: bool, settle_s: float, extensions: tuple[str, ...], recursive: bool, flag_key: str,
-          region_text: str | None, level: int, trust_pickle: bool, workers: int, dask_scheduler: str | None,
+          watch_omero_server: bool, region_text: str | None, omero_host: str | None, omero_port: int | None,
+          roi_classes: tuple[str, ...], output_mode: str, target_dataset: str | None, level: int,
+          trust_pickle: bool, workers: int, dask_scheduler: str | None,
           slurm: bool, max_attempts: int, lease_s: float, store_path: Path, **opts: Any) -> None:
-    """Find new slides in FOLDERS (and flagged QuPath entries), queue them, run them; repeat every --every seconds."""
+    """Find new slides in FOLDERS (flagged QuPath entries, tagged OMERO images), queue and run them; repeat."""
     import dataclasses
     import sys
 
     from lpfm_toolkit.jobs import SLIDE_EXTENSIONS, watch_folder, watch_qupath
     from lpfm_toolkit.sources import Region
 
-    if not folders and not projects:
-        raise ConfigError("nothing to watch", "give a FOLDER, or --qupath PROJECT")
+    if not folders and not projects and not watch_omero_server:
+        raise ConfigError("nothing to watch", "give a FOLDER, --qupath PROJECT or --omero")
     if folders and not prompt:
         raise ConfigError("watching a folder needs --prompt", 'say what to do with new slides, e.g. -p "sr x2"')
     slurm_opts = {k: v for k, v in opts.items() if k.startswith("slurm_")}
@@ -350,6 +439,9 @@ def watch(folders: tuple[Path, ...], projects: tuple[Path, ...], prompt: str | N
     region = Region.parse(region_text).as_tuple() if region_text else None
     template = _template(prompt or "", out, level, region, trust_pickle, flags)
     qupath_template = dataclasses.replace(template, out=out or "")
+    omero_settings = _omero_settings(omero_host, omero_port) if watch_omero_server else None
+    omero_template = _omero_template(prompt or "", level, trust_pickle, flags, roi_classes, output_mode,
+                                     target_dataset)
     failed = 0
     with _open_store(store_path, create=True) as store:
         while True:
@@ -360,6 +452,10 @@ def watch(folders: tuple[Path, ...], projects: tuple[Path, ...], prompt: str | N
             for project in projects:
                 _report_added(watch_qupath(store, project, qupath_template, prompt=prompt, flag_key=flag_key),
                               store_path)
+            if omero_settings is not None:
+                from lpfm_toolkit.integrations.omero.jobsource import watch_omero
+
+                _report_added(watch_omero(store, omero_template, omero_settings), store_path)
             if store.counts()["queued"]:
                 summary = _run(store, _runner(workers, dask_scheduler, slurm, slurm_opts), max_attempts, lease_s)
                 console.print(_summary_line(summary))

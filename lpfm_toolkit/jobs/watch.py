@@ -65,9 +65,11 @@ def add_jobs(store: JobStore, specs: Iterable[JobSpec], *, strict: bool = True) 
 
 
 def absolute(spec: JobSpec) -> JobSpec:
-    """``spec`` with its source and output folder as absolute paths (workers may start elsewhere)."""
+    """``spec`` with its source and output folder as absolute paths (workers may start elsewhere); a source
+    that is a URI (``omero://host:port``) is left as it is."""
     out = str(Path(spec.out).expanduser().resolve()) if spec.out else spec.out
-    return dataclasses.replace(spec, source=str(Path(spec.source).expanduser().resolve()), out=out)
+    source = spec.source if "://" in spec.source else str(Path(spec.source).expanduser().resolve())
+    return dataclasses.replace(spec, source=source, out=out)
 
 
 def is_lpfm_output(path: Path) -> bool:

@@ -106,6 +106,9 @@ class FakeOmeroServer:
         self.images: dict[int, FakeImage] = {}
         self.datasets: dict[int, Any] = {}
         self.dataset_links: list[tuple[int, int]] = []
+        self.projects: dict[int, Any] = {}
+        self.project_links: list[tuple[int, int]] = []  # (project, dataset)
+        self.link_ids: dict[tuple[int, int], int] = {}  # (image, annotation) → link id
         self.annotations: dict[int, Any] = {}
         self.image_ann_links: list[tuple[int, int]] = []
         self.files: dict[int, bytes] = {}
@@ -129,6 +132,48 @@ class FakeOmeroServer:
         self._details(ds, group)
         self.datasets[int(ds.getId().getValue())] = ds
         return int(ds.getId().getValue())
+
+    def add_project(self, name: str, datasets: list[int], group: int = GROUP_ID) -> int:
+        pr = omero.model.ProjectI(self.next_id(), True)
+        pr.setName(rstring(name))
+        self._details(pr, group)
+        pid = int(pr.getId().getValue())
+        self.projects[pid] = pr
+        self.project_links += [(pid, d) for d in datasets]
+        return pid
+
+    def tag_image(self, image_id: int, text: str, ns: str | None = None) -> int:
+        """Link a tag ``text`` (made once, as a user in OMERO.web would) to an image; returns the tag id."""
+        tag = next((a for a in self.annotations.values() if isinstance(a, omero.model.TagAnnotationI)
+                    and unwrap(a.getTextValue()) == text and unwrap(a.getNs()) == ns), None)
+        if tag is None:
+            tag = omero.model.TagAnnotationI(self.next_id(), True)
+            tag.setTextValue(rstring(text))
+            if ns is not None:
+                tag.setNs(rstring(ns))
+            self._details(tag, GROUP_ID)
+            self.annotations[int(tag.getId().getValue())] = tag
+        self.image_ann_links.append((image_id, int(tag.getId().getValue())))
+        return int(tag.getId().getValue())
+
+    def add_pairs(self, image_id: int, pairs: dict[str, str], ns: str | None = None) -> int:
+        """A key-value annotation on an image (OMERO.web's client namespace unless ``ns``)."""
+        ann = omero.model.MapAnnotationI(self.next_id(), True)
+        ann.setNs(rstring(ns or "openmicroscopy.org/omero/client/mapAnnotation"))
+        ann.setMapValue([omero.model.NamedValue(k, v) for k, v in pairs.items()])
+        self._details(ann, GROUP_ID)
+        self.annotations[int(ann.getId().getValue())] = ann
+        self.image_ann_links.append((image_id, int(ann.getId().getValue())))
+        return int(ann.getId().getValue())
+
+    def tags_of(self, image_id: int) -> list[str]:
+        return sorted(unwrap(a.getTextValue()) for a in self.annotations_of(image_id)
+                      if isinstance(a, omero.model.TagAnnotationI))
+
+    def link_id(self, image_id: int, ann_id: int) -> int:
+        if (image_id, ann_id) not in self.link_ids:
+            self.link_ids[(image_id, ann_id)] = self.next_id()
+        return self.link_ids[(image_id, ann_id)]
 
     def _details(self, obj: Any, group: int) -> None:
         obj.getDetails().setGroup(omero.model.ExperimenterGroupI(group, False))
@@ -266,7 +311,7 @@ class FakeGateway:
             getattr(conn, getter).side_effect = lambda *a, _n=name: self.service(_n)
         for name in ("connect", "close", "keepAlive", "getEventContext", "getObject", "getObjects", "getMaxPlaneSize",
                      "createImageFromNumpySeq", "getObjectsByMapAnnotations", "getAnnotationLinks",
-                     "createFileAnnfromLocalFile", "deleteObjects", "getUserId"):
+                     "createFileAnnfromLocalFile", "deleteObjects", "getUserId", "getObjectsByAnnotations"):
             getattr(conn, name).side_effect = self._guard(name, getattr(self, f"_{name}"))
 
     def service(self, name: str) -> Any:
@@ -365,7 +410,16 @@ class FakeGateway:
             wrap = omero.gateway.ImageWrapper
         elif kind == "dataset":
             cands = [(i, d, int(d.getDetails().getGroup().getId().getValue())) for i, d in self.server.datasets.items()]
+            if opts and "project" in opts:
+                inside = {d for p, d in self.server.project_links if p == int(opts["project"])}
+                cands = [c for c in cands if c[0] in inside]
             wrap = omero.gateway.DatasetWrapper
+        elif kind == "project":
+            cands = [(i, pr, int(pr.getDetails().getGroup().getId().getValue())) for i, pr in self.server.projects.items()]
+            wrap = omero.gateway.ProjectWrapper
+        elif kind == "tagannotation":
+            cands = [(i, a, -2) for i, a in self.server.annotations.items() if isinstance(a, omero.model.TagAnnotationI)]
+            wrap = omero.gateway.TagAnnotationWrapper
         elif kind == "experimentergroup":
             cands = []
             wrap = omero.gateway.ExperimenterGroupWrapper
@@ -426,6 +480,13 @@ class FakeGateway:
                     out.append(omero.gateway.ImageWrapper(self.conn, self.server.images[iid].obj))
         return iter(out)
 
+    def _getObjectsByAnnotations(self, obj_type: str, annids: Any) -> Any:
+        assert obj_type == "Image"
+        wanted = {int(a) for a in annids}
+        ids = sorted({i for i, a in self.server.image_ann_links if a in wanted and i in self.server.images})
+        return iter([omero.gateway.ImageWrapper(self.conn, self.server.images[i].obj) for i in ids
+                     if self.visible(self.server.images[i].group)])
+
     def _getAnnotationLinks(self, parent_type: str, parent_ids: Any = None, ann_ids: Any = None, ns: Any = None,
                             params: Any = None) -> Any:
         assert parent_type == "Image"
@@ -436,7 +497,9 @@ class FakeGateway:
             ann = self.server.annotations[aid]
             if ns is not None and unwrap(ann.getNs()) != ns:
                 continue
-            link = omero.model.ImageAnnotationLinkI(self.server.next_id(), True)
+            if ann_ids is not None and aid not in [int(a) for a in ann_ids]:
+                continue
+            link = omero.model.ImageAnnotationLinkI(self.server.link_id(iid, aid), True)
             link.setParent(self.server.images[iid].obj)
             link.setChild(ann)
             out.append(omero.gateway.AnnotationLinkWrapper(self.conn, link))
@@ -459,7 +522,14 @@ class FakeGateway:
 
     def _deleteObjects(self, graph_spec: str, obj_ids: list[int], deleteAnns: bool = False,
                        deleteChildren: bool = False, dryRun: bool = False, wait: bool = False) -> Any:
-        assert graph_spec == "Image" and wait
+        assert wait
+        if graph_spec == "ImageAnnotationLink":
+            self._check_write()
+            doomed = {int(i) for i in obj_ids}
+            self.server.image_ann_links = [(i, a) for i, a in self.server.image_ann_links
+                                           if self.server.link_ids.get((i, a)) not in doomed]
+            return None
+        assert graph_spec == "Image"
         for iid in obj_ids:
             iid = int(iid)
             if iid not in self.server.images:
@@ -519,6 +589,7 @@ class FakeGateway:
             child = obj.getChild()
             if child.getId() is None:  # a new annotation saved through its link
                 child.setId(rlong(s.next_id()))
+                s._details(child, self._write_group())
                 s.annotations[int(child.getId().getValue())] = child
             aid = int(unwrap(child.getId()))
             assert aid in s.annotations

@@ -80,6 +80,21 @@ def tiles_of(slide: Any) -> list[np.ndarray]:
     return [slide.image[t.y : t.y + t.size, t.x : t.x + t.size].astype(np.float32) / 255 for t in slide.truth]
 
 
+def sparse_clean_tiles(lo: float = 0.25, hi: float = 0.75, stride: int = 64) -> list[np.ndarray]:
+    """Clean held-out tiles with little tissue (loose stroma, fat, tissue edges): where blur checks cry wolf."""
+    from lpfm_toolkit.engine.estimate import tissue_mask
+    from lpfm_toolkit.engine.estimate_synthetic import sample_tissue
+
+    src = sample_tissue("holdout").astype(np.float32) / 255
+    out = []
+    for y in range(0, src.shape[0] - 256 + 1, stride):
+        for x in range(0, src.shape[1] - 256 + 1, stride):
+            t = src[y : y + 256, x : x + 256]
+            if lo <= tissue_mask(t).mean() < hi:
+                out.append(np.ascontiguousarray(t))
+    return out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
 
@@ -101,10 +116,34 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         estimators.append(LearnedEstimator.load(args.estimator) if args.estimator else LearnedEstimator.load())
     except Exception as exc:  # noqa: BLE001 - report and score the classical one alone
         print(f"no learned estimator: {exc}", file=sys.stderr)
+    sparse = sparse_clean_tiles()
+    blurred = [(s, t) for s in slides for t in s.truth if t.blur and t.tissue >= 0.25]
     for est in estimators:
         t0 = time.perf_counter()
         ests = [e for s in slides for e in est.estimate(tiles_of(s))]
         result[est.name] = {**score_estimates(truth, ests), "seconds_per_tile": (time.perf_counter() - t0) / len(ests)}
+        flags = [e.flags() for e in est.estimate(sparse)]
+        result[est.name]["stroma_fat"] = {k: sum(f[k] for f in flags) / len(flags) for k in flags[0]}
+    # A focus measure without a tissue mask (variance of the Laplacian over the whole tile, as HistoQC's blur
+    # check), its threshold set to find as many blurred tiles as the classical estimator does.
+    from scipy import ndimage
+
+    def focus(tile: np.ndarray) -> float:
+        return float(ndimage.laplace(tile @ np.array([0.299, 0.587, 0.114], np.float32)).var())
+
+    blur_focus = np.sort(
+        [focus(s.image[t.y : t.y + t.size, t.x : t.x + t.size].astype(np.float32) / 255) for s, t in blurred]
+    )
+    tpr = result["classical"]["blur"]["tpr"]
+    threshold = float(blur_focus[min(len(blur_focus) - 1, int(round(tpr * len(blur_focus))) - 1)])
+    naive = [focus(t) <= threshold for t in sparse]
+    result["stroma_fat"] = {
+        "tiles": len(sparse),
+        "tissue_range": [0.25, 0.75],
+        "source": "clean held-out tissue, 256-px tiles every 64 px",
+        "variance_of_laplacian_fpr": sum(naive) / len(naive),
+        "variance_of_laplacian_tpr": tpr,
+    }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "qc_eval.json"
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

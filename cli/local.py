@@ -344,17 +344,29 @@ def provenance_show(output: Path, as_json: bool) -> None:
 @click.option("--quick", is_flag=True, help="Header, levels, size and provenance only; do not decode the pixels.")
 @handle_errors
 def verify(output: Path, quick: bool) -> None:
-    """Check OUTPUT: decode every level against its checksums, compare sidecar and embedded provenance (exit 1 if not)."""
-    from lpfm_toolkit.verify import check_output, read_output
+    """Check OUTPUT (an output, or every output in a folder): decode every level against its checksums and
+    compare the sidecar with the embedded provenance; exit 1 if anything is damaged."""
+    from lpfm_toolkit.verify import check_output, outputs_in, read_output
 
+    fix = "run the same `lpfm enhance` command with --verify to make it again"
+    if output.is_dir():
+        found = outputs_in(output)
+        if not found:
+            fail(f"{output} holds no lpfm outputs", "give an output (.ome.tiff) or a folder of them")
+        damaged = 0
+        for tiff in found:
+            problems = check_output(tiff, full=not quick)
+            damaged += bool(problems)
+            line = f"damaged: {tiff}: {'; '.join(problems)}" if problems else f"ok: {tiff}"
+            console.print(line, style="bold red" if problems else None, markup=False)
+        console.print(f"{len(found) - damaged} ok, {damaged} damaged")
+        if damaged:
+            fail(f"{damaged} of {len(found)} outputs in {output} are damaged", fix, 1)
+        return
     rec = read_output(output)  # unreadable records and foreign files: one line, exit 2
     problems = check_output(rec.tiff, full=not quick)
     if problems:
-        fail(
-            f"{rec.tiff.name} is damaged: {'; '.join(problems)}",
-            "make it again with the same `lpfm enhance` command and --force",
-            1,
-        )
+        fail(f"{rec.tiff.name} is damaged: {'; '.join(problems)}", fix, 1)
     levels = len(rec.provenance.stored.get("levels") or rec.provenance.output.get("levels") or [])
     how = "header, levels, size and provenance" if quick else f"{levels} levels decoded, checksums match"
     console.print(f"ok: {rec.tiff} ({how}; sidecar and embedded provenance agree)")

@@ -160,6 +160,16 @@ def read_output(path: str | Path) -> OutputRecord:
     return rec
 
 
+def outputs_in(folder: Path) -> list[Path]:
+    """The lpfm outputs under ``folder`` (any depth): OME-TIFFs with a sidecar beside them, uncertainty maps aside."""
+    found = []
+    for side in sorted(folder.rglob("*" + SIDECAR_SUFFIX)):
+        stem = side.name[: -len(SIDECAR_SUFFIX)]
+        tiff = next((side.with_name(stem + s) for s in TIFF_SUFFIXES if side.with_name(stem + s).is_file()), None)
+        found.append(tiff or side.with_name(stem + TIFF_SUFFIXES[0]))
+    return found
+
+
 # ------------------------------------------------------------------------------------------- ownership
 
 

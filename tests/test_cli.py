@@ -400,3 +400,34 @@ def test_single_file_out_with_one_f_reruns_and_verifies(runner: CliRunner, sampl
     assert invoke(runner, "verify", str(tmp_path / "Result.OME.TIF")).exit_code == 0
     other = runner.invoke(cli, [*args[:5], "0,0,64,64", *args[6:]])
     assert other.exit_code == 2 and "different run" in other.output
+
+
+def test_verify_a_folder_of_outputs(runner: CliRunner, sample_slide: Path, tmp_path: Path) -> None:
+    for region in (REGION, "0,0,64,64"):
+        invoke(
+            runner,
+            "enhance",
+            str(sample_slide),
+            "-p",
+            "sr x2",
+            "--region",
+            region,
+            "--engine",
+            "classical",
+            "--out",
+            str(tmp_path / "results"),
+        )
+    (tmp_path / "results" / "notes.txt").write_text("not ours")
+    ok = invoke(runner, "verify", str(tmp_path / "results"))
+    assert ok.exit_code == 0 and "2 ok, 0 damaged" in ok.output
+    victim = sorted((tmp_path / "results").glob("*.ome.tiff"))[0]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    bad = runner.invoke(cli, ["verify", str(tmp_path / "results")])
+    assert bad.exit_code == 1 and "1 ok, 1 damaged" in bad.output and "error: 1 of 2 outputs" in bad.output
+    assert f"damaged: {victim}" in bad.output
+    empty = runner.invoke(cli, ["verify", str(tmp_path)])  # only sub-folders' outputs count: found at any depth
+    assert empty.exit_code == 1
+    nothing = tmp_path / "empty"
+    nothing.mkdir()
+    res = runner.invoke(cli, ["verify", str(nothing)])
+    assert res.exit_code == 2 and "holds no lpfm outputs" in res.output

@@ -296,6 +296,22 @@ def test_watcher_takes_settled_slides_skips_growing_files_and_its_own_outputs(
     assert [p.name for p in scan_folder(folder, recursive=True)] == ["a.tif", "b.tif"]
 
 
+def test_watcher_takes_a_long_finished_file_without_waiting_the_settle_time(store: JobStore, sample_slide: Path,
+                                                                           tmp_path: Path) -> None:
+    import time
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    small_tiff(folder / "old.tif", sample_slide)
+    time.sleep(1.6)  # nothing touches it for longer than --settle (mtime and ctime)
+    small_tiff(folder / "new.tif", sample_slide, x=1200)
+    template = JobSpec(source="", prompt="denoise", out=str(tmp_path / "out"), engine="identity")
+    slept: list[float] = []
+    report = watch_folder(store, folder, template, settle_s=1.5, wait=False, sleep=slept.append)
+    assert len(report.added) == 1 and store.jobs()[0].source.endswith("old.tif")
+    assert report.waiting == [str((folder / "new.tif").resolve())] and slept == []
+
+
 def test_watcher_reports_an_unreadable_file_once(store: JobStore, tmp_path: Path) -> None:
     folder = tmp_path / "incoming"
     folder.mkdir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -109,7 +110,9 @@ def watch_folder(store: JobStore, folder: str | Path, template: JobSpec, *,
                  wait: bool = True, sleep: Callable[[float], None] = time.sleep) -> AddReport:
     """Add a job (``template`` with the file as source) for every settled new slide in ``folder``.
 
-    A file is settled when its size and mtime have not changed for ``settle_s`` seconds between two looks.
+    A file is settled when its size and mtime have not changed for ``settle_s`` seconds between two looks,
+    or at the first look when neither its content nor its inode changed for ``settle_s`` seconds (mtime
+    and ctime both older: a file long finished is taken without waiting).
     ``wait``: when some files are not settled yet, sleep until they could be and look once more (a cron run
     then needs no second run); without it they are left for the next call. Files that cannot be opened are
     reported once and not tried again until they change.
@@ -119,6 +122,9 @@ def watch_folder(store: JobStore, folder: str | Path, template: JobSpec, *,
     recipe = template.recipe()
     report = AddReport()
     exclude = [template.out] if template.out else []
+
+    def untouched(st: os.stat_result) -> bool:
+        return time.time() - max(st.st_mtime, st.st_ctime) >= max(settle_s, 1.0)
 
     def look() -> list[tuple[str, int, int]]:
         """Record this look; returns ``(path, size, mtime)`` of files settled and not handled yet."""
@@ -134,8 +140,11 @@ def watch_folder(store: JobStore, folder: str | Path, template: JobSpec, *,
             prev = store.sighting(path, recipe)
             if prev is None or (prev["size"], prev["mtime"]) != stamp:
                 store.record_sighting(path, recipe, *stamp, PENDING)
-                report.waiting.append(path)
-            elif prev["status"] == PENDING and now - prev["seen"] >= settle_s:
+                if untouched(st):
+                    ready.append((path, *stamp))  # nothing changed it (not even its inode) for settle_s: finished
+                else:
+                    report.waiting.append(path)
+            elif prev["status"] == PENDING and (now - prev["seen"] >= settle_s or untouched(st)):
                 ready.append((path, *stamp))
             elif prev["status"] == PENDING:
                 report.waiting.append(path)

@@ -46,10 +46,11 @@ def flag_name(name: str) -> str:
 
 
 def _where(name: str, value: Any, origin: str) -> str:
-    """How a value is named in an error: ``--steps 'x'`` for a flag, ``FILE: steps='x'`` otherwise."""
+    """How a value is named in an error, as :func:`lpfm_toolkit.config.check_value` does: ``--steps: steps='x'``
+    for a flag, ``FILE: steps='x'`` or ``env:LPFM_STEPS: steps='x'`` otherwise."""
     shown = repr(value if not isinstance(value, str) else value[:40])
     shown = shown if len(shown) <= 44 else f"{shown[:40]}…"
-    return f"{flag_name(name)} {shown}" if origin == "flag" else f"{origin}: {name}={shown}"
+    return f"{flag_name(name) if origin == 'flag' else origin}: {name}={shown}"
 
 
 @dataclass(frozen=True)
@@ -235,21 +236,8 @@ class EngineOptions:
         return dataclasses.replace(self, engine=name, **dropped, origin=dict(self.origin))
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """The keywords :func:`lpfm_toolkit.engine.get_engine` takes; options at their default are left out,
-        so engines that do not know them are not asked to."""
-        kwargs: dict[str, Any] = {
-            "method": self.method,
-            "model": self.model,
-            "device": self.device,
-            "steps": self.steps,
-            "samples": self.samples,
-            "trust_pickle": self.trust_pickle,
-            "tta": self.tta,
-        }
-        for name in ("sampler", "threads", "compile"):
-            if getattr(self, name) not in (None, False):
-                kwargs[name] = getattr(self, name)
-        return kwargs
+        """The keywords :func:`lpfm_toolkit.engine.get_engine` takes (every option but the engine's name)."""
+        return {name: getattr(self, name) for name in self.names() if name != "engine"}
 
     def rows(self) -> list[tuple[str, str, str]]:
         """``(option, value, origin)`` for display."""

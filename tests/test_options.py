@@ -52,16 +52,16 @@ def test_equal_options_are_one_engine_whatever_their_origin() -> None:
 @pytest.mark.parametrize(
     "flags,message",
     [
-        ({"steps": "four"}, "--steps 'four' is not a whole number"),
-        ({"steps": 2.5}, "--steps 2.5 is not a whole number"),
-        ({"samples": 0}, "--samples 0 is out of range (1–64)"),
-        ({"threads": 0}, "--threads 0 is out of range"),
-        ({"sampler": "euler"}, "--sampler 'euler' is not one of ddim, dpm"),
-        ({"engine": "magic"}, "--engine 'magic' is not one of auto, lpfm, classical, identity"),
-        ({"method": "sharpen"}, "--method 'sharpen' is not one of"),
-        ({"device": "gpu0"}, "--device 'gpu0' is not a device"),
-        ({"tta": "maybe"}, "--tta 'maybe' is not on or off"),
-        ({"model": "  "}, "--model '  ' is empty"),
+        ({"steps": "four"}, "--steps: steps='four' is not a whole number"),
+        ({"steps": 2.5}, "--steps: steps=2.5 is not a whole number"),
+        ({"samples": 0}, "--samples: samples=0 is out of range (1–64)"),
+        ({"threads": 0}, "--threads: threads=0 is out of range"),
+        ({"sampler": "euler"}, "--sampler: sampler='euler' is not one of ddim, dpm"),
+        ({"engine": "magic"}, "--engine: engine='magic' is not one of auto, lpfm, classical, identity"),
+        ({"method": "sharpen"}, "--method: method='sharpen' is not one of"),
+        ({"device": "gpu0"}, "--device: device='gpu0' is not a device"),
+        ({"tta": "maybe"}, "--tta: tta='maybe' is not on or off"),
+        ({"model": "  "}, "--model: model='  ' is empty"),
         ({"colour": "red"}, "unknown engine option colour"),
     ],
 )
@@ -196,3 +196,12 @@ def test_importing_options_and_batch_loads_no_torch() -> None:
     code = "import sys, lpfm_toolkit.options, lpfm_toolkit.batch; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_sampler_reaches_the_learned_engine() -> None:
+    pytest.importorskip("diffusers")
+    engine = build_engine(EngineOptions().with_flags(engine="lpfm", sampler="dpm", steps=1, threads=1))
+    assert engine.sampler == "dpm" and engine.describe()["sampler"] == "dpm" and engine.threads == 1
+    # the record it leaves rebuilds the same options
+    again = EngineOptions.from_provenance(engine.describe())
+    assert (again.sampler, again.steps, again.model) == ("dpm", 1, engine.describe()["model"])

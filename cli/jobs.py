@@ -303,7 +303,7 @@ def _events(total: int) -> Iterator[Callable[[str, Any, str], None]]:
         yield on_event
 
 
-def _run(store: Any, runner: Any, max_attempts: int, lease_s: float) -> Any:
+def _run(store: Any, runner: Any, max_attempts: int, lease_s: float, verify: str = "quick") -> Any:
     """Run the queue; SIGTERM and Ctrl-C hand the jobs back, stop the workers and remove their scratch."""
     from lpfm_toolkit.errors import LpfmError
     from lpfm_toolkit.jobs import Terminated, clean_store_scratch, run_queued, sigterm_interrupts
@@ -311,7 +311,8 @@ def _run(store: Any, runner: Any, max_attempts: int, lease_s: float) -> Any:
     counts = store.counts()
     with sigterm_interrupts(), _events(counts["queued"] + counts["running"]) as on_event:
         try:
-            summary = run_queued(store, runner, max_attempts=max_attempts, lease_s=lease_s, on_event=on_event)
+            summary = run_queued(store, runner, max_attempts=max_attempts, lease_s=lease_s, on_event=on_event,
+                                 verify=verify)
         except BaseException as exc:
             runner.close(abort=True)
             try:
@@ -328,20 +329,25 @@ def _run(store: Any, runner: Any, max_attempts: int, lease_s: float) -> Any:
 def _summary_line(summary: Any) -> str:
     return (f"{summary.done} done, {summary.skipped} already done, {summary.failed} failed, "
             f"{summary.retried} retried" + (f", {len(summary.requeued)} requeued after a crash"
-                                             if summary.requeued else ""))
+                                             if summary.requeued else "")
+            + (f", {summary.remade} damaged earlier output(s) made again" if summary.remade else ""))
 
 
 @jobs.command("run")
+@click.option("--verify", is_flag=True, help="Check existing outputs fully (decode every level against its "
+              "checksums) before a job counts as already done; without it the check is quick (header, levels, "
+              "size, provenance).")
 @run_options
 @store_option
 @handle_errors
-def run(workers: int, dask_scheduler: str | None, slurm: bool, max_attempts: int, lease_s: float,
+def run(verify: bool, workers: int, dask_scheduler: str | None, slurm: bool, max_attempts: int, lease_s: float,
         store_path: Path, **slurm_opts: Any) -> None:
-    """Run every queued job (exit status 1 if any job failed for good)."""
+    """Run every queued job (exit status 1 if any job failed for good; 143 when stopped by SIGTERM)."""
     import sys
 
     with _open_store(store_path) as store:
-        summary = _run(store, _runner(workers, dask_scheduler, slurm, slurm_opts), max_attempts, lease_s)
+        summary = _run(store, _runner(workers, dask_scheduler, slurm, slurm_opts), max_attempts, lease_s,
+                       "full" if verify else "quick")
     console.print(_summary_line(summary))
     if summary.failed:
         sys.exit(1)

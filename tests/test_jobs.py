@@ -172,6 +172,29 @@ def test_a_failing_job_records_one_line_and_fails_after_max_attempts(store: JobS
     assert store.get(key).state == DONE and Path(store.get(key).result_uri).exists()
 
 
+def test_an_existing_output_is_checked_before_it_counts_as_already_done(sample_slide: Path, tmp_path: Path) -> None:
+    s = spec(sample_slide, tmp_path / "out")
+    with JobStore(tmp_path / "first.sqlite") as first:
+        add_jobs(first, [s])
+        run_queued(first, LocalRunner(1))
+        (job,) = first.jobs(DONE)
+    output = Path(job.result_uri)
+    intact = output.read_bytes()
+    for name, verify in (("intact", "quick"), ("full", "full")):  # an intact output is reused, also when checked fully
+        with JobStore(tmp_path / f"{name}.sqlite") as store:
+            add_jobs(store, [s])
+            summary = run_queued(store, LocalRunner(1), verify=verify)
+            assert (summary.skipped, summary.done, summary.remade) == (1, 0, 0)
+    output.write_bytes(intact[: len(intact) // 2])  # damaged after it was made: truncated
+    events: list[tuple[str, str]] = []
+    with JobStore(tmp_path / "again.sqlite") as store:
+        add_jobs(store, [s])
+        summary = run_queued(store, LocalRunner(1), on_event=lambda e, j, d: events.append((e, d)))
+    assert (summary.skipped, summary.done, summary.remade) == (0, 1, 1)
+    assert events[-1][0] == "done" and "made again" in events[-1][1]
+    assert read_provenance(output).idempotency_key == job.key and len(output.read_bytes()) > len(intact) // 2
+
+
 def test_errors_are_one_line_without_secrets() -> None:
     exc = RuntimeError("login failed\npassword=hunter2 for alice; session key: 0123-abcd")
     line = one_line_error(exc)

@@ -399,6 +399,7 @@ class RunSummary:
     skipped: int = 0  # done, but the output already existed
     retried: int = 0  # failed attempts that went back to the queue
     failed: int = 0  # jobs that used their last attempt (here, or in a runner that died)
+    remade: int = 0  # done jobs whose earlier output failed its check and was made again
     requeued: list[str] = field(default_factory=list)  # keys found abandoned by a dead runner
 
     @property
@@ -453,12 +454,13 @@ def _heartbeat(store: JobStore, worker: str, lease_s: float, max_attempts: int, 
 
 def run_queued(store: JobStore, runner: Runner, *, max_attempts: int = 3, lease_s: float = 600.0,
                limit: int | None = None, worker: str | None = None, on_event: EventFn | None = None,
-               poll_s: float = 1.0) -> RunSummary:
+               poll_s: float = 1.0, verify: str = "quick") -> RunSummary:
     """Run queued jobs on ``runner`` until none are left (or ``limit`` have started); returns what happened.
 
     Jobs abandoned by dead runners are requeued first. A job that fails is queued again until it has used
     ``max_attempts`` attempts, then stays ``failed`` until :meth:`JobStore.retry`. Interrupting this call
-    (Ctrl-C) hands the jobs in flight back to the queue.
+    (Ctrl-C, or SIGTERM inside :func:`sigterm_interrupts`) hands the jobs in flight back to the queue.
+    ``verify``: how an existing output is checked before a job counts as already done (``quick``, ``full``).
     """
     if max_attempts < 1:
         raise ConfigError(f"--max-attempts {max_attempts} must be at least 1")
@@ -483,7 +485,8 @@ def run_queued(store: JobStore, runner: Runner, *, max_attempts: int = 3, lease_
                 for job in store.claim(worker, free, lease_s):
                     held.add(job.key)
                     emit("start", job, "")
-                    in_flight[runner.submit(job.spec)] = job  # in-process runners run it right here
+                    spec = job.spec if verify == "quick" else {**job.spec, "verify": verify}
+                    in_flight[runner.submit(spec)] = job  # in-process runners run it right here
                     started += 1
             if not in_flight:
                 break
@@ -529,7 +532,10 @@ def _record(store: JobStore, worker: str, job: Job, fut: Any, max_attempts: int,
                             job.key[:12])
             summary.skipped += result.skipped
             summary.done += not result.skipped
-            emit("skipped" if result.skipped else "done", job, uri)
+            summary.remade += bool(getattr(result, "remade", None))
+            detail = uri + (f" (made again: the earlier output {result.remade})" if getattr(result, "remade", None)
+                            else "")
+            emit("skipped" if result.skipped else "done", job, detail)
             return
     state = store.fail(job.key, worker, payload, max_attempts)
     if state == FAILED:

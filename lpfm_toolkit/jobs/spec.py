@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: fields added after the first release: left out of :meth:`JobSpec.to_dict` at their defaults, so specs
 #: (and the watcher's recipes) written before them stay the same
-_LATER_FIELDS = {"roi_classes": (), "output_mode": "new", "target_dataset": None}
+_LATER_FIELDS = {"roi_classes": (), "output_mode": "new", "target_dataset": None, "verify": "quick"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class JobSpec:
     roi_classes: tuple[str, ...] = field(default=())  # OMERO: one result per ROI of these classes
     output_mode: str = "new"  # OMERO: new | channels
     target_dataset: str | None = None  # OMERO: dataset id or name for the results
+    verify: str = "quick"  # how an existing output is checked before it counts as done: quick | full
 
     def __post_init__(self) -> None:
         from lpfm_toolkit.jobs.sources import kinds
@@ -136,6 +137,7 @@ class JobResult:
     skipped: bool
     seconds: float
     worker: str
+    remade: str | None = None  # an earlier output of the same key failed its check: why it was made again
 
 
 # Engines are expensive to build (the learned model loads its weights): one per thread and option set.
@@ -250,7 +252,10 @@ def marked_sink(folder: Path, compression: str, tile: int) -> Any:
 
 
 def compute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) -> JobResult:
-    """Run one job (skipped when its outputs already exist); the worker side of a job.
+    """Run one job (skipped when its outputs already exist and pass their check); the worker side of a job.
+
+    An existing output is checked before it counts as done (``spec.verify``: ``quick`` reads its header,
+    levels, size and provenance; ``full`` decodes every level); a damaged one is made again (``remade``).
 
     Scratch folders in the output folder left by writers that died on this host are removed first.
     """
@@ -270,12 +275,13 @@ def compute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) 
         results, names = [], []
         for item in _items(handle, spec):
             results.append(run_item(handle, item, engine, sink, tile_size=spec.tile, overlap=spec.overlap,
-                                    samples_uncertainty=spec.samples > 1, progress=progress))
+                                    samples_uncertainty=spec.samples > 1, progress=progress, verify=spec.verify))
             names.append(output_name(handle, item.task, item))
     return JobResult(key=_job_key([r.provenance.idempotency_key for r in results]),
                      uri=" ".join(r.output.uri for r in results), name=" ".join(names),
                      skipped=all(r.skipped for r in results), seconds=round(time.perf_counter() - t0, 3),
-                     worker=worker_id())
+                     worker=worker_id(),
+                     remade="; ".join(r.remade for r in results if getattr(r, "remade", None)) or None)
 
 
 def finalize(spec: JobSpec | dict[str, Any], result: JobResult) -> str:

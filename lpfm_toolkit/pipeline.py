@@ -278,7 +278,12 @@ def output_name(handle: ImageHandle, task: Task, item: WorkItem) -> str:
 
 
 def output_options(
-    handle: ImageHandle, item: WorkItem, engine: Engine, compression: str | None, uncertainty: bool
+    handle: ImageHandle,
+    item: WorkItem,
+    engine: Engine,
+    compression: str | None,
+    uncertainty: bool,
+    jpeg: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
     """What about the stored output the key must distinguish: compression as resolved, and the uncertainty map.
 
@@ -291,7 +296,15 @@ def output_options(
             len(channels) != len(handle.channel_names) or np.dtype(handle.dtype) == np.uint8
         )
         compression = "jpeg" if rgb8 else "zlib"
-    return {"compression": compression, "uncertainty": bool(uncertainty)}
+    options: dict[str, Any] = {"compression": compression, "uncertainty": bool(uncertainty)}
+    if compression == "jpeg":
+        # a q98 4:4:4 result is not a q90 4:2:0 one: the stored pixels differ
+        if jpeg is None:
+            from lpfm_toolkit.sinks.ometiff import JPEG_QUALITY, JPEG_SUBSAMPLING
+
+            jpeg = (JPEG_QUALITY, JPEG_SUBSAMPLING)
+        options["jpeg_quality"], options["jpeg_subsampling"] = int(jpeg[0]), str(jpeg[1])
+    return options
 
 
 def key_for(
@@ -302,8 +315,10 @@ def key_for(
     *,
     compression: str | None = None,
     uncertainty: bool = False,
+    jpeg: tuple[int, str] | None = None,
 ) -> str:
-    """The idempotency key :func:`run_item` uses; ``compression`` as given to the sink (None: a sink without)."""
+    """The idempotency key :func:`run_item` uses; ``compression`` as given to the sink (None: a sink without),
+    ``jpeg`` the sink's (quality, chroma sub-sampling) when it can write JPEG."""
     identity = {"system": handle.system, "fingerprint": handle.fingerprint()}
     region = {
         "level": item.level,
@@ -313,7 +328,7 @@ def key_for(
     described = {
         **engine.describe(),
         "tiling": tiling,
-        "output": output_options(handle, item, engine, compression, uncertainty),
+        "output": output_options(handle, item, engine, compression, uncertainty, jpeg),
     }
     return idempotency_key(identity, region, item.task.to_dict(), described, item.seed)
 
@@ -373,11 +388,20 @@ class _StripeAssembly:
 
         self.width, self.height, self.channels, self.dtype = spec.width, spec.height, channels, np.dtype(dtype)
         self._dir = tempfile.TemporaryDirectory(prefix="lpfm-stripes-")
-        self._img = open(f"{self._dir.name}/img.raw", "w+b")  # noqa: SIM115 - closed in __exit__
-        self._img.truncate(self.width * self.height * channels * self.dtype.itemsize)
-        self._unc = open(f"{self._dir.name}/unc.raw", "w+b") if uncertainty else None  # noqa: SIM115
-        if self._unc is not None:
-            self._unc.truncate(self.width * self.height * 4)
+        self._img = self._unc = None
+        try:
+            self._img = open(f"{self._dir.name}/img.raw", "w+b")  # noqa: SIM115 - closed in close()
+            self._img.truncate(self.width * self.height * channels * self.dtype.itemsize)
+            self._unc = open(f"{self._dir.name}/unc.raw", "w+b") if uncertainty else None  # noqa: SIM115
+            if self._unc is not None:
+                self._unc.truncate(self.width * self.height * 4)
+        except BaseException:
+            # nothing half-made stays behind: close what opened, remove the scratch folder
+            for f in (self._img, self._unc):
+                if f is not None:
+                    f.close()
+            self._dir.cleanup()
+            raise
         self._next_row: dict[int, int] = {}  # stripe x → next output row to write
 
     def write_block(self, x: int, rows: np.ndarray, unc: np.ndarray | None = None) -> None:
@@ -519,8 +543,15 @@ def run_item(
         raise RegionError(f"overlap {ovl} must be smaller than the tile size {tile}", "lower --overlap")
     check_size(item.region, task)
     tiling = {"tile": tile, "overlap": ovl}
+    jpeg = (sink.jpeg_quality, sink.jpeg_subsampling) if hasattr(sink, "jpeg_quality") else None
     key = key_for(
-        handle, item, engine, tiling, compression=getattr(sink, "compression", None), uncertainty=samples_uncertainty
+        handle,
+        item,
+        engine,
+        tiling,
+        compression=getattr(sink, "compression", None),
+        uncertainty=samples_uncertainty,
+        jpeg=jpeg,
     )
     name = output_name(handle, task, item)
     remade = None

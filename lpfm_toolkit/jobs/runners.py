@@ -231,13 +231,14 @@ def array_friendly_malloc() -> Iterator[None]:
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's adaptive
     mmap threshold: every large temporary array is then a fresh ``mmap`` whose pages fault in zeroed, and
-    freeing it unmaps them again. A Richardson-Lucy job ran 2-3x slower that way than in a pool worker. Inside
-    this block large blocks are reused (mmap threshold 32 MiB, trim threshold 256 MiB); when the last job of
+    freeing it unmaps them again. A Richardson-Lucy job ran 2-3x slower that way than in a pool worker. In a
+    process started with that variable (any value: glibc's adaptive behaviour is off then), large blocks are
+    reused inside this block (mmap threshold 32 MiB, trim threshold 256 MiB); when the last job of
     the process leaves it, the worker's settings come back and ``malloc_trim`` returns the free memory, which
     is what the nanny's setting is for.
     """
     global _malloc_users
-    libc = _libc()
+    libc = _libc() if os.environ.get("MALLOC_TRIM_THRESHOLD_") else None  # glibc left alone: nothing to undo
     if libc is None:
         yield
         return

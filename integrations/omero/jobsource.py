@@ -154,6 +154,7 @@ def state_of(session: OmeroSession, image_id: int) -> dict[str, dict[str, str]]:
     from omero.gateway import MapAnnotationWrapper
 
     out: dict[str, dict[str, str]] = {}
+    session.use_group_of(session.get_image(image_id))
     for link in _links(session, image_id, STATE_NS):
         ann = link.getAnnotation()
         if isinstance(ann, MapAnnotationWrapper):
@@ -295,8 +296,23 @@ def find_requests(session: OmeroSession, *, include_handled: bool = False) -> li
                         found.append(Request(int(link.getParent().getId()), v.strip(), "key-value"))
         return found
 
-    requests = session.call(by_tags, "look for images tagged lpfm:<prompt>")
-    requests += session.call(by_pairs, f"look for images with the key {MAP_KEY}")
+    def everywhere(func: Any) -> Any:
+        """``func`` across all your groups (or the configured group): earlier jobs may have switched it."""
+
+        def run(conn: Any) -> Any:
+            opts = conn.SERVICE_OPTS
+            previous = opts.getOmeroGroup()
+            group = session.settings.group if session.settings is not None else None
+            opts.setOmeroGroup(session._group_id(group) if group else -1)
+            try:
+                return func(conn)
+            finally:
+                opts.setOmeroGroup(previous)
+
+        return run
+
+    requests = session.call(everywhere(by_tags), "look for images tagged lpfm:<prompt>")
+    requests += session.call(everywhere(by_pairs), f"look for images with the key {MAP_KEY}")
     requests = sorted(set(requests), key=lambda r: (r.image_id, r.prompt, r.how))
     if include_handled:
         return requests

@@ -110,6 +110,16 @@ def test_tagged_images_are_queued_once_run_written_back_and_marked_done(server, 
     assert len(results_of(server, originals)) == 2
 
 
+def test_requests_are_found_in_every_group_whatever_the_last_job_switched_to(server, lab, make_pyramid) -> None:
+    (a, b, _), _, _ = lab
+    theirs = server.add_image("D.svs", make_pyramid(np.zeros((64, 64, 3), np.uint8), 1), group=5)
+    server.tag_image(theirs, "lpfm:denoise")
+    s = session_for("omero://omero.example.org:4064")
+    s.switch_group(3)  # as an earlier job in the image's group left it
+    found = {(r.image_id, r.prompt, r.how) for r in find_requests(s)}
+    assert found == {(a, "sr x2", "tag"), (b, "denoise", "key-value"), (theirs, "denoise", "tag")}
+
+
 def test_images_datasets_projects_and_roi_classes(server, lab, tmp_path) -> None:
     (a, b, c), ds, project = lab
     s = session_for("omero://omero.example.org:4064")

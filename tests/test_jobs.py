@@ -475,6 +475,16 @@ def test_cli_watch_once(sample_slide: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "nothing to watch" in res.output
 
 
+def test_omero_jobs_without_omero_py_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "omero", None)  # as where omero-py is not installed (Python 3.11 here)
+    monkeypatch.setitem(sys.modules, "omero.gateway", None)
+    store = tmp_path / "jobs.sqlite"
+    for args in (["add-omero", "--tagged"], ["watch", "--omero", "--once"]):
+        res = CliRunner().invoke(cli, ["jobs", *args, "--store", str(store)])
+        assert res.exit_code == 2 and "pip install 'lpfm-toolkit[omero]'" in res.output, res.output
+    assert not store.exists()
+
+
 def test_importing_jobs_imports_no_torch_and_no_dask() -> None:
     code = ("import sys, lpfm_toolkit.jobs, lpfm_toolkit.cli.jobs; "
             "print(sorted(m for m in ('torch', 'dask', 'distributed', 'paquo', 'omero') if m in sys.modules))")

@@ -42,8 +42,8 @@ def eta_text(seconds: float | None) -> str:
 
 @contextlib.contextmanager
 def batch_progress(title: str) -> Iterator[BatchProgressFn]:
-    """A rich display on stderr, drawn from the first update: one bar over the items, one over the running
-    item's tiles, each with the ETA the library estimates; yields the callback :func:`run_items` takes."""
+    """A rich display on stderr, drawn from the first tile: one bar over the items, one over the running item's
+    tiles, each with the ETA the library estimates; yields the callback :func:`run_items` takes."""
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -59,6 +59,8 @@ def batch_progress(title: str) -> Iterator[BatchProgressFn]:
     def update(p: BatchProgress) -> None:
         nonlocal started
         if not started:
+            if not p.tiles_total:  # drawn from the first tile: checks that fail and skipped items show no bar
+                return
             prog.start()
             started = True
         prog.update(overall, completed=p.finished, total=p.total, eta=eta_text(p.eta_s) if p.finished < p.total else "")

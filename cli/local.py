@@ -10,7 +10,9 @@ from typing import Any
 import click
 from rich.table import Table
 
+from lpfm_toolkit.cli.batch import batch_progress
 from lpfm_toolkit.cli.common import console, err_console, fail, handle_errors, levels_table, progress_bar
+from lpfm_toolkit.cli.options import RUN_FLAGS, engine_flag_list, engine_flags, options_from_flags
 from lpfm_toolkit.config import load_settings
 from lpfm_toolkit.errors import SlideNotFoundError
 
@@ -28,71 +30,22 @@ def sample_slide_path() -> Path:
     return path
 
 
+#: the engine and run flags every command shares (kept under this name for older callers)
+engine_options = engine_flags
+
+
 def engine_option_list(engine_help: str = "auto: the default model bundle if installed, else classical.") -> list[Any]:
-    """The click options that choose and tune an engine (shared with `lpfm jobs add`)."""
-    return [
-        click.option(
-            "--engine", type=click.Choice(["auto", "lpfm", "classical", "identity"]), default=None, help=engine_help
-        ),
-        click.option(
-            "--method",
-            default=None,
-            help="Classical method (bicubic, lanczos, richardson_lucy, wiener, "
-            "nlm, tv, wavelet, macenko, beer_lambert).",
-        ),
-        click.option("--model", default=None, help="Model bundle name or folder (engine lpfm)."),
-        click.option("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)."),
-        click.option("--steps", type=int, default=None, help="Diffusion steps (0: restorer only)."),
-        click.option(
-            "--samples",
-            type=int,
-            default=None,
-            help="Stochastic samples per tile; >1 writes their mean and a per-pixel uncertainty map (the lpfm engine then refines with the bundle's default steps unless --steps is given).",
-        ),
-        click.option(
-            "--trust-pickle", is_flag=True, help="Allow pickled (.pt/.ckpt) weights. Only for files you trust."
-        ),
-        click.option("--seed", type=int, default=None, help="Global seed (per-tile seeds derive from it)."),
-        click.option("--tile", "tile_size", type=int, default=None, help="Tile size in input pixels (default 256)."),
-        click.option("--overlap", type=int, default=None, help="Tile overlap in input pixels (default 32)."),
-        click.option(
-            "--compression",
-            type=click.Choice(["auto", "jpeg", "zlib", "zstd", "lzw", "none"]),
-            default=None,
-            help="auto: JPEG for 8-bit RGB, zlib otherwise.",
-        ),
-        click.option(
-            "--tiff-tile",
-            type=click.Choice(["256", "512"]),
-            default=None,
-            help="Tile size of the output OME-TIFF (default 512).",
-        ),
-    ]
-
-
-def engine_options(func: Any) -> Any:
-    """Options shared by every command that runs an engine, and ``--force``."""
-    opts = [
-        *engine_option_list(),
-        click.option("--force", is_flag=True, help="Redo work even if an identical result exists."),
-    ]
-    for opt in reversed(opts):
-        func = opt(func)
-    return func
+    """The engine flags a job spec stores (``lpfm jobs``): not yet --sampler, --tta, --threads or --compile."""
+    flags = engine_flag_list(engine_help, only=[*RUN_FLAGS, "engine", "method", "model", "device", "steps", "samples"])
+    return [*flags, click.option("--trust-pickle", is_flag=True, help="Allow pickled (.pt/.ckpt) weights.")]
 
 
 def build_engine(settings: Any, trust_pickle: bool = False) -> Any:
-    from lpfm_toolkit.engine import get_engine
+    """The engine of a :class:`~lpfm_toolkit.config.Settings` (its engine options as resolved, ``--trust-pickle``)."""
+    from lpfm_toolkit.options import EngineOptions
+    from lpfm_toolkit.options import build_engine as build
 
-    return get_engine(
-        settings.engine,
-        method=settings.method,
-        model=settings.model,
-        device=settings.device,
-        steps=settings.steps,
-        samples=settings.samples,
-        trust_pickle=trust_pickle,
-    )
+    return build(EngineOptions.from_settings(settings, trust_pickle=trust_pickle))
 
 
 def settings_from_flags(**flags: Any) -> Any:
@@ -129,16 +82,22 @@ def run_local(
     level: int,
     region_text: str | None,
     out: str | None,
+    options: Any,
     settings: Any,
     force: bool,
-    trust_pickle: bool,
     mpp: float | None = None,
     preview: str | None = None,
     verify: bool = False,
+    progress: Any = None,
 ) -> Any:
-    """Check everything that needs no model, then load the engine and run one enhancement with a progress bar."""
+    """Check everything that needs no model, then load the engine and run one enhancement.
+
+    ``options``: the :class:`~lpfm_toolkit.options.EngineOptions`; ``settings``: seed, tiling and output settings;
+    ``progress(done, total)``: the tiles.
+    """
     from lpfm_toolkit.config import check_mpp
-    from lpfm_toolkit.pipeline import plan, preflight_engine, run_item
+    from lpfm_toolkit.options import build_engine as build
+    from lpfm_toolkit.pipeline import plan, run_item
     from lpfm_toolkit.prompts import parse_prompt
     from lpfm_toolkit.sinks.ometiff import OmeTiffSink
     from lpfm_toolkit.sources import Region, open_image
@@ -146,7 +105,7 @@ def run_local(
     check_mpp(mpp)
     task = parse_prompt(prompt)
     region = Region.parse(region_text) if region_text else None
-    uncertainty = settings.samples > 1
+    uncertainty = options.samples > 1
     target, is_file = check_out(out or settings.output_dir, task, force, uncertainty)
     if preview:
         from lpfm_toolkit.preview import is_preview
@@ -155,19 +114,7 @@ def run_local(
         check_writable_file(Path(preview).expanduser(), "--preview", marker=is_preview)
     with open_image(slide, mpp=mpp) as handle:
         item = plan(handle, task, level=level, region=region, seed=settings.seed)[0]
-        explicit = {k for k, v in settings.origin.items() if v == "flag"}
-        settings.engine = preflight_engine(
-            settings.engine,
-            task,
-            handle.channel_names,
-            method=settings.method,
-            model=settings.model,
-            steps=settings.steps,
-            samples=settings.samples,
-            explicit=explicit,
-        )
-        if settings.engine != "classical":
-            settings.method = None  # a classical method from a settings file does not apply
+        options = options.resolved(task, handle.channel_names)
         if is_file:
             sink = OmeTiffSink(path=target, compression=settings.compression, tile=settings.tiff_tile, overwrite=force)
         else:
@@ -176,20 +123,19 @@ def run_local(
 
         for left in clean_scratch(target.parent if is_file else target):  # a killed earlier run's leftovers
             console.print(f"removed {left.name}, left behind by an interrupted run", style="yellow")
-        engine = build_engine(settings, trust_pickle)  # the model loads only now, after every cheap check
-        with progress_bar(f"{task.label} · {handle.name}") as update:
-            result = run_item(
-                handle,
-                item,
-                engine,
-                sink,
-                tile_size=settings.tile_size,
-                overlap=settings.overlap,
-                force=force,
-                samples_uncertainty=uncertainty,
-                progress=update,
-                verify="full" if verify else "quick",
-            )
+        engine = build(options, task)  # the model loads only now, after every cheap check
+        result = run_item(
+            handle,
+            item,
+            engine,
+            sink,
+            tile_size=settings.tile_size,
+            overlap=settings.overlap,
+            force=force,
+            samples_uncertainty=uncertainty,
+            progress=progress,
+            verify="full" if verify else "quick",
+        )
         if preview:
             from lpfm_toolkit.preview import write_preview
 
@@ -198,6 +144,25 @@ def run_local(
             )
             result.output.extra["preview"] = str(png)
         return result
+
+
+def run_and_report(slide: Path, prompt: str, **kwargs: Any) -> None:
+    """:func:`run_local` as a batch of one (the shared progress display and exit code), then :func:`report`.
+
+    Errors are not caught: with a single item, a problem is the command's error (one line, its exit code).
+    """
+    from lpfm_toolkit.batch import Outcome, Status, exit_code, run_items
+
+    def run_one(path: Path, tiles: Any) -> Outcome:
+        result = run_local(path, prompt, progress=tiles, **kwargs)
+        report(result)
+        return Outcome(path.name, Status.SKIPPED if result.skipped else Status.DONE, result=result.output.uri)
+
+    with batch_progress(f"lpfm enhance · {prompt}") as progress:
+        outcomes = run_items([slide], run_one, label=lambda p: p.name, progress=progress, catch=())
+    code = exit_code(outcomes)
+    if code:
+        sys.exit(code)
 
 
 def report(result: Any) -> None:
@@ -272,12 +237,23 @@ def enhance(
     preview: str | None,
     verify: bool,
     force: bool,
-    trust_pickle: bool,
     **flags: Any,
 ) -> None:
     """Enhance or virtually stain SLIDE by PROMPT into a new pyramidal OME-TIFF (the original is untouched)."""
-    settings = settings_from_flags(**flags)
-    report(run_local(slide, prompt, level, region_text, out, settings, force, trust_pickle, mpp, preview, verify))
+    options, settings = options_from_flags(flags)
+    run_and_report(
+        slide,
+        prompt,
+        level=level,
+        region_text=region_text,
+        out=out,
+        options=options,
+        settings=settings,
+        force=force,
+        mpp=mpp,
+        preview=preview,
+        verify=verify,
+    )
 
 
 @click.command()
@@ -286,14 +262,24 @@ def enhance(
 @click.option("--out", default=None, help="Output folder (default: lpfm-out/).")
 @engine_options
 @handle_errors
-def demo(prompt: str, region_text: str, out: str | None, force: bool, trust_pickle: bool, **flags: Any) -> None:
+def demo(prompt: str, region_text: str, out: str | None, force: bool, **flags: Any) -> None:
     """Enhance a region of the bundled CC0 sample slide (CMU-1 cut, Aperio SVS) and say where it went."""
-    settings = settings_from_flags(**flags)
+    options, settings = options_from_flags(flags)
     slide = sample_slide_path()
     out = out or settings.output_dir
     console.print(f"sample slide: {slide.name} (CC0, OpenSlide CMU-1 cut), region {region_text}, prompt {prompt!r}")
     preview = str(Path(out) / "demo-before-after.png")
-    report(run_local(slide, prompt, 0, region_text, out, settings, force, trust_pickle, preview=preview))
+    run_and_report(
+        slide,
+        prompt,
+        level=0,
+        region_text=region_text,
+        out=out,
+        options=options,
+        settings=settings,
+        force=force,
+        preview=preview,
+    )
 
 
 @click.group()

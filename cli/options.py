@@ -3,7 +3,7 @@ shared by every command that runs an engine; each flag is its setting's key with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import click
@@ -20,9 +20,15 @@ RUN_FLAGS = {
 }
 
 
-def engine_flag_list(engine_help: str = "auto: the default model bundle if installed, else classical.") -> list[Any]:
-    """The click options that choose and tune an engine, and the run's seed, tiling and compression."""
-    return [
+def engine_flag_list(
+    engine_help: str = "auto: the default model bundle if installed, else classical.",
+    only: Collection[str] | None = None,
+) -> list[Any]:
+    """The click options that choose and tune an engine, and the run's seed, tiling and compression.
+
+    ``only``: just the options of these parameter names (``tile_size`` for ``--tile``).
+    """
+    flags = [
         click.option("--engine", type=click.Choice(ENGINES), default=None, help=engine_help),
         click.option(
             "--method",
@@ -73,6 +79,16 @@ def engine_flag_list(engine_help: str = "auto: the default model bundle if insta
             help="Tile size of the output OME-TIFF (default 512).",
         ),
     ]
+    return [flag for flag in flags if only is None or _name(flag) in only]
+
+
+def _name(option: Any) -> str:
+    """The parameter name of a ``click.option`` decorator."""
+
+    @option
+    def probe() -> None: ...
+
+    return str(probe.__click_params__[0].name)  # type: ignore[attr-defined]
 
 
 def engine_flags(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lpfm_toolkit.errors import ConfigError
+from lpfm_toolkit.options import EngineOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,13 +31,12 @@ FORBIDDEN = ("password", "session_key", "secret", "token")
 LIMITS: dict[str, tuple[int, int, str]] = {
     "tile_size": (16, 4096, "use a tile of 16–4096 input pixels (default 256)"),
     "overlap": (0, 2048, "use an overlap of 0 or more pixels, smaller than the tile (default 32)"),
-    "samples": (1, 64, "use 1 (no uncertainty map) up to 64 samples"),
-    "steps": (0, 1000, "use 0 (restorer only) up to 1000 diffusion steps"),
+    "jobs_workers": (1, 1024, "use 1 or more workers"),
+    "jobs_max_attempts": (1, 100, "use 1 or more attempts"),
     "seed": (0, 2**63 - 1, "use a seed from 0 to 2**63-1"),
     "omero_port": (1, 65535, "use a TCP port from 1 to 65535"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    "engine": ("auto", "lpfm", "classical", "identity"),
     "compression": ("auto", "jpeg", "zlib", "zstd", "lzw", "none"),
     "tiff_tile": ("256", "512"),
 }
@@ -50,9 +50,57 @@ def config_path() -> Path:
     return base / "lpfm" / "config.toml"
 
 
+@dataclass(frozen=True)
+class Key:
+    """Where a setting lives in the file: ``[section] name``; its flag is ``--name`` with dashes.
+
+    ``field``: the :class:`Settings` attribute; ``old``: flat keys (and ``LPFM_*`` names) of earlier
+    versions, still read.
+    """
+
+    section: str
+    name: str
+    field: str
+    old: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        """``LPFM_<NAME>``; OMERO and jobs settings carry their section: ``LPFM_OMERO_HOST``, ``LPFM_JOBS_STORE``."""
+        prefix = f"{self.section}_" if self.section in ("omero", "jobs") else ""
+        return f"{ENV_PREFIX}{prefix}{self.name}".upper()
+
+
+#: every setting by section, in the order ``lpfm config show`` prints them; keys are the flags' names
+KEYS: tuple[Key, ...] = (
+    *(Key("engine", n, n) for n in ("engine", "method", "model", "device", "steps", "samples", "sampler")),
+    *(Key("engine", n, n) for n in ("tta", "threads", "compile", "seed")),
+    Key("tiling", "tile", "tile_size", old=("tile_size",)),
+    Key("tiling", "overlap", "overlap"),
+    Key("output", "out", "output_dir", old=("output_dir",)),
+    Key("output", "compression", "compression"),
+    Key("output", "tiff_tile", "tiff_tile"),
+    *(Key("omero", n, f"omero_{n}", old=(f"omero_{n}",)) for n in ("host", "port", "user", "group", "secure")),
+    Key("jobs", "store", "jobs_store"),
+    Key("jobs", "workers", "jobs_workers"),
+    Key("jobs", "max_attempts", "jobs_max_attempts"),
+    Key("jobs", "lease", "jobs_lease"),
+)
+SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS))
+#: every name a setting is known by in a flat (section-less) file or an ``LPFM_*`` variable → its key
+_FLAT: dict[str, Key] = {
+    **{k.field: k for k in KEYS},
+    **{k.name: k for k in KEYS if k.section not in ("omero", "jobs")},
+    **{o: k for k in KEYS for o in k.old},
+}
+
+
 @dataclass
 class Settings:
-    """Effective settings; ``origin[name]`` is ``default``, the file path, ``env:NAME`` or ``flag``."""
+    """Effective settings; ``origin[field]`` is ``default``, the file path, ``env:NAME`` or ``flag``.
+
+    In the file they are grouped in sections (``[engine] [tiling] [output] [omero] [jobs]``, see :data:`KEYS`);
+    flat keys of earlier versions (``tile_size = 128``, ``omero_host = …``) are read as before.
+    """
 
     engine: str = "auto"
     method: str | None = None
@@ -60,6 +108,10 @@ class Settings:
     device: str | None = None
     steps: int | None = None
     samples: int = 1
+    sampler: str | None = None
+    tta: bool = False
+    threads: int | None = None
+    compile: bool = False
     seed: int = 0
     tile_size: int | None = None
     overlap: int | None = None
@@ -71,39 +123,81 @@ class Settings:
     omero_user: str | None = None
     omero_group: str | None = None
     omero_secure: bool = True
+    jobs_store: str = "lpfm-jobs.sqlite"
+    jobs_workers: int = 1
+    jobs_max_attempts: int = 3
+    jobs_lease: float = 600.0
     origin: dict[str, str] = field(default_factory=dict, repr=False)
 
     def apply(self, values: dict[str, Any], origin: str) -> None:
-        """Override fields from ``values`` (None values are ignored), converting types."""
+        """Override fields from ``values`` (None values are ignored), converting types.
+
+        ``values``: ``{section: {key: value}}`` as in the file, flat keys (current or old names), or both.
+        """
         known = {f.name: f for f in fields(self) if f.name != "origin"}
-        for key, raw in values.items():
-            key = key.replace("-", "_").lower()
+        for raw_key, raw in values.items():
+            key = raw_key.replace("-", "_").lower()
             if any(word in key for word in FORBIDDEN):
                 raise ConfigError(
                     f"{origin} sets {key!r}: secrets are not read from configuration",
                     "give passwords through OMERO_PASSWORD or the prompt, never a file",
                 )
-            if key not in known:
-                raise ConfigError(f"{origin}: unknown setting {key!r}", f"known: {', '.join(sorted(known))}")
-            if raw is None:
+            if key in SECTIONS and isinstance(raw, dict):
+                self._apply_section(key, raw, origin)
                 continue
-            value = _convert(known[key], raw, origin)
-            check_value(key, value, origin)
-            setattr(self, key, value)
-            self.origin[key] = origin
+            if key not in _FLAT:
+                raise ConfigError(f"{origin}: unknown setting {key!r}", f"known: {_known()}")
+            self._set(known[_FLAT[key].field], raw, origin)
+
+    def _apply_section(self, section: str, values: dict[str, Any], origin: str) -> None:
+        known = {f.name: f for f in fields(self) if f.name != "origin"}
+        keys = {k.name: k for k in KEYS if k.section == section}
+        for raw_key, raw in values.items():
+            key = raw_key.replace("-", "_").lower()
+            if any(word in key for word in FORBIDDEN):
+                raise ConfigError(
+                    f"{origin} sets [{section}] {key!r}: secrets are not read from configuration",
+                    "give passwords through OMERO_PASSWORD or the prompt, never a file",
+                )
+            if key not in keys:
+                raise ConfigError(
+                    f"{origin}: unknown setting {key!r} in [{section}]", f"known there: {', '.join(keys)}"
+                )
+            self._set(known[keys[key].field], raw, origin)
+
+    def _set(self, f: dataclasses.Field, raw: Any, origin: str) -> None:
+        if raw is None:
+            return
+        if f.name in EngineOptions.names():  # one set of rules for engine options, wherever they are given
+            value = EngineOptions().updated({f.name: raw}, origin).to_dict()[f.name]
+        else:
+            value = _convert(f, raw, origin)
+            check_value(f.name, value, origin)
+        setattr(self, f.name, value)
+        self.origin[f.name] = origin
 
     def as_rows(self) -> list[tuple[str, str, str]]:
+        """``(setting, value, origin)`` per setting, named ``section.key`` in :data:`KEYS` order."""
         return [
-            (f.name, repr(getattr(self, f.name)), self.origin.get(f.name, "default"))
-            for f in fields(self)
-            if f.name != "origin"
+            (f"{k.section}.{k.name}", repr(getattr(self, k.field)), self.origin.get(k.field, "default")) for k in KEYS
         ]
+
+    def sections(self) -> dict[str, list[tuple[str, str, str]]]:
+        """``{section: [(key, value, origin)]}`` for ``lpfm config show``."""
+        out: dict[str, list[tuple[str, str, str]]] = {s: [] for s in SECTIONS}
+        for k in KEYS:
+            out[k.section].append((k.name, repr(getattr(self, k.field)), self.origin.get(k.field, "default")))
+        return out
 
     def replace(self, **flags: Any) -> Settings:
         """A copy with command-line flags applied (None means "not given")."""
         new = dataclasses.replace(self, origin=dict(self.origin))
         new.apply({k: v for k, v in flags.items() if v is not None}, "flag")
         return new
+
+
+def _known() -> str:
+    return ", ".join(f"[{s}] " + " ".join(k.name for k in KEYS if k.section == s) for s in SECTIONS)
 
 
 def _convert(f: dataclasses.Field, raw: Any, origin: str) -> Any:
@@ -120,6 +214,8 @@ def _convert(f: dataclasses.Field, raw: Any, origin: str) -> Any:
             raise ValueError(raw)
         if "int" in typ:
             return int(raw)
+        if "float" in typ:
+            return float(raw)
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{origin}: {f.name}={raw!r} is not a valid {typ.split('|')[0].strip()}") from exc
@@ -166,12 +262,8 @@ def load_settings(env: dict[str, str] | None = None, path: Path | None = None) -
             raise ConfigError(f"{path} is not valid TOML: {exc}", "fix or remove the file") from exc
         settings.apply(data.get("lpfm", data), str(path))
     env = os.environ if env is None else env
-    names = {f.name for f in fields(Settings) if f.name != "origin"}
-    from_env = {
-        k[len(ENV_PREFIX) :].lower(): v
-        for k, v in env.items()
-        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() in names
-    }
-    for key, value in from_env.items():
-        settings.apply({key: value}, f"env:{ENV_PREFIX}{key.upper()}")
+    for key in KEYS:
+        for name in dict.fromkeys([*(f"{ENV_PREFIX}{o}".upper() for o in key.old), key.env]):  # current name last
+            if env.get(name, "") != "":
+                settings.apply({key.field: env[name]}, f"env:{name}")
     return settings

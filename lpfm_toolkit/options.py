@@ -13,7 +13,6 @@ Importing this module imports no torch.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -89,32 +88,21 @@ class EngineOptions:
         return tuple(f.name for f in fields(cls) if f.name != "origin")
 
     @classmethod
-    def from_settings(
-        cls, settings: Any = None, *, env: Mapping[str, str] | None = None, **flags: Any
-    ) -> EngineOptions:
-        """Defaults → settings file → ``LPFM_*`` environment (both as resolved in ``settings``) → ``flags``.
+    def from_settings(cls, settings: Any = None, **flags: Any) -> EngineOptions:
+        """Defaults → settings file → ``LPFM_*`` environment (as resolved in ``settings``, its ``[engine]``
+        section) → ``flags``.
 
         ``settings``: a :class:`lpfm_toolkit.config.Settings` (default: :func:`~lpfm_toolkit.config.load_settings`).
-        Options the settings do not hold are read from ``env`` (``LPFM_SAMPLER``, ``LPFM_THREADS`` …; default:
-        ``os.environ``). ``flags`` that are ``None`` (or ``False`` for on/off flags) were not given.
+        ``flags`` that are ``None`` (or ``False`` for on/off flags) were not given.
         """
         if settings is None:
             from lpfm_toolkit.config import load_settings
 
             settings = load_settings()
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        origin: dict[str, str] = {}
-        settings_origin = getattr(settings, "origin", {}) or {}
-        for name in cls.names():
-            if name in FLAG_ONLY:
-                continue
-            if hasattr(settings, name):
-                if name in settings_origin:
-                    values[name], origin[name] = getattr(settings, name), settings_origin[name]
-            elif env.get(f"LPFM_{name.upper()}", "") != "":
-                values[name], origin[name] = env[f"LPFM_{name.upper()}"], f"env:LPFM_{name.upper()}"
-        return cls(**values, origin=origin).with_flags(**flags)
+        given = getattr(settings, "origin", {}) or {}
+        names = [n for n in cls.names() if n not in FLAG_ONLY and n in given]
+        values = {n: getattr(settings, n) for n in names}
+        return cls(**values, origin={n: given[n] for n in names}).with_flags(**flags)
 
     def with_flags(self, **flags: Any) -> EngineOptions:
         """A copy with command-line values applied; ``None`` and ``False`` mean "not given"."""

@@ -27,7 +27,7 @@ def _settings(tmp_path: Path, text: str = "", env: dict[str, str] | None = None)
 def test_defaults_then_file_then_env_then_flags(tmp_path: Path) -> None:
     env = {"LPFM_STEPS": "3", "LPFM_THREADS": "2", "LPFM_SAMPLER": "dpm", "LPFM_TRUST_PICKLE": "1"}
     settings, cfg = _settings(tmp_path, "engine = 'lpfm'\nsamples = 4\nsteps = 8\n", env)
-    opts = EngineOptions.from_settings(settings, env=env, samples=2, tta=True, compile=False)
+    opts = EngineOptions.from_settings(settings, samples=2, tta=True, compile=False)
     assert (opts.engine, opts.samples, opts.steps, opts.sampler, opts.threads) == ("lpfm", 2, 3, "dpm", 2)
     assert opts.tta is True and opts.compile is False and opts.trust_pickle is False
     assert opts.origin_of("engine") == str(cfg)
@@ -35,7 +35,7 @@ def test_defaults_then_file_then_env_then_flags(tmp_path: Path) -> None:
     assert opts.origin_of("samples") == "flag" and opts.origin_of("tta") == "flag"
     assert opts.origin_of("compile") == "default" and opts.origin_of("model") == "default"
     # a settings file or the environment never switches on unpickling: only the flag does
-    assert EngineOptions.from_settings(settings, env=env, trust_pickle=True).trust_pickle is True
+    assert EngineOptions.from_settings(settings, trust_pickle=True).trust_pickle is True
     assert opts.explicit() == {"samples", "tta"}
     assert ("sampler", "'dpm'", "env:LPFM_SAMPLER") in opts.rows()
 
@@ -72,13 +72,15 @@ def test_bad_values_are_one_line_naming_the_flag(flags: dict, message: str) -> N
     assert message in text and "\n" not in text and " — " in text
 
 
-def test_bad_values_from_the_environment_name_the_variable(tmp_path: Path) -> None:
-    settings, _ = _settings(tmp_path)
+def test_bad_values_from_the_environment_or_file_name_where_they_came_from(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"env:LPFM_SAMPLER: sampler='fast' is not one of ddim, dpm"):
-        EngineOptions.from_settings(settings, env={"LPFM_SAMPLER": "fast"})
+        _settings(tmp_path, env={"LPFM_SAMPLER": "fast"})
     with pytest.raises(ConfigError, match=r"env:LPFM_COMPILE: compile='sometimes' is not on or off"):
-        EngineOptions.from_settings(settings, env={"LPFM_COMPILE": "sometimes"})
-    assert EngineOptions.from_settings(settings, env={"LPFM_COMPILE": "0", "LPFM_THREADS": ""}).compile is False
+        _settings(tmp_path, env={"LPFM_COMPILE": "sometimes"})
+    with pytest.raises(ConfigError, match=r"config.toml: steps=-1 is out of range"):
+        _settings(tmp_path, "[engine]\nsteps = -1\n")
+    settings, _ = _settings(tmp_path, env={"LPFM_COMPILE": "0", "LPFM_THREADS": ""})
+    assert EngineOptions.from_settings(settings).compile is False
 
 
 def test_flag_names_and_setting_keys_agree() -> None:
@@ -172,7 +174,7 @@ def test_resolved_refuses_explicit_options_of_another_engine_and_drops_settings_
     with pytest.raises(TaskNotSupportedError):
         EngineOptions().with_flags(engine="classical", method="bicubic").resolved(task, RGB)
     settings, _ = _settings(tmp_path, "method = 'wiener'\nsteps = 4\n", {"LPFM_SAMPLER": "dpm"})
-    opts = EngineOptions.from_settings(settings, env={"LPFM_SAMPLER": "dpm"}, engine="identity")
+    opts = EngineOptions.from_settings(settings, engine="identity")
     resolved = opts.resolved(task, RGB)
     assert (resolved.engine, resolved.method, resolved.steps, resolved.sampler) == ("identity", None, None, None)
     auto = EngineOptions(engine="auto", method="wiener").resolved(task, RGB)

@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
-    from lpfm_toolkit.engine.estimate_learned import ESTIMATOR_DIR, train, training_set
+    from lpfm_toolkit.engine.estimate_learned import ESTIMATOR_DIR, TASK_MIX, train, training_set
     from lpfm_toolkit.engine.estimate_synthetic import sample_tissue
 
     torch.set_num_threads(args.threads)
@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         {
             "training": {
                 "data": "cmu_small_region.svs top 80 %",
-                "degradations": "blind_degrade(task='any')",
+                "degradations": f"blind_degrade(task drawn from {TASK_MIX})",
                 "samples": args.samples,
                 "crop": args.crop,
                 "steps": args.steps,

@@ -35,6 +35,8 @@ ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "bundles" / "lpfm-tiny" / 
 #: the learned blur σ is on the classical estimator's (effective σ) scale
 SHARP_SIGMA = 0.8
 N_FEATURES = 6
+#: the blind model's task recipes drawn for training crops: its free mixture, and blur or noise dominated
+TASK_MIX = ("any", "any", "deblur", "denoise")
 
 
 def classical_features(est: TileEstimate) -> list[float]:
@@ -209,7 +211,7 @@ def training_set(
         if rng.random() < p_clean:
             img, label = clean, (0.0, 0.0, 0.0)
         else:
-            img, info = blind_degrade(np.ascontiguousarray(clean), rng, task="any", scale=1)
+            img, info = blind_degrade(np.ascontiguousarray(clean), rng, task=str(rng.choice(TASK_MIX)), scale=1)
             label = (float(info["blur_sigma_out"]), float(info["noise_sigma_total"]), float(info["jpeg_quality"]))
         img = np.ascontiguousarray(img, dtype=np.float32)
         xs.append(img)

@@ -248,11 +248,17 @@ def score_estimates(
         detector = sign * est if sign > 0 else 100.0 - est
         has = pos & ~np.isnan(est)
         rho = float(spearmanr(true[has], est[has])[0]) if has.sum() > 2 else float("nan")
+        alone = has & np.array([sum(map(bool, (t.blur, t.noise, t.quality))) == 1 for t in tr])
+        rho_alone = float(spearmanr(true[alone], est[alone])[0]) if alone.sum() > 2 else float("nan")
+        mixed = has & ~alone
+        rho_mixed = float(spearmanr(true[mixed], est[mixed])[0]) if mixed.sum() > 2 else float("nan")
         flagged = np.array([f[flag_key[name]] for f in flags])
         out[name] = {
             "positives": int(pos.sum()),
             "auc": roc_auc(detector, pos),
             "spearman": rho,
+            "spearman_alone": rho_alone,  # tiles with only this defect
+            "spearman_mixed": rho_mixed,  # tiles with this defect and another
             "tpr": float(flagged[pos].mean()) if pos.any() else float("nan"),
             "fpr_clean": float(flagged[clean].mean()) if clean.any() else float("nan"),
             "fpr_sparse": float(flagged[sparse_clean].mean()) if sparse_clean.any() else float("nan"),

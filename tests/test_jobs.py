@@ -459,6 +459,16 @@ def test_cli_add_run_status_retry(sample_slide: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "missing.svs does not exist" in res.output and "Traceback" not in res.output
 
 
+def test_progress_lines_carry_the_count_and_an_eta() -> None:
+    from lpfm_toolkit.cli.jobs import eta_text
+
+    assert eta_text(0.0, 0, 0, 8) == "0/8"
+    assert eta_text(30.0, 2, 2, 8) == "2/8 · ETA 1:30"  # 15 s per computed job, 6 left
+    assert eta_text(30.0, 3, 1, 8) == "3/8 · ETA 2:30"  # skipped jobs cost nothing: the rate is of computed ones
+    assert eta_text(7200.0, 1, 1, 3) == "1/3 · ETA 4:00:00"
+    assert eta_text(10.0, 8, 8, 8) == "8/8"
+
+
 def test_cli_watch_once(sample_slide: Path, tmp_path: Path) -> None:
     folder = tmp_path / "incoming"
     folder.mkdir()

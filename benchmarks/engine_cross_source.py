@@ -44,14 +44,17 @@ def source_tiles(path: Path, tiles: int, tile: int) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_path = RESULTS / f"engine_cross_source_{args.part}.json"
+    suffix = f"_{args.shard}" if args.shard else ""
+    out_path = RESULTS / f"engine_cross_source_{args.part}{suffix}.json"
     data = json.loads(out_path.read_text()) if out_path.exists() and args.part == "learned" else {}
     candidates_spec = [m.split("=", 1) for m in args.model]
     for source, path in SOURCES.items():
+        if args.source and source not in args.source:
+            continue
         clean = source_tiles(path, args.tiles, args.tile)
         t0 = time.time()
         if args.part == "baselines":
-            report = E.evaluate(clean, [], protocols=PROTOCOLS, seed=args.seed)
+            report = E.evaluate(clean, [], protocols=PROTOCOLS, seed=args.seed, bm3d_estimated=args.bm3d_estimated)
         else:
             from lpfm_toolkit.engine.lpfm import LpfmEngine
 
@@ -77,6 +80,20 @@ def run(args: argparse.Namespace) -> None:
         out_path.write_text(json.dumps(data, indent=1))
         print(f"{source}: {len(clean)} tiles, {time.time() - t0:.0f} s", flush=True)
     write_report()
+
+
+def merge() -> None:
+    """Join shard files (``engine_cross_source_<part>_<shard>.json``) into the part files."""
+    for part in ("baselines", "learned"):
+        path = RESULTS / f"engine_cross_source_{part}.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        for shard in sorted(RESULTS.glob(f"engine_cross_source_{part}_*.json")):
+            for source, entry in json.loads(shard.read_text()).items():
+                have = data.setdefault(source, {**entry, "rows": []})
+                keys = {(r["protocol"], r["method"]) for r in entry["rows"]}
+                have["rows"] = [r for r in have["rows"] if (r["protocol"], r["method"]) not in keys] + entry["rows"]
+        if data:
+            path.write_text(json.dumps(data, indent=1))
 
 
 def write_report() -> Path:
@@ -112,16 +129,26 @@ def write_report() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["baselines", "learned", "report"], required=True)
+    ap.add_argument("--part", choices=["baselines", "learned", "report", "merge"], required=True)
     ap.add_argument("--model", action="append", default=[], help="LABEL=BUNDLE (repeatable)")
     ap.add_argument("--ablate", action="append", default=[], help="also score LABEL with encoder features zeroed")
     ap.add_argument("--tta", action="append", default=[], help="also score LABEL with --tta")
     ap.add_argument("--tiles", type=int, default=10)
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--source", action="append", default=[], help="only these sources (repeatable)")
+    ap.add_argument("--shard", default="", help="write to a separate results file (parallel runs; --part merge joins)")
+    ap.add_argument(
+        "--bm3d-estimated",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also BM3D with σ estimated (slow: seconds per tile)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.part == "report":
+    if args.part == "merge":
+        merge()
+    if args.part in ("report", "merge"):
         print(write_report().read_text())
     else:
         run(args)

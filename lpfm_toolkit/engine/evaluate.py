@@ -188,7 +188,7 @@ def _bm3d_available() -> bool:
     return importlib.util.find_spec("bm3d") is not None
 
 
-def tuned_candidates(task_name: str, degradation: Any) -> list[Candidate]:
+def tuned_candidates(task_name: str, degradation: Any, bm3d_estimated: bool = True) -> list[Candidate]:
     """Baselines tuned on the truth for one protocol entry: spline for SR; NLM, TV, wavelet and BM3D with the
     true σ (several strengths) and BM3D with σ estimated; Wiener and Richardson–Lucy with the true kernel."""
     out: list[Candidate] = []
@@ -201,7 +201,8 @@ def tuned_candidates(task_name: str, degradation: Any) -> list[Candidate]:
                     for k in strengths]
         if _bm3d_available():
             out.append(Candidate("tuned:bm3d true σ", TunedClassicalEngine("bm3d", sigma=sigma)))
-            out.append(Candidate("classical:bm3d σ estimated", TunedClassicalEngine("bm3d-est")))
+            if bm3d_estimated:
+                out.append(Candidate("classical:bm3d σ estimated", TunedClassicalEngine("bm3d-est")))
         else:
             log.warning("bm3d is not installed: the BM3D baselines are skipped (pip install bm3d)")
     elif task_name == "deblur" and getattr(degradation, "kernel_size", 0):
@@ -228,7 +229,7 @@ def classical_candidates(task_name: str) -> list[Candidate]:
 
 def evaluate(clean: np.ndarray, candidates: Sequence[Candidate], protocols: Sequence[str] | None = None,
              seed: int = 0, progress: EvalProgress | None = None, examples_dir: Path | None = None,
-             tuned: bool = True, baselines: bool = True) -> EvalReport:
+             tuned: bool = True, baselines: bool = True, bm3d_estimated: bool = True) -> EvalReport:
     """Score classical baselines and ``candidates`` (learned engines) on degraded copies of ``clean`` tiles.
 
     ``tuned``: also the baselines given the truth (:func:`tuned_candidates`: true σ, true kernel, BM3D).
@@ -247,7 +248,8 @@ def evaluate(clean: np.ndarray, candidates: Sequence[Candidate], protocols: Sequ
                               "protocols": {p: protocol[p][1].to_dict() for p in chosen}})
     jobs = [(p, c) for p in chosen
             for c in (classical_candidates(protocol[p][0]) if baselines else [])
-            + (tuned_candidates(*protocol[p]) if tuned and baselines else []) + list(candidates)]
+            + (tuned_candidates(*protocol[p], bm3d_estimated=bm3d_estimated) if tuned and baselines else [])
+            + list(candidates)]
     done = 0
     examples: dict[str, dict[str, np.ndarray]] = {}
     for p_index, proto in enumerate(chosen):

@@ -70,7 +70,7 @@ def sigterm_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # -- pool workers: stop cleanly on SIGTERM, and when the coordinator disappears --------------------------------

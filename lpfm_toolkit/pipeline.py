@@ -508,120 +508,169 @@ def _local_file(ref: OutputRef) -> Path | None:
     return Path(uri)
 
 
-def run_item(
-    handle: ImageHandle,
-    item: WorkItem,
-    engine: Engine,
-    sink: Sink,
-    *,
-    tile_size: int | None = None,
-    overlap: int | None = None,
-    force: bool = False,
-    samples_uncertainty: bool = False,
-    progress: ProgressFn | None = None,
-    stripe_width: int = 2048,
-    verify: str = "quick",
-) -> EnhanceResult:
-    """Enhance one work item into ``sink``; skip it when an identical, intact result already exists.
+@dataclass(frozen=True)
+class Tiling:
+    """How a work item is cut into tiles (part of its idempotency key)."""
 
-    An earlier local result is checked before it is reused — ``verify="quick"`` reads its header, levels,
-    size and both provenance copies; ``"full"`` also decodes every level against its checksums — and made
-    again when it fails (``EnhanceResult.remade`` says why). A file at the target that lpfm did not write
-    is never replaced. The output is made in vertical stripes ``stripe_width`` output pixels wide (rounded
-    up, see :func:`stripe_width_for`): memory is that of one band of one stripe, whatever the region's width.
-    """
-    from lpfm_toolkit import verify as _verify
+    tile: int
+    overlap: int
 
-    if verify not in ("quick", "full"):
-        raise ValueError(f"verify must be 'quick' or 'full', not {verify!r}")
-    task = item.task
-    before = _file_state(handle)  # taken before the fingerprint, so a change during the run is always seen
-    engine.check(task, handle.channel_names)
+    def as_dict(self) -> dict[str, int]:
+        return {"tile": self.tile, "overlap": self.overlap}
+
+
+def resolve_tiling(
+    handle: ImageHandle, item: WorkItem, engine: Engine, tile_size: int | None = None, overlap: int | None = None
+) -> Tiling:
+    """Stage 1: check the engine can run the item and fix its tiling (the engine's defaults where not given)."""
+    engine.check(item.task, handle.channel_names)
     tile = tile_size or engine.tile_size
     ovl = engine.overlap if overlap is None else overlap
     if not 0 <= ovl < tile:
         raise RegionError(f"overlap {ovl} must be smaller than the tile size {tile}", "lower --overlap")
-    check_size(item.region, task)
-    tiling = {"tile": tile, "overlap": ovl}
-    jpeg = (sink.jpeg_quality, sink.jpeg_subsampling) if hasattr(sink, "jpeg_quality") else None
-    key = key_for(
-        handle,
-        item,
-        engine,
-        tiling,
-        compression=getattr(sink, "compression", None),
-        uncertainty=samples_uncertainty,
-        jpeg=jpeg,
-    )
-    name = output_name(handle, task, item)
-    remade = None
-    found = None if force else sink.find(key, name)
-    if found is not None:
-        path = _local_file(found)
-        problems = _verify.check_output(path, found.provenance, full=verify == "full") if path else []
-        if not problems:
-            log.info("skipping %s: already done as %s", item.label, found.uri)
-            return EnhanceResult(item, found, skipped=True)
-        remade = "; ".join(problems)
-        log.warning("%s is damaged (%s): making it again", found.uri, remade)
-        if getattr(sink, "overwrite", None) is False:  # our own output of this very key: it may be replaced
-            sink = copy.copy(sink)
-            sink.overwrite = True  # type: ignore[attr-defined]
-    target = getattr(sink, "target", None)
-    if callable(target):  # a file sink: never write over the original, nor any file lpfm did not make
-        final = Path(target(key, name))
-        if handle.system == "file" and final.exists() and final.resolve() == Path(handle.uri).resolve():
-            raise OutputExistsError(f"refusing to write over the original {final}", "choose another --out")
-        _verify.check_target(final, force=True, uncertainty=samples_uncertainty)
+    check_size(item.region, item.task)
+    return Tiling(tile, ovl)
 
+
+def output_spec(handle: ImageHandle, item: WorkItem, engine: Engine, name: str, uncertainty: bool) -> OutputSpec:
+    """Stage 2: the shape and meaning of the output: scaled size, the engine's channels, dtype, pixel size.
+
+    Channels of another kind than the input's (virtual staining) are 8-bit RGB; otherwise the input's dtype.
+    """
+    task = item.task
     channels_out = engine.output_channels(task, handle.channel_names)
     same_kind = len(channels_out) == len(handle.channel_names)
-    out_dtype = np.dtype(handle.dtype) if same_kind else np.dtype(np.uint8)
     mpp_in = handle.level_mpp(item.level)
-    mpp_out = (mpp_in[0] / task.scale, mpp_in[1] / task.scale) if mpp_in else None
-    s = task.scale
-    spec = OutputSpec(
+    return OutputSpec(
         name=name,
-        width=item.region.width * s,
-        height=item.region.height * s,
+        width=item.region.width * task.scale,
+        height=item.region.height * task.scale,
         channel_names=channels_out,
-        dtype=out_dtype,
-        mpp=mpp_out,
-        uncertainty=samples_uncertainty,
+        dtype=np.dtype(handle.dtype) if same_kind else np.dtype(np.uint8),
+        mpp=(mpp_in[0] / task.scale, mpp_in[1] / task.scale) if mpp_in else None,
+        uncertainty=uncertainty,
     )
-    source = source_record(handle, item)
 
-    t_start = time.perf_counter()
-    overview = (
-        _overview(handle, item)
-        if engine.needs_overview(task)
-        else np.zeros((1, 1, len(handle.channel_names)), np.float32)
-    )
-    t0 = time.perf_counter()
-    engine.prepare(task, overview)
-    prepare_seconds = time.perf_counter() - t0
-    grid = TileGrid(item.region.width, item.region.height, tile, ovl)
-    r = item.region
-    n_ch = len(channels_out)
-    in_digest = PixelDigest(r.height, r.width, len(handle.channel_names), handle.dtype)
-    out_digest = PixelDigest(spec.height, spec.width, n_ch, out_dtype)
-    engine_seconds = prepare_seconds
-    done = 0
-    total = len(grid)
-    bs = max(1, engine.batch_size)
 
-    def process(
+@dataclass
+class StripeRun:
+    """What stage 3 measured: checksums of the pixels read and written, engine time, how it was cut."""
+
+    input_sha256: str
+    output_sha256: str
+    engine_seconds: float
+    tiles: int
+    stripe_width: int
+    stripes: int
+
+
+class StripeRunner:
+    """Stage 3: runs a work item's tiles through the engine in vertical stripes into an open writer.
+
+    A reader thread prefetches the next band of a stripe and a writer thread blends and emits the previous
+    row while the engine works; the blend is bit-identical whatever the stripe width. Memory is one band of
+    one stripe (stripes that a writer cannot take directly are assembled in a scratch file).
+    """
+
+    def __init__(
+        self,
+        handle: ImageHandle,
+        item: WorkItem,
+        engine: Engine,
+        spec: OutputSpec,
+        tiling: Tiling,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.handle, self.item, self.engine, self.spec = handle, item, engine, spec
+        self.grid = TileGrid(item.region.width, item.region.height, tiling.tile, tiling.overlap)
+        self.progress = progress
+        self.scale = item.task.scale
+        self.channels = len(spec.channel_names)
+        self.batch = max(1, engine.batch_size)
+        r = item.region
+        self.in_digest = PixelDigest(r.height, r.width, len(handle.channel_names), handle.dtype)
+        self.out_digest = PixelDigest(spec.height, spec.width, self.channels, spec.dtype)
+        self.engine_seconds = 0.0
+        self.done = 0
+
+    def prepare(self) -> None:
+        """Give the engine what it needs from the whole region first (virtual staining: an overview)."""
+        task = self.item.task
+        overview = (
+            _overview(self.handle, self.item)
+            if self.engine.needs_overview(task)
+            else np.zeros((1, 1, len(self.handle.channel_names)), np.float32)
+        )
+        t0 = time.perf_counter()
+        self.engine.prepare(task, overview)
+        self.engine_seconds += time.perf_counter() - t0
+
+    def run(self, writer: Any, stripe_width: int = 2048) -> StripeRun:
+        """Make every stripe and hand the finished rows (or stripes) to ``writer`` (after :meth:`prepare`)."""
+        spec, uncertainty = self.spec, self.spec.uncertainty
+        alignment = writer.column_alignment
+        width = stripe_width_for(self.grid, self.scale, stripe_width, alignment or 1, self.batch)
+        parts = plan_stripes(self.grid, self.scale, width)
+        direct = alignment is not None or len(parts) == 1
+        assembly = None if direct else _StripeAssembly(spec, self.channels, spec.dtype, uncertainty)
+
+        def emit(x: int, rows: np.ndarray, unc: np.ndarray | None) -> None:
+            out_rows = from_float(rows, spec.dtype)
+            self.out_digest.update(x, out_rows)
+            unc_rows = unc if uncertainty else None
+            if assembly is not None:
+                assembly.write_block(x, out_rows, unc_rows)
+            elif alignment is None:
+                writer.write_rows(out_rows, unc_rows)
+            else:
+                writer.write_block(x, out_rows, unc_rows)
+
+        carries: list[_CarryFile] = []
+        try:
+            carry_in: _CarryFile | None = None
+            for k, stripe in enumerate(parts):
+                carry_out = _CarryFile() if k + 1 < len(parts) else None
+                if carry_out is not None:
+                    carries.append(carry_out)
+                if carry_in is not None:
+                    carry_in.rewind()
+                self.stripe(stripe, emit, carry_in, carry_out)
+                if carry_in is not None:
+                    carry_in.close()
+                carry_in = carry_out
+            if assembly is not None:
+                for rows, unc in assembly.rows():
+                    writer.write_rows(rows, unc)
+        finally:
+            for c in carries:
+                c.close()
+            if assembly is not None:
+                assembly.close()
+        return StripeRun(
+            self.in_digest.hexdigest(),
+            self.out_digest.hexdigest(),
+            self.engine_seconds,
+            len(self.grid),
+            width,
+            len(parts),
+        )
+
+    def stripe(
+        self,
         stripe: Stripe,
         emit: Callable[[int, np.ndarray, np.ndarray | None], None],
         carry_in: _CarryFile | None,
         carry_out: _CarryFile | None,
     ) -> None:
-        """Run the stripe's tiles through the engine, band by band, with reading and writing overlapped."""
-        nonlocal engine_seconds, done
-        blender = StripeBlender(grid, s, n_ch, stripe, 1 if samples_uncertainty else 0)
+        """Run one stripe's tiles through the engine, band by band, with reading and writing overlapped."""
+        handle, item, engine, grid, s = self.handle, self.item, self.engine, self.grid, self.scale
+        task, r, bs = item.task, item.region, self.batch
+        blender = StripeBlender(grid, s, self.channels, stripe, 1 if self.spec.uncertainty else 0)
         own_x0, own_x1 = stripe.lo // s, stripe.hi // s  # input columns this stripe hashes
         x0, x1 = own_x0, min(r.width, own_x0 + -(-blender.width // s))  # input columns it reads
         hashed_to = 0
+        total = len(grid)
 
         def read_band(row: int) -> np.ndarray:
             """Reader stage: read one band of the stripe, hash the rows not hashed yet, convert to float."""
@@ -629,7 +678,7 @@ def run_item(
             y = grid.ys[row]
             band = handle.read_region(item.level, r.x + x0, r.y + y, x1 - x0, grid.tile_height)
             new = band[hashed_to - y :, : own_x1 - own_x0] if hashed_to > y else band[:, : own_x1 - own_x0]
-            in_digest.update(own_x0, new)
+            self.in_digest.update(own_x0, new)
             hashed_to = y + grid.tile_height
             if band.dtype.kind == "f" and not np.isfinite(band).all():
                 bad = np.argwhere(~np.isfinite(band))[0]
@@ -674,13 +723,13 @@ def run_item(
                         seeds = [tile_seed(item.seed, item.level, r.x + t.x, r.y + t.y) for t in batch]
                         t0 = time.perf_counter()
                         result = engine.process(stack, task, seeds)
-                        engine_seconds += time.perf_counter() - t0
+                        self.engine_seconds += time.perf_counter() - t0
                         for i, t in enumerate(batch):
                             unc = result.uncertainty[i] if result.uncertainty is not None else None
                             outputs.append((t, result.pixels[i], unc))
-                        done += len(batch)
-                        if progress is not None:
-                            progress(done, total)
+                        self.done += len(batch)
+                        if self.progress is not None:
+                            self.progress(self.done, total)
                     if pending is not None:
                         pending.result()  # back-pressure, and re-raises the writer's errors here
                     pending = post.submit(finish_row, row, outputs)
@@ -695,80 +744,127 @@ def run_item(
                     except BaseException:  # noqa: BLE001 - the first error is the one being raised
                         pass
 
+
+def make_provenance(
+    handle: ImageHandle,
+    item: WorkItem,
+    engine: Engine,
+    key: str,
+    tiling: Tiling,
+    spec: OutputSpec,
+    run: StripeRun,
+    total_seconds: float,
+    source: dict[str, Any] | None = None,
+) -> Provenance:
+    """Stage 4: the record of how the output was made (source, task, engine, tiling, checksums, durations)."""
+    task = item.task
+    described = engine.describe()
+    bundle_path = getattr(getattr(engine, "bundle", None), "path", None)
+    if bundle_path is not None:  # where to find the bundle again (not part of the key: folders move)
+        described["model_path"] = str(Path(bundle_path).resolve())
+    return Provenance(
+        source=source if source is not None else source_record(handle, item),
+        prompt=task.prompt,
+        task=task.to_dict(),
+        engine=described,
+        seed=item.seed,
+        idempotency_key=key,
+        tiling={
+            **tiling.as_dict(),
+            "scale": task.scale,
+            "tiles": run.tiles,
+            "stripe_width": run.stripe_width,
+            "stripes": run.stripes,
+            "checksums": DIGEST_SCHEME,
+        },
+        output={
+            "name": spec.name,
+            "shape": [spec.height, spec.width, len(spec.channel_names)],
+            "dtype": str(np.dtype(spec.dtype)),
+            "channels": list(spec.channel_names),
+            "mpp": list(spec.mpp) if spec.mpp else None,
+        },
+        input_sha256=run.input_sha256,
+        output_sha256=run.output_sha256,
+        durations={"total_s": round(total_seconds, 4), "engine_s": round(run.engine_seconds, 4)},
+    )
+
+
+def run_item(
+    handle: ImageHandle,
+    item: WorkItem,
+    engine: Engine,
+    sink: Sink,
+    *,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    force: bool = False,
+    samples_uncertainty: bool = False,
+    progress: ProgressFn | None = None,
+    stripe_width: int = 2048,
+    verify: str = "quick",
+) -> EnhanceResult:
+    """Enhance one work item into ``sink``; skip it when an identical, intact result already exists.
+
+    The stages, each usable alone: :func:`resolve_tiling` → the idempotency key and an earlier result →
+    :func:`output_spec` → :class:`StripeRunner` → :func:`make_provenance` → commit.
+
+    An earlier local result is checked before it is reused — ``verify="quick"`` reads its header, levels,
+    size and both provenance copies; ``"full"`` also decodes every level against its checksums — and made
+    again when it fails (``EnhanceResult.remade`` says why). A file at the target that lpfm did not write
+    is never replaced. The output is made in vertical stripes ``stripe_width`` output pixels wide (rounded
+    up, see :func:`stripe_width_for`): memory is that of one band of one stripe, whatever the region's width.
+    """
+    from lpfm_toolkit import verify as _verify
+
+    if verify not in ("quick", "full"):
+        raise ValueError(f"verify must be 'quick' or 'full', not {verify!r}")
+    task = item.task
+    before = _file_state(handle)  # taken before the fingerprint, so a change during the run is always seen
+    tiling = resolve_tiling(handle, item, engine, tile_size, overlap)
+    jpeg = (sink.jpeg_quality, sink.jpeg_subsampling) if hasattr(sink, "jpeg_quality") else None
+    key = key_for(
+        handle,
+        item,
+        engine,
+        tiling.as_dict(),
+        compression=getattr(sink, "compression", None),
+        uncertainty=samples_uncertainty,
+        jpeg=jpeg,
+    )
+    name = output_name(handle, task, item)
+    remade = None
+    found = None if force else sink.find(key, name)
+    if found is not None:
+        path = _local_file(found)
+        problems = _verify.check_output(path, found.provenance, full=verify == "full") if path else []
+        if not problems:
+            log.info("skipping %s: already done as %s", item.label, found.uri)
+            return EnhanceResult(item, found, skipped=True)
+        remade = "; ".join(problems)
+        log.warning("%s is damaged (%s): making it again", found.uri, remade)
+        if getattr(sink, "overwrite", None) is False:  # our own output of this very key: it may be replaced
+            sink = copy.copy(sink)
+            sink.overwrite = True  # type: ignore[attr-defined]
+    target = getattr(sink, "target", None)
+    if callable(target):  # a file sink: never write over the original, nor any file lpfm did not make
+        final = Path(target(key, name))
+        if handle.system == "file" and final.exists() and final.resolve() == Path(handle.uri).resolve():
+            raise OutputExistsError(f"refusing to write over the original {final}", "choose another --out")
+        _verify.check_target(final, force=True, uncertainty=samples_uncertainty)
+
+    spec = output_spec(handle, item, engine, name, samples_uncertainty)
+    source = source_record(handle, item)
+    t_start = time.perf_counter()
+    runner = StripeRunner(handle, item, engine, spec, tiling, progress=progress)
+    runner.prepare()  # before anything is created at the sink
     with sink.open(spec, key, source) as writer:
-        alignment = writer.column_alignment
-        width = stripe_width_for(grid, s, stripe_width, alignment or 1, bs)
-        parts = plan_stripes(grid, s, width)
-        direct = alignment is not None or len(parts) == 1
-        assembly = None if direct else _StripeAssembly(spec, n_ch, out_dtype, samples_uncertainty)
-
-        def emit(x: int, rows: np.ndarray, unc: np.ndarray | None) -> None:
-            out_rows = from_float(rows, out_dtype)
-            out_digest.update(x, out_rows)
-            unc_rows = unc if samples_uncertainty else None
-            if assembly is not None:
-                assembly.write_block(x, out_rows, unc_rows)
-            elif alignment is None:
-                writer.write_rows(out_rows, unc_rows)
-            else:
-                writer.write_block(x, out_rows, unc_rows)
-
-        carries: list[_CarryFile] = []
-        try:
-            carry_in: _CarryFile | None = None
-            for k, stripe in enumerate(parts):
-                carry_out = _CarryFile() if k + 1 < len(parts) else None
-                if carry_out is not None:
-                    carries.append(carry_out)
-                if carry_in is not None:
-                    carry_in.rewind()
-                process(stripe, emit, carry_in, carry_out)
-                if carry_in is not None:
-                    carry_in.close()
-                carry_in = carry_out
-            if assembly is not None:
-                for rows, unc in assembly.rows():
-                    writer.write_rows(rows, unc)
-        finally:
-            for c in carries:
-                c.close()
-            if assembly is not None:
-                assembly.close()
+        run = runner.run(writer, stripe_width)
         if _file_state(handle) != before:  # the pixels read may mix two versions of the file: keep nothing
             raise CorruptImageError(
                 f"{handle.name} changed while it was being read", "wait until it is completely copied, then run again"
             )
-        total_seconds = time.perf_counter() - t_start
-        described = engine.describe()
-        bundle_path = getattr(getattr(engine, "bundle", None), "path", None)
-        if bundle_path is not None:  # where to find the bundle again (not part of the key: folders move)
-            described["model_path"] = str(Path(bundle_path).resolve())
-        prov = Provenance(
-            source=source,
-            prompt=task.prompt,
-            task=task.to_dict(),
-            engine=described,
-            seed=item.seed,
-            idempotency_key=key,
-            tiling={
-                **tiling,
-                "scale": s,
-                "tiles": total,
-                "stripe_width": width,
-                "stripes": len(parts),
-                "checksums": DIGEST_SCHEME,
-            },
-            output={
-                "name": name,
-                "shape": [spec.height, spec.width, len(channels_out)],
-                "dtype": str(out_dtype),
-                "channels": channels_out,
-                "mpp": list(mpp_out) if mpp_out else None,
-            },
-            input_sha256=in_digest.hexdigest(),
-            output_sha256=out_digest.hexdigest(),
-            durations={"total_s": round(total_seconds, 4), "engine_s": round(engine_seconds, 4)},
-        )
+        prov = make_provenance(handle, item, engine, key, tiling, spec, run, time.perf_counter() - t_start, source)
         ref = writer.commit(prov)
     path = _local_file(ref)
     sidecar = ref.extra.get("sidecar")

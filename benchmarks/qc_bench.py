@@ -150,29 +150,36 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1))
 
 
-def _qc_child(slide: str, estimator: str) -> None:
-    """One QC run in its own process: prints seconds and peak RSS (MiB) as JSON."""
+def _hwm_mib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited through fork/exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _qc_child(slide: str, estimator: str) -> None:
+    """One QC run in its own process: prints seconds and peak memory (MiB) as JSON."""
     from lpfm_toolkit.qc import assess, get_estimator
     from lpfm_toolkit.sources import open_image
 
     est = get_estimator(estimator)
     with open_image(slide) as h:
         lv = h.levels[0]
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        before = _hwm_mib()
         t0 = time.perf_counter()
         qc = assess(h, estimator=est)
         seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         json.dumps(
             {
                 "pixels": lv.width * lv.height,
                 "tiles": len(qc.tiles),
-                "seconds": seconds,
-                "peak_rss_mib": round(peak, 1),
-                "rss_before_mib": round(rss0, 1),
+                "seconds": round(seconds, 2),
+                "peak_rss_mib": round(_hwm_mib(), 1),
+                "rss_before_qc_mib": round(before, 1),
             }
         )
     )

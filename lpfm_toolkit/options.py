@@ -236,10 +236,16 @@ _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(EngineOptions) if
 
 
 def build_engine(options: EngineOptions, task: Any = None) -> Any:
-    """The engine ``options`` describe (the learned model loads its weights here: check everything else first)."""
+    """The engine ``options`` describe (the learned model loads its weights here: check everything else first).
+
+    The engine keeps the options it was built from (``engine.options``, ``auto`` resolved), and the pipeline
+    records them in the provenance, from where :meth:`EngineOptions.from_provenance` reads them back.
+    """
     from lpfm_toolkit.engine import get_engine
 
-    return get_engine(options.engine, task=task, **options.engine_kwargs())
+    engine = get_engine(options.engine, task=task, **options.engine_kwargs())
+    engine.options = dataclasses.replace(options, engine=engine.name, origin=dict(options.origin))
+    return engine
 
 
 def _typed(name: str, value: Any, origin: str) -> Any:

@@ -762,6 +762,9 @@ def make_provenance(
     bundle_path = getattr(getattr(engine, "bundle", None), "path", None)
     if bundle_path is not None:  # where to find the bundle again (not part of the key: folders move)
         described["model_path"] = str(Path(bundle_path).resolve())
+    options = getattr(engine, "options", None)  # the EngineOptions it was built from (options.build_engine)
+    if options is not None:
+        described["options"] = options.to_dict()
     return Provenance(
         source=source if source is not None else source_record(handle, item),
         prompt=task.prompt,

@@ -464,6 +464,9 @@ def engine_for_record(desc: dict[str, Any], model: str | None = None, trust_pick
 
     :class:`ModelError` when the bundle found is not the one recorded (its checksum differs).
     """
+    from lpfm_toolkit.options import EngineOptions
+
+    options = EngineOptions.from_provenance(desc, trust_pickle=trust_pickle)
     if desc.get("name") != "lpfm":
         from lpfm_toolkit.engine import engine_from_description
 
@@ -488,9 +491,10 @@ def engine_for_record(desc: dict[str, Any], model: str | None = None, trust_pick
             f"{str(desc['model_sha256'])[:12]}…",
             "give the bundle it was made with: --model PATH",
         )
-    steps = int(desc.get("steps", 0))
-    sampler = desc.get("sampler") if steps and desc.get("sampler") not in (None, "none") else None
-    return LpfmEngine(bundle, steps=steps, samples=int(desc.get("samples", 1)), sampler=sampler)
+    steps = options.steps or 0
+    return LpfmEngine(
+        bundle, steps=steps, samples=options.samples, sampler=options.sampler if steps else None, tta=options.tta
+    )
 
 
 def reproduce(

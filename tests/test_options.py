@@ -188,7 +188,9 @@ def test_build_engine_passes_every_option(monkeypatch) -> None:
     assert engine.name == "classical" and engine.describe()["method"] == "richardson_lucy"
     assert build_engine(EngineOptions(engine="identity")).name == "identity"
     seen = {}
-    monkeypatch.setattr(engine_pkg, "get_engine", lambda name, **kw: seen.update(name=name, **kw))
+    monkeypatch.setattr(
+        engine_pkg, "get_engine", lambda name, **kw: seen.update(name=name, **kw) or SimpleNamespace(name="lpfm")
+    )
     build_engine(EngineOptions(engine="lpfm", sampler="dpm", steps=2, threads=1, compile=True), task="t")
     assert seen["name"] == "lpfm" and seen["sampler"] == "dpm" and seen["threads"] == 1 and seen["compile"] is True
     assert seen["task"] == "t" and seen["steps"] == 2
@@ -207,3 +209,21 @@ def test_sampler_reaches_the_learned_engine() -> None:
     # the record it leaves rebuilds the same options
     again = EngineOptions.from_provenance(engine.describe())
     assert (again.sampler, again.steps, again.model) == ("dpm", 1, engine.describe()["model"])
+
+
+def test_provenance_records_the_options_and_gives_them_back(sample_slide: Path) -> None:
+    from lpfm_toolkit.pipeline import plan, run_item
+    from lpfm_toolkit.sinks.memory import ArraySink
+    from lpfm_toolkit.sources import Region, open_image
+
+    options = EngineOptions().with_flags(engine="classical", method="wiener", threads=1)
+    task = parse_prompt("deblur")
+    with open_image(sample_slide) as handle:
+        (item,) = plan(handle, task, region=Region(900, 1200, 64, 64))
+        resolved = options.resolved(task, handle.channel_names)
+        engine = build_engine(resolved, task)
+        prov = run_item(handle, item, engine, ArraySink()).provenance
+    assert prov.engine["options"]["method"] == "wiener" and prov.engine["options"]["engine"] == "classical"
+    again = EngineOptions.from_provenance(prov)
+    assert again.threads is None  # reproduced with this machine's threads
+    assert again.updated({"threads": 1}, "flag") == resolved and again.origin_of("method") == "provenance"

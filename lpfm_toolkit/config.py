@@ -129,41 +129,29 @@ class Settings:
     jobs_lease: float = 600.0
     origin: dict[str, str] = field(default_factory=dict, repr=False)
 
-    def apply(self, values: dict[str, Any], origin: str) -> None:
+    def apply(self, values: dict[str, Any], origin: str, section: str | None = None) -> None:
         """Override fields from ``values`` (None values are ignored), converting types.
 
-        ``values``: ``{section: {key: value}}`` as in the file, flat keys (current or old names), or both.
+        ``values``: ``{section: {key: value}}`` as in the file, flat keys (current or old names), or both;
+        ``section``: ``values`` are the keys of that section.
         """
         known = {f.name: f for f in fields(self) if f.name != "origin"}
+        keys = _FLAT if section is None else {k.name: k for k in KEYS if k.section == section}
+        where = "" if section is None else f" in [{section}]"
         for raw_key, raw in values.items():
             key = raw_key.replace("-", "_").lower()
             if any(word in key for word in FORBIDDEN):
                 raise ConfigError(
-                    f"{origin} sets {key!r}: secrets are not read from configuration",
+                    f"{origin} sets {key!r}{where}: secrets are not read from configuration",
                     "give passwords through OMERO_PASSWORD or the prompt, never a file",
                 )
-            if key in SECTIONS and isinstance(raw, dict):
-                self._apply_section(key, raw, origin)
-                continue
-            if key not in _FLAT:
-                raise ConfigError(f"{origin}: unknown setting {key!r}", f"known: {_known()}")
-            self._set(known[_FLAT[key].field], raw, origin)
-
-    def _apply_section(self, section: str, values: dict[str, Any], origin: str) -> None:
-        known = {f.name: f for f in fields(self) if f.name != "origin"}
-        keys = {k.name: k for k in KEYS if k.section == section}
-        for raw_key, raw in values.items():
-            key = raw_key.replace("-", "_").lower()
-            if any(word in key for word in FORBIDDEN):
-                raise ConfigError(
-                    f"{origin} sets [{section}] {key!r}: secrets are not read from configuration",
-                    "give passwords through OMERO_PASSWORD or the prompt, never a file",
-                )
-            if key not in keys:
-                raise ConfigError(
-                    f"{origin}: unknown setting {key!r} in [{section}]", f"known there: {', '.join(keys)}"
-                )
-            self._set(known[keys[key].field], raw, origin)
+            if section is None and key in SECTIONS and isinstance(raw, dict):
+                self.apply(raw, origin, key)
+            elif key not in keys:
+                hint = f"known: {_known()}" if section is None else f"known there: {', '.join(keys)}"
+                raise ConfigError(f"{origin}: unknown setting {key!r}{where}", hint)
+            else:
+                self._set(known[keys[key].field], raw, origin)
 
     def _set(self, f: dataclasses.Field, raw: Any, origin: str) -> None:
         if raw is None:

@@ -41,9 +41,10 @@ def eta_text(seconds: float | None) -> str:
 
 
 @contextlib.contextmanager
-def batch_progress(title: str) -> Iterator[BatchProgressFn]:
-    """A rich display on stderr, drawn from the first tile: one bar over the items, one over the running item's
-    tiles, each with the ETA the library estimates; yields the callback :func:`run_items` takes."""
+def batch_progress(title: str, *, eager: bool = False) -> Iterator[BatchProgressFn]:
+    """A rich display on stderr, drawn from the first tile (``eager``: from the first update, for batches whose
+    items report no tiles): one bar over the items, one over the running item's tiles, each with the ETA the
+    library estimates; yields the callback :func:`run_items` takes."""
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -59,7 +60,7 @@ def batch_progress(title: str) -> Iterator[BatchProgressFn]:
     def update(p: BatchProgress) -> None:
         nonlocal started
         if not started:
-            if not p.tiles_total:  # drawn from the first tile: checks that fail and skipped items show no bar
+            if not (eager or p.tiles_total):  # from the first tile: failed checks and skipped items draw no bar
                 return
             prog.start()
             started = True

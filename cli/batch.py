@@ -68,13 +68,13 @@ def batch_progress(title: str, *, eager: bool = False) -> Iterator[BatchProgress
         if p.outcome is not None:
             prog.update(current, visible=False)
             return
-        prog.update(
+        prog.update(  # the running item's row, once it reports tiles
             current,
             description=f"  {p.label}",
             completed=p.tiles_done,
             total=p.tiles_total or None,
             eta=eta_text(p.item_eta_s),
-            visible=True,
+            visible=bool(p.tiles_total),
         )
 
     try:

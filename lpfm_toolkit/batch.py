@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from lpfm_toolkit.errors import LpfmError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class Status(str, Enum):
@@ -249,3 +251,33 @@ def summary_rows(outcomes: Iterable[Outcome]) -> list[tuple[str, Status, str, st
     return [
         (o.item, o.status, o.result or "", f"{o.seconds:.1f} s" if o.seconds else "", o.error or "") for o in outcomes
     ]
+
+
+class KeptOpen(Generic[K, V]):
+    """The one thing consecutive items share (an image and its sink), opened for the first item of a key and
+    closed when an item of another key comes, or at :meth:`close`. A failed open is not kept: the next item of
+    that key tries again (and fails on its own)."""
+
+    def __init__(self, open_: Callable[[K], V], close: Callable[[V], None]) -> None:
+        self._open, self._close = open_, close
+        self._key: Any = None
+        self._value: V | None = None
+        self._held = False
+
+    def get(self, key: K) -> V:
+        if not self._held or key != self._key:
+            self.close()
+            self._value, self._key, self._held = self._open(key), key, True
+        return self._value  # type: ignore[return-value]
+
+    def close(self) -> None:
+        value, held = self._value, self._held
+        self._value, self._key, self._held = None, None, False
+        if held:
+            self._close(value)  # type: ignore[arg-type]
+
+    def __enter__(self) -> KeptOpen[K, V]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

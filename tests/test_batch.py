@@ -174,3 +174,23 @@ def test_cli_summary_table_and_exit(capsys) -> None:
     assert info.value.code == 1
     cli_batch.report_batch(outcomes[:1], "t")  # all done: returns, exit 0
     assert "1 done" in capsys.readouterr().out
+
+
+def test_kept_open_shares_one_resource_among_consecutive_items() -> None:
+    from lpfm_toolkit.batch import KeptOpen
+
+    log: list[str] = []
+
+    def open_(key: str) -> str:
+        if key == "bad":
+            raise OSError("cannot open")
+        log.append(f"open {key}")
+        return key.upper()
+
+    with KeptOpen(open_, lambda v: log.append(f"close {v}")) as kept:
+        assert kept.get("a") == "A" and kept.get("a") == "A"
+        assert kept.get("b") == "B"
+        with pytest.raises(OSError):
+            kept.get("bad")
+        assert kept.get("b") == "B"  # the failed open was not kept: b opens again
+    assert log == ["open a", "close A", "open b", "close B", "open b", "close B"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lpfm_toolkit.batch import BatchProgressFn, Outcome, Status, run_items
+from lpfm_toolkit.batch import BatchProgressFn, KeptOpen, Outcome, Status, run_items
 from lpfm_toolkit.engine.base import Engine
 from lpfm_toolkit.errors import LpfmError, ProjectError
 from lpfm_toolkit.integrations.qupath.entries import ProjectEntry
@@ -99,31 +99,18 @@ def select_items(
     return items
 
 
-class _OpenEntry:
-    """The entry being worked on, its image handle and sink, kept open while consecutive items share it."""
+def _open_entry(project: QuPathProject, output_dir: str | Path | None, compression: str, tile: int) -> Any:
+    """``open(entry) -> (handle, sink)`` for :class:`~lpfm_toolkit.batch.KeptOpen`."""
 
-    def __init__(self, project: QuPathProject, output_dir: str | Path | None, compression: str, tile: int) -> None:
-        self.project, self.output_dir, self.compression, self.tile = project, output_dir, compression, tile
-        self.entry_id: str | None = None
-        self.handle: Any = None
-        self.sink: Any = None
-
-    def get(self, entry: ProjectEntry) -> tuple[Any, Any]:
-        if entry.id != self.entry_id:
-            self.close()
-            handle = self.project.open_entry(entry)
-            try:
-                sink = self.project.sink(entry, self.output_dir, compression=self.compression, tile=self.tile)
-            except BaseException:
-                handle.close()
-                raise
-            self.handle, self.sink, self.entry_id = handle, sink, entry.id
-        return self.handle, self.sink
-
-    def close(self) -> None:
-        handle, self.handle, self.entry_id, self.sink = self.handle, None, None, None
-        if handle is not None:
+    def open_(entry: ProjectEntry) -> tuple[Any, Any]:
+        handle = project.open_entry(entry)
+        try:
+            return handle, project.sink(entry, output_dir, compression=compression, tile=tile)
+        except BaseException:
             handle.close()
+            raise
+
+    return open_
 
 
 def enhance_project(
@@ -155,7 +142,9 @@ def enhance_project(
     task = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     if items is None:
         items = select_items(project, images=images, classes=classes, annotation_refs=annotation_refs, level=level)
-    current = _OpenEntry(project, output_dir, compression, tiff_tile)
+    current: KeptOpen[ProjectEntry, tuple[Any, Any]] = KeptOpen(
+        _open_entry(project, output_dir, compression, tiff_tile), lambda opened: opened[0].close()
+    )
 
     def run_one(item: EntryItem, tiles: Callable[[int, int], None]) -> Outcome:
         if item.nothing:

@@ -35,8 +35,9 @@ ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "bundles" / "lpfm-tiny" / 
 #: the learned blur σ is on the classical estimator's (effective σ) scale
 SHARP_SIGMA = 0.8
 N_FEATURES = 6
-#: the blind model's task recipes drawn for training crops: its free mixture, and blur or noise dominated
-TASK_MIX = ("any", "any", "deblur", "denoise")
+#: the blind model's task recipes drawn for training crops. Its free mixture alone; adding its blur- and
+#: noise-dominated recipes ("any", "any", "deblur", "denoise") was tried and ranked σ no better (docs/qc.md).
+TASK_MIX = ("any",)
 
 
 def classical_features(est: TileEstimate) -> list[float]:
@@ -134,6 +135,7 @@ class LearnedEstimator:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / ".model.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(tmp))
+        tmp.chmod(0o644)  # package data: readable by everyone, like the other bundle files
         tmp.replace(folder / "model.safetensors")
         from lpfm_toolkit.engine.bundle import sha256_file
 
@@ -211,7 +213,8 @@ def training_set(
         if rng.random() < p_clean:
             img, label = clean, (0.0, 0.0, 0.0)
         else:
-            img, info = blind_degrade(np.ascontiguousarray(clean), rng, task=str(rng.choice(TASK_MIX)), scale=1)
+            task = TASK_MIX[0] if len(TASK_MIX) == 1 else str(rng.choice(TASK_MIX))
+            img, info = blind_degrade(np.ascontiguousarray(clean), rng, task=task, scale=1)
             label = (float(info["blur_sigma_out"]), float(info["noise_sigma_total"]), float(info["jpeg_quality"]))
         img = np.ascontiguousarray(img, dtype=np.float32)
         xs.append(img)

@@ -343,6 +343,20 @@ def cmd_pictures(args: argparse.Namespace) -> None:
             d.rectangle((i * 520, 0, i * 520 + 6 * len(text) + 6, 14), fill=(255, 255, 255))
             d.text((i * 520 + 3, 2), text, fill=(0, 0, 0))
         pic.save(RESULTS / "qc_auto.png")
+
+        def psnr(a: np.ndarray, b: np.ndarray) -> float:
+            return round(float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2))), 2)
+
+        inner = {
+            "noisy quarter": (slice(32, 480), slice(32, 480)),
+            "blurred quarter": (slice(544, 992),) * 2,
+            "clean quarter, 128 px from the defects": (slice(0, 384), slice(640, 1024)),
+        }
+        res.report["psnr_vs_clean"] = {
+            k: {"before": psnr(img[w], clean[w]), "after": psnr(out[w], clean[w])} for k, w in inner.items()
+        }
+        far = inner["clean quarter, 128 px from the defects"]
+        res.report["clean_quarter_identical"] = bool(np.array_equal(out[far], img[far]))
         (RESULTS / "qc_auto.json").write_text(json.dumps(res.report, indent=1) + "\n", encoding="utf-8")
         print(json.dumps({k: v for k, v in res.report.items() if k != "regions"}, indent=1))
 
@@ -364,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--estimator", default=None, help="estimator folder (default: the shipped one)")
     sp = sub.add_parser("speed")
     sp.add_argument("--region", default="0,0,2048,2048", help="x,y,w,h of the sample slide to time")
-    sp.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384])
+    sp.add_argument("--sizes", type=int, nargs="*", default=[2048, 8192, 16384], help="none: skip the memory runs")
     sp.add_argument("--threads", type=int, default=1)
     pc = sub.add_parser("pictures")
     pc.add_argument("--estimator", default="auto")

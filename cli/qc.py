@@ -213,10 +213,6 @@ def _run_slide(
     from lpfm_toolkit.sources import open_image
 
     with open_image(path, mpp=mpp) as handle:
-        if not handle.is_rgb and est.name == "learned":
-            from lpfm_toolkit.engine.estimate import ClassicalEstimator
-
-            est = ClassicalEstimator(brightfield=False)
         with progress_bar(f"qc · {handle.name}") as update:
             result = assess(
                 handle, level=level, region=region, tile=tile, estimator=est, thresholds=thresholds, progress=update

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 ESTIMATORS = ("auto", "classical", "learned")
-#: defect → QuPath/OMERO class name, colour (RGB) and the task that fixes it
+#: defect → QuPath/OMERO class name and colour (RGB)
 DEFECTS: dict[str, tuple[str, tuple[int, int, int]]] = {
     "out_of_focus": ("lpfm: out of focus", (230, 60, 40)),
     "noisy": ("lpfm: noisy", (40, 120, 230)),
@@ -267,7 +267,8 @@ def assess(
     handle.check_region(level, region)
     thresholds = thresholds or Thresholds()
     brightfield = handle.is_rgb
-    estimator = estimator or ClassicalEstimator(brightfield)
+    if estimator is None or (not brightfield and getattr(estimator, "name", "") != "classical"):
+        estimator = ClassicalEstimator(brightfield)  # the learned estimator knows RGB brightfield only
     boxes = tile_boxes(region, tile)
     lv = handle.levels[level]
     mpp = handle.level_mpp(level)

@@ -176,3 +176,31 @@ def test_cli_qc_bad_input_is_one_line(args: list[str], message: str, sample_slid
     res = CliRunner().invoke(cli, ["qc", *args])
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_fluorescence_is_assessed_with_the_classical_estimator() -> None:
+    from lpfm_toolkit.engine.estimate_learned import LearnedEstimator
+    from lpfm_toolkit.qc import assess
+    from lpfm_toolkit.sources.base import ImageHandle, Level
+
+    rng = np.random.default_rng(2)
+    nuclei = ndimage.gaussian_filter((rng.random((512, 512)) > 0.995).astype(np.float32), 3) * 40000
+    img = np.stack([nuclei, nuclei * 0.5 + 3000], axis=-1)
+    img[:, 256:] += rng.normal(0, 4000, (512, 256, 2))  # a noisy right half
+    pixels = np.clip(img, 0, 65535).astype(np.uint16)
+
+    class Fluo(ImageHandle):
+        uri = "memory://fluo"
+        name = "fluo"
+        dtype = np.dtype(np.uint16)
+        channel_names = ["DAPI", "AF"]
+        levels = [Level(512, 512, 1.0)]
+
+        def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+            return pixels[y : y + h, x : x + w]
+
+    qc = assess(Fluo(), estimator=LearnedEstimator.load(), tile=256)  # RGB-only learned → classical
+    assert qc.estimator["name"] == "classical"
+    left = [t for t in qc.tiles if t.x == 0]
+    right = [t for t in qc.tiles if t.x == 256]
+    assert min(t.estimate.noise_sigma for t in right) > 3 * max(t.estimate.noise_sigma for t in left)

@@ -106,7 +106,8 @@ def holdout_tiles(image: np.ndarray, tile: int, limit: int, holdout: float = 0.2
 
 
 def degrade_tiles(clean: np.ndarray, degradation: Any, seed: int) -> np.ndarray:
-    """Degrade (N, H, W, 3) tiles, tile ``i`` with a generator seeded by ``(seed, i)``."""
+    """Degrade (N, H, W, 3) tiles, tile ``i`` with a generator seeded by ``(seed, i)``, then quantise to 8 bits:
+    what a degraded slide stores (and what keeps a deconvolution given the true kernel honest)."""
     import torch
 
     out = []
@@ -114,7 +115,7 @@ def degrade_tiles(clean: np.ndarray, degradation: Any, seed: int) -> np.ndarray:
         g = torch.Generator().manual_seed(seed * 100_003 + i)
         x = torch.from_numpy(np.ascontiguousarray(t)).permute(2, 0, 1)[None]
         out.append(degradation.apply(x, g)[0].permute(1, 2, 0).numpy())
-    return np.stack(out).astype(np.float32)
+    return (np.round(np.clip(np.stack(out), 0, 1) * 255) / 255).astype(np.float32)
 
 
 class TunedClassicalEngine(Engine):

@@ -188,15 +188,19 @@ def _tiling(spec: JobSpec, engine: Engine) -> dict[str, int]:
     return {"tile": spec.tile or engine.tile_size, "overlap": engine.overlap if spec.overlap is None else spec.overlap}
 
 
-def _key(key_for: Any, handle: ImageHandle, item: Any, engine: Engine, spec: JobSpec) -> str:
-    """The key :func:`run_item` computes for this job in :func:`compute` (same tiling, compression, samples)."""
+def _key(key_for: Any, handle: ImageHandle, item: Any, engine: Engine, spec: JobSpec, sink: Any) -> str:
+    """The key :func:`run_item` computes for this job in :func:`compute`: same tiling, and what the sink the
+    job writes to adds to it (compression, JPEG settings), asked of that sink, not restated here."""
     import inspect
 
-    extra: dict[str, Any] = {}
     params = inspect.signature(key_for).parameters
-    if "compression" in params:  # outputs' compression and uncertainty map are part of newer keys
-        compression = spec.compression if spec.kind != "omero" else None  # as the sink reports it
-        extra = {"compression": compression, "uncertainty": spec.samples > 1}
+    extra: dict[str, Any] = {}
+    if "compression" in params:
+        extra["compression"] = getattr(sink, "compression", None)
+    if "uncertainty" in params:
+        extra["uncertainty"] = spec.samples > 1
+    if "jpeg" in params:
+        extra["jpeg"] = (sink.jpeg_quality, sink.jpeg_subsampling) if hasattr(sink, "jpeg_quality") else None
     return str(key_for(handle, item, engine, _tiling(spec, engine), **extra))
 
 
@@ -221,7 +225,8 @@ def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
             spec = dataclasses.replace(spec, engine=engine.name)
             _engines.cache[spec.engine_options] = engine
         engine.check(items[0].task, handle.channel_names)
-        return spec, _job_key([_key(key_for, handle, item, engine, spec) for item in items])
+        sink = _source(spec).sink(spec, handle)
+        return spec, _job_key([_key(key_for, handle, item, engine, spec, sink) for item in items])
 
 
 def job_key(spec: JobSpec) -> str:

@@ -227,3 +227,21 @@ def test_provenance_records_the_options_and_gives_them_back(sample_slide: Path) 
     again = EngineOptions.from_provenance(prov)
     assert again.threads is None  # reproduced with this machine's threads
     assert again.updated({"threads": 1}, "flag") == resolved and again.origin_of("method") == "provenance"
+
+
+def test_cli_flags_reach_the_options_and_are_checked_before_any_work(sample_slide: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lpfm_toolkit.cli.main import cli
+
+    args = ["enhance", str(sample_slide), "-p", "sr x2", "--region", "900,1200,64,64", "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(cli, [*args, "--engine", "classical", "--sampler", "dpm"], env={"LPFM_CONFIG": "/none"})
+    assert res.exit_code == 2 and "--sampler is a setting of the lpfm engine" in res.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    res = CliRunner().invoke(cli, [*args, "--engine", "classical", "--threads", "0"], env={"LPFM_CONFIG": "/none"})
+    assert res.exit_code == 2 and "--threads: threads=0 is out of range" in res.output
+    res = CliRunner().invoke(cli, [*args, "--engine", "classical"], env={"LPFM_CONFIG": "/none", "LPFM_THREADS": "1"})
+    assert res.exit_code == 0, res.output
+    (sidecar,) = (tmp_path / "o").glob("*.lpfm.json")
+    options = json.loads(sidecar.read_text())["engine"]["options"]
+    assert options["threads"] == 1 and options["engine"] == "classical"

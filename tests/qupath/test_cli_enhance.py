@@ -140,3 +140,12 @@ def test_groovy_scripts_follow_the_conventions() -> None:
     assert "lpfm.annotations" in importer
     enhance = (scripts / "enhance_selected_annotation.groovy").read_text(encoding="utf-8")
     assert "qupath" in enhance and "--annotation" in enhance and "--image" in enhance
+
+
+def test_engine_options_are_checked_on_the_first_image_before_any_work(project: Path) -> None:
+    before = (project / "project.qpproj").read_bytes()
+    res = run("enhance", str(project), "--class", "Tumor", "--engine", "classical", "--sampler", "dpm", "-p", "sr x2")
+    assert res.exit_code == 2 and "--sampler is a setting of the lpfm engine" in res.output
+    res = run("enhance", str(project), "--class", "Tumor", "--engine", "classical", "--method", "wiener", "-p", "sr x2")
+    assert res.exit_code == 2 and "wiener" in res.output  # a deblurring method for super-resolution
+    assert (project / "project.qpproj").read_bytes() == before

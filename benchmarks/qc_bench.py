@@ -215,13 +215,14 @@ def cmd_speed(args: argparse.Namespace) -> None:
                 continue
             assess(handle, region=Region(x, y, 256, 256), estimator=est)  # warm-up (imports)
             jobs[f"qc {name}"] = lambda est=est: assess(handle, region=region, estimator=est)
-        for label, engine_name, prompt, method in (
-            ("enhance lpfm restore (steps 0)", "lpfm", "restore", None),
-            ("enhance classical denoise (nlm)", "classical", "denoise", "nlm"),
-            ("enhance classical deblur (richardson_lucy)", "classical", "deblur", "richardson_lucy"),
+        for label, engine_name, prompt, method, steps in (
+            ("enhance lpfm restore (steps 0, the default)", "lpfm", "restore", None, None),
+            ("enhance lpfm restore (steps 4, refiner)", "lpfm", "restore", None, 4),
+            ("enhance classical denoise (nlm)", "classical", "denoise", "nlm", None),
+            ("enhance classical deblur (richardson_lucy)", "classical", "deblur", "richardson_lucy", None),
         ):
             try:
-                engine = get_engine(engine_name, method=method)
+                engine = get_engine(engine_name, method=method, steps=steps)
             except Exception as exc:  # noqa: BLE001
                 print(f"{label}: {exc}", file=sys.stderr)
                 continue

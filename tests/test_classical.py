@@ -154,7 +154,7 @@ def test_noise_in_one_quadrant_is_removed_there(sample_slide: Path, method: str)
     ref, before = clean.astype(np.float32) / 255, noisy.astype(np.float32) / 255
     q, rest = (slice(16, 240), slice(16, 240)), (slice(272, 512), slice(0, 512))
     assert psnr(out[q], ref[q]) > psnr(before[q], ref[q]) + 2.0
-    assert psnr(out[rest], ref[rest]) > 30.0  # clean tissue is not smeared by the noisy quadrant's σ
+    assert psnr(out[rest], ref[rest]) > 35.0  # clean tissue is not smoothed with the noisy quadrant's σ
     assert result.provenance.engine["method"] == method and result.provenance.engine["noise_sigma"] == "per tile"
 
 

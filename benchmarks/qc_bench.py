@@ -333,7 +333,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
         p2 = Path(tmp) / "two-defects.tiff"
         tifffile.imwrite(p2, img, tile=(256, 256), photometric="rgb")
         with open_image(p2) as h:
-            res = auto_enhance(h, ArraySink(), lambda: get_engine(args.engine), estimator=est)
+            res = auto_enhance(h, ArraySink(), lambda task: get_engine(args.engine, task=task), estimator=est)
         out = res.result.output.extra["pixels"]
         crop = (slice(256, 768), slice(256, 768))  # where the noisy, blurred and clean quarters meet
         panel = np.concatenate(

@@ -331,18 +331,23 @@ def _run_omero(
 
 def run_auto(
     slide: Path,
+    *,
     level: int,
     region_text: str | None,
     out: str | None,
+    options: Any,
     settings: Any,
     force: bool,
-    trust_pickle: bool,
     mpp: float | None = None,
 ) -> Any:
-    """``lpfm enhance --auto``: QC the region, enhance the flagged tiles with their tasks, print before/after."""
-    from lpfm_toolkit.cli.local import build_engine, check_out
+    """``lpfm enhance --auto``: QC the region, enhance the flagged tiles with their tasks, print before/after.
+
+    ``options``: the :class:`~lpfm_toolkit.options.EngineOptions` of ``lpfm enhance``; ``settings``: seed, tiling
+    and output settings. Everything that needs no model is checked before one loads.
+    """
+    from lpfm_toolkit.cli.local import check_out, report
     from lpfm_toolkit.config import check_mpp
-    from lpfm_toolkit.pipeline import preflight_engine
+    from lpfm_toolkit.options import build_engine
     from lpfm_toolkit.prompts import Task, TaskKind
     from lpfm_toolkit.qc import auto_enhance, get_estimator
     from lpfm_toolkit.sinks.ometiff import OmeTiffSink
@@ -350,29 +355,20 @@ def run_auto(
 
     check_mpp(mpp)
     region = Region.parse(region_text) if region_text else None
-    if settings.samples > 1:
+    if options.samples > 1:
         raise ConfigError("--samples does not apply to --auto", "drop --samples, or enhance with -p PROMPT")
-    restore = Task(TaskKind.RESTORE, prompt="auto")
-    target, is_file = check_out(out or settings.output_dir, restore, force, False)
+    if "method" in options.explicit() and options.method is not None:
+        raise ConfigError(
+            "--method picks one classical method, but --auto runs several tasks",
+            "drop --method (each task uses its default method)",
+        )
+    target, is_file = check_out(out or settings.output_dir, Task(TaskKind.RESTORE), force, False)
     with open_image(slide, mpp=mpp) as handle:
-        explicit = {k for k, v in settings.origin.items() if v == "flag"}
-        for kind in (TaskKind.DEBLUR, TaskKind.DENOISE, TaskKind.RESTORE):  # every task --auto may choose
-            settings.engine = preflight_engine(
-                settings.engine,
-                Task(kind),
-                handle.channel_names,
-                method=settings.method,
-                model=settings.model,
-                steps=settings.steps,
-                samples=settings.samples,
-                explicit=explicit,
-            )
-        if "method" in explicit and settings.method is not None:
-            raise ConfigError(
-                "--method picks one classical method, but --auto runs several tasks",
-                "drop --method (each task uses its default method)",
-            )
-        settings.method = None
+        # every task --auto may choose, checked against the engine options before any model loads
+        resolved = {
+            kind: options.resolved(Task(kind), handle.channel_names)
+            for kind in (TaskKind.DEBLUR, TaskKind.DENOISE, TaskKind.RESTORE)
+        }
         if is_file:
             sink = OmeTiffSink(path=target, compression=settings.compression, tile=settings.tiff_tile, overwrite=force)
         else:
@@ -382,7 +378,7 @@ def run_auto(
             res = auto_enhance(
                 handle,
                 sink,
-                lambda: build_engine(settings, trust_pickle),
+                lambda task: build_engine(resolved[task.kind], task),
                 level=level,
                 region=region,
                 seed=settings.seed,
@@ -396,6 +392,8 @@ def run_auto(
     _auto_report(res.report)
     if res.result is None:
         console.print("nothing flagged: no output written (the region needs no enhancement)")
+    else:
+        report(res.result)
     return res
 
 

@@ -806,7 +806,7 @@ class AutoResult:
 def auto_enhance(
     handle: ImageHandle,
     sink: Any,
-    engine_factory: Callable[[], Any],
+    engine_factory: Callable[[Any], Any],
     *,
     level: int = 0,
     region: Region | None = None,
@@ -822,7 +822,7 @@ def auto_enhance(
     """Enhance only the tiles QC flags, each with its matching task, into one output of the whole region.
 
     blur → deblur, noise or JPEG → denoise, blur with either → restore; every other pixel is the input's.
-    ``engine_factory()`` makes one engine per task needed (the engine ``lpfm enhance`` would use). The
+    ``engine_factory(task)`` makes the engine for one task (the engine ``lpfm enhance`` would use for it). The
     enhanced tiles are scored again with the same estimator; provenance (``engine.qc``) and the returned
     report hold before/after per region and for the whole region.
     """
@@ -838,7 +838,7 @@ def auto_enhance(
     handle.check_region(level, region)
     thresholds = thresholds or Thresholds()
     estimator = estimator or ClassicalEstimator(handle.is_rgb)
-    probe = engine_factory()
+    probe = engine_factory(_task("restore"))
     tile = tile_size or probe.tile_size
     ovl = probe.overlap if overlap is None else overlap
     tiles = plan_auto(
@@ -855,7 +855,7 @@ def auto_enhance(
     needed = sorted({t.task for t in tiles if t.task is not None})
     if not needed:
         return AutoResult(None, AutoEngine(tiles, {}, estimator, thresholds, tile, ovl).report())
-    engines = {name: (probe if i == 0 else engine_factory()) for i, name in enumerate(needed)}
+    engines = {name: probe if name == "restore" else engine_factory(_task(name)) for name in needed}
     auto = AutoEngine(tiles, engines, estimator, thresholds, tile, ovl)
     item = WorkItem(level, region, _auto_task(), seed)
     result = run_item(

@@ -43,7 +43,7 @@ def test_auto_enhances_only_flagged_tiles_with_the_right_task(slide: tuple[Path,
 
     path, img, clean = slide
     with open_image(path) as h:
-        res = auto_enhance(h, ArraySink(), ClassicalEngine)
+        res = auto_enhance(h, ArraySink(), lambda task: ClassicalEngine())
     engine = res.result.provenance.engine
     out = res.result.output.extra["pixels"]
     assert engine["name"] == "auto" and set(engine["engines"]) >= {"deblur", "denoise"}
@@ -80,5 +80,5 @@ def test_auto_on_a_clean_region_writes_nothing(sample_slide: Path) -> None:
     with open_image(sample_slide) as h:
         from lpfm_toolkit.sources import Region
 
-        res = auto_enhance(h, sink, ClassicalEngine, region=Region(900, 1200, 480, 480))
+        res = auto_enhance(h, sink, lambda task: ClassicalEngine(), region=Region(900, 1200, 480, 480))
     assert res.result is None and res.report["flagged_tiles"] == 0 and not sink.results

@@ -46,6 +46,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     est = train(
         data,
         steps=args.steps,
+        feature_dropout=args.feature_dropout,
         seed=args.seed,
         progress=lambda s, n, loss: print(f"step {s}/{n} loss {loss:.4f}", flush=True),
     )
@@ -60,6 +61,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 "samples": args.samples,
                 "crop": args.crop,
                 "steps": args.steps,
+                "feature_dropout": args.feature_dropout,
                 "seed": args.seed,
                 "threads": args.threads,
                 "data_seconds": round(t_data),
@@ -386,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--out", default=None)
+    t.add_argument("--feature-dropout", type=float, default=0.0)
     e = sub.add_parser("evaluate")
     e.add_argument("--slides", type=int, default=6)
     e.add_argument("--size", type=int, default=2048)

@@ -244,9 +244,14 @@ def train(
     lr: float = 2e-3,
     seed: int = 0,
     width: int = 32,
+    feature_dropout: float = 0.0,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> LearnedEstimator:
-    """Train an :class:`EstimatorNet` on :func:`training_set` output (Adam, cosine decay, flips)."""
+    """Train an :class:`EstimatorNet` on :func:`training_set` output (Adam, cosine decay, flips).
+
+    ``feature_dropout``: the fraction of samples whose classical numbers are hidden (zeroed), so the network
+    also learns to read the pixels where the classical estimate fails.
+    """
     torch.manual_seed(seed)
     net = EstimatorNet(width=width)
     x = torch.from_numpy(data["x"]).permute(0, 3, 1, 2).contiguous()
@@ -261,7 +266,10 @@ def train(
         xb = x[idx]
         if step % 2:
             xb = xb.flip(3)
-        out = net(xb, f[idx])
+        fb = f[idx]
+        if feature_dropout > 0:
+            fb = fb * (torch.rand((batch, 1), generator=g) >= feature_dropout).float()
+        out = net(xb, fb)
         loss = loss_fn(out, y[idx])
         opt.zero_grad()
         loss.backward()

@@ -7,7 +7,9 @@ Eight 768x768 RGB slides (tiled TIFFs cut from the bundled sample slide), ``-p d
 * ``dask2``: a ``LocalCluster`` of two worker processes with one thread each (``dask worker --nthreads 1``);
 * ``dask1``: the same with one worker (for the 1 -> 2 worker scaling);
 * ``dask2-plain`` (``--plain``): two Dask workers running the bare job function, i.e. what the runner did
-  before :func:`lpfm_toolkit.jobs.runners.dask_job` (no allocator tuning, no thread share).
+  before :func:`lpfm_toolkit.jobs.runners.dask_job` (no allocator tuning, no thread share);
+* ``pool2-trim-env`` (``--plain``): the pool started with ``MALLOC_TRIM_THRESHOLD_=65536`` in the environment
+  (what a process that started a ``LocalCluster`` passes on: distributed leaves it in ``os.environ``).
 
 Per job the time is the pipeline's own ``durations.total_s`` from each output's provenance; wall time is the
 whole run; CPU seconds per job are those of the worker processes (``RUSAGE_CHILDREN`` once they ended), which
@@ -47,6 +49,7 @@ def make_slides(folder: Path) -> list[Path]:
 
 
 def run(name: str, slides: list[Path], root: Path, runner: Any) -> dict[str, Any]:
+    """Run the eight jobs on ``runner`` into ``root/name``; wall time, CPU seconds and per-job times."""
     from lpfm_toolkit.jobs import JobSpec, JobStore, add_jobs, run_queued
     from lpfm_toolkit.sinks.ometiff import read_provenance
 
@@ -110,6 +113,7 @@ def startup_cpu(kind: str) -> float:
 
     cpu0 = children_cpu()
     if kind == "pool":
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)  # see main()
         pool = LocalRunner(2)._new_pool()
         futures = [pool.submit(warm, 3.0) for _ in range(2)]  # submitted together: two processes start
         pids = {f.result() for f in futures}
@@ -149,6 +153,9 @@ def main() -> None:
         root = Path(tmp)
         slides = make_slides(root)
         startup = {"pool": startup_cpu("pool"), "dask": startup_cpu("dask")}
+        # distributed's LocalCluster leaves MALLOC_TRIM_THRESHOLD_=65536 in this process's os.environ, and a
+        # pool started afterwards inherits it: the pool runs as users get it, without the variable
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
         results = [
             run("pool2", slides, root, LocalRunner(2)),
             run("dask2", slides, root, dask(2, False)),
@@ -156,6 +163,9 @@ def main() -> None:
         ]
         if args.plain:
             results.append(run("dask2-plain", slides, root, dask(2, True)))
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # a pool started where the nanny's setting leaked
+            results.append(run("pool2-trim-env", slides, root, LocalRunner(2)))
+            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     by = {r["name"]: r for r in results}
     for r in results:  # the work of the jobs alone: the start-up of that many workers taken off
         n_workers = 1 if r["name"] == "dask1" else 2
@@ -174,6 +184,9 @@ def main() -> None:
     if "dask2-plain" in by:
         ratios["dask2-plain job / pool2 job"] = round(by["dask2-plain"]["job_mean_s"] / by["pool2"]["job_mean_s"], 3)
         ratios["dask2-plain wall / pool2 wall"] = round(by["dask2-plain"]["wall_s"] / by["pool2"]["wall_s"], 3)
+        ratios["pool2 with MALLOC_TRIM_THRESHOLD_ / pool2 CPU seconds per job"] = round(
+            by["pool2-trim-env"]["cpu_s_per_job"] / by["pool2"]["cpu_s_per_job"], 3
+        )
         ratios["dask2-plain / pool2 CPU seconds per job, start-up taken off"] = round(
             by["dask2-plain"]["cpu_s_per_job_without_startup"] / by["pool2"]["cpu_s_per_job_without_startup"], 3
         )

@@ -110,7 +110,8 @@ def _pool_job(spec: dict[str, Any], threads: int | None) -> tuple[str, Any]:
     """:func:`run_job` in a pool worker; a worker told to stop exits once its job has unwound."""
     _in_job.set()
     try:
-        return run_job(spec, threads)
+        with array_friendly_malloc():  # a pool started where MALLOC_TRIM_THRESHOLD_ is set (e.g. after a
+            return run_job(spec, threads)  # LocalCluster in this process: distributed leaves it in os.environ)
     except _WorkerStopped:
         _clean_own_scratch([spec])  # a writer the stop caught before its `with` began has no abort to run
         os._exit(128 + signal.SIGTERM)

@@ -260,11 +260,14 @@ def array_friendly_malloc() -> Iterator[None]:
                 libc.malloc_trim(0)
 
 
+_thread_share: dict[str, tuple[int, float]] = {}  # worker address → (threads, valid until)
+
+
 def _dask_threads() -> int | None:
     """Math threads for one job on this Dask worker: this host's cores shared among its Dask worker threads.
 
     ``LPFM_THREADS`` in the worker's environment wins; outside a worker (or when the scheduler does not
-    answer) None, i.e. leave the process's settings alone.
+    answer) None, i.e. leave the process's settings alone. The share is asked of the scheduler once a minute.
     """
     if os.environ.get("LPFM_THREADS", "").isdigit():
         return int(os.environ["LPFM_THREADS"])
@@ -272,12 +275,20 @@ def _dask_threads() -> int | None:
         from distributed import get_worker
 
         worker = get_worker()
+    except Exception:  # noqa: BLE001 - not on a worker (or no dask): keep the process's settings
+        return None
+    cached = _thread_share.get(worker.address)
+    if cached is not None and time.monotonic() < cached[1]:
+        return cached[0]
+    try:
         host = worker.address.rsplit(":", 1)[0]
         info = worker.client.scheduler_info()["workers"]
         slots = sum(int(w.get("nthreads", 1)) for addr, w in info.items() if addr.rsplit(":", 1)[0] == host)
-    except Exception:  # noqa: BLE001 - not on a worker, or no answer: keep the process's settings
+    except Exception:  # noqa: BLE001 - the scheduler did not answer: keep the process's settings
         return None
-    return max(1, free_cores() // max(1, slots))
+    share = max(1, free_cores() // max(1, slots))
+    _thread_share[worker.address] = (share, time.monotonic() + 60.0)
+    return share
 
 
 def dask_job(spec: dict[str, Any], threads: int | None = None) -> tuple[str, Any]:

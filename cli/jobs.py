@@ -12,8 +12,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from lpfm_toolkit.cli.common import console, err_console, fail, handle_errors, progress_bar
-from lpfm_toolkit.cli.local import engine_option_list
+from lpfm_toolkit.cli.batch import batch_progress, eta_text, summary_table
+from lpfm_toolkit.cli.common import console, err_console, fail, handle_errors
+from lpfm_toolkit.cli.options import engine_flag_list, options_from_flags
 from lpfm_toolkit.errors import ConfigError
 
 STORE_ENV = "LPFM_JOBS_STORE"
@@ -25,11 +26,17 @@ def store_option(func: Any) -> Any:
                         help=f"The job store (SQLite, on a local disk; or ${STORE_ENV}).")(func)
 
 
+#: the engine and run flags a job stores (threads are the runner's: each worker gets its share of the cores)
+JOB_FLAGS = ("engine", "method", "model", "device", "steps", "samples", "sampler", "tta", "trust_pickle", "compile",
+             "seed", "tile_size", "overlap", "compression", "tiff_tile")
+
+
 def spec_options(func: Any) -> Any:
     """Options that say what each job does (defaults from lpfm's settings, as for `lpfm enhance`)."""
     opts = [
         click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to read."),
-        *engine_option_list("auto: the default model bundle if installed, else classical (fixed when added)."),
+        *engine_flag_list("auto: the default model bundle if installed, else classical (fixed when added).",
+                          only=JOB_FLAGS),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -68,16 +75,14 @@ def run_options(func: Any) -> Any:
 
 
 def _template(prompt: str, out: str | None, level: int, region: tuple[int, int, int, int] | None,
-              trust_pickle: bool, flags: dict[str, Any]) -> Any:
+              trust_pickle: bool | None, flags: dict[str, Any]) -> Any:
     """A :class:`JobSpec` without a source, from the options and the user's settings."""
-    from lpfm_toolkit.cli.local import settings_from_flags
     from lpfm_toolkit.jobs import JobSpec
 
-    st = settings_from_flags(**flags)
+    options, st = options_from_flags({**flags, "trust_pickle": trust_pickle})
     return JobSpec(source="", prompt=prompt, out=out if out is not None else st.output_dir, level=level,
-                   region=region, engine=st.engine, method=st.method, model=st.model, device=st.device,
-                   steps=st.steps, samples=st.samples, trust_pickle=trust_pickle, seed=st.seed, tile=st.tile_size,
-                   overlap=st.overlap, compression=st.compression, tiff_tile=st.tiff_tile)
+                   region=region, seed=st.seed, tile=st.tile_size, overlap=st.overlap, compression=st.compression,
+                   tiff_tile=st.tiff_tile, **JobSpec.options_fields(options))
 
 
 def _open_store(path: Path, *, create: bool = False, readonly: bool = False) -> Any:
@@ -268,39 +273,36 @@ def _runner(workers: int, dask_scheduler: str | None, slurm: bool, opts: dict[st
     return LocalRunner(workers)
 
 
-def eta_text(elapsed_s: float, finished: int, computed: int, total: int) -> str:
-    """``3/8 · ETA 1:20``: the time left from the mean of the jobs that computed (skipped ones cost ~nothing)."""
-    left = max(0, total - finished)
-    text = f"{finished}/{total}"
-    if left and computed:
-        eta = int(round(elapsed_s / computed * left))
-        text += f" · ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" if eta >= 3600 else \
-            f" · ETA {eta // 60}:{eta % 60:02d}"
-    return text
-
-
 @contextmanager
-def _events(total: int) -> Iterator[Callable[[str, Any, str], None]]:
-    """A progress bar over jobs (with its ETA), and one line per finished job with its count and the ETA."""
-    finished = computed = 0
-    t0 = time.monotonic()
-    with progress_bar("jobs", total=total or None) as update:
-        update(0, total)
+def _events(total: int) -> Iterator[tuple[Callable[[str, Any, str], None], list[Any]]]:
+    """The shared batch display over jobs (with its ETA), one line per finished job with its count and the ETA;
+    yields the runner's event callback and the list the finished jobs' outcomes collect in."""
+    from lpfm_toolkit.batch import BatchProgress, EtaClock, Outcome, Status
+
+    eta = EtaClock(total)
+    outcomes: list[Outcome] = []
+    statuses = {"done": Status.DONE, "skipped": Status.SKIPPED, "failed": Status.FAILED}
+    with batch_progress("lpfm jobs run", eager=True) as progress:
+        progress(BatchProgress(0, total, "", 0))
 
         def on_event(event: str, job: Any, detail: str) -> None:
-            nonlocal finished, computed
             if event == "start":
                 return
-            if event in ("done", "skipped", "failed"):
-                finished += 1
-            computed += event in ("done", "failed", "retry")
+            if event in statuses:
+                failed = event == "failed"
+                outcome = Outcome(job.label, statuses[event], result=None if failed else detail,
+                                  error=detail if failed else None)
+                outcomes.append(outcome)
+                eta.finish(outcome)
+            elif event == "retry":
+                eta.computed += 1  # it took its time; it is queued again
+            eta.total = max(eta.total, eta.finished)
             style = {"done": "green", "skipped": None, "retry": "yellow", "failed": "red"}[event]
-            word = {"skipped": "already done"}.get(event, event)
-            where = eta_text(time.monotonic() - t0, finished, computed, max(total, finished))
-            console.print(f"[{where}] {word}: {job.label} → {detail}", style=style, markup=False)
-            update(finished, max(total, finished))
+            where = f"{eta.finished}/{eta.total}" + (f" · {eta_text(left)}" if (left := eta.eta()) else "")
+            console.print(f"[{where}] {event}: {job.label} → {detail}", style=style, markup=False)
+            progress(BatchProgress(eta.finished, eta.total, job.label, eta.finished, eta_s=eta.eta()))
 
-        yield on_event
+        yield on_event, outcomes
 
 
 def _run(store: Any, runner: Any, max_attempts: int, lease_s: float, verify: str = "quick") -> Any:
@@ -309,7 +311,7 @@ def _run(store: Any, runner: Any, max_attempts: int, lease_s: float, verify: str
     from lpfm_toolkit.jobs import Terminated, clean_store_scratch, run_queued, sigterm_interrupts
 
     counts = store.counts()
-    with sigterm_interrupts(), _events(counts["queued"] + counts["running"]) as on_event:
+    with sigterm_interrupts(), _events(counts["queued"] + counts["running"]) as (on_event, outcomes):
         try:
             summary = run_queued(store, runner, max_attempts=max_attempts, lease_s=lease_s, on_event=on_event,
                                  verify=verify)
@@ -323,11 +325,13 @@ def _run(store: Any, runner: Any, max_attempts: int, lease_s: float, verify: str
                 fail("stopped by SIGTERM", "the jobs in flight were queued again; re-run to continue", 143)
             raise
         runner.close()
+    if outcomes:
+        console.print(summary_table(outcomes, "lpfm jobs run"))
     return summary
 
 
 def _summary_line(summary: Any) -> str:
-    return (f"{summary.done} done, {summary.skipped} already done, {summary.failed} failed, "
+    return (f"{summary.done} done, {summary.skipped} skipped, {summary.failed} failed, "
             f"{summary.retried} retried" + (f", {len(summary.requeued)} requeued after a crash"
                                              if summary.requeued else "")
             + (f", {summary.remade} damaged earlier output(s) made again" if summary.remade else ""))

@@ -8,10 +8,10 @@ import sys
 from typing import Any
 
 import click
-from rich.table import Table
 
-from lpfm_toolkit.cli.common import console, fail, handle_errors, levels_table, progress_bar
-from lpfm_toolkit.cli.local import build_engine, engine_options, settings_from_flags
+from lpfm_toolkit.cli.batch import batch_progress, report_batch
+from lpfm_toolkit.cli.common import console, fail, handle_errors, levels_table
+from lpfm_toolkit.cli.options import engine_flags, options_from_flags
 
 
 def _settings(ctx: click.Context) -> Any:
@@ -118,41 +118,25 @@ def info(ctx: click.Context, image_id: int, as_json: bool) -> None:
 @click.option("--target-dataset", default=None,
               help="Dataset id or name for the results (default: the original's dataset; a name is created).")
 @click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to read.")
-@engine_options
+@engine_flags
 @click.pass_context
 @handle_errors
 def enhance(ctx: click.Context, image_ids: tuple[int, ...], dataset_id: int | None, roi_classes: tuple[str, ...],
-            prompt: str, output: str, target_dataset: str | None, level: int, force: bool, trust_pickle: bool,
-            **engine_flags: Any) -> None:
+            prompt: str, output: str, target_dataset: str | None, level: int, force: bool, **flags: Any) -> None:
     """Enhance OMERO images (--image … or --dataset), or only their ROIs of a class, into new images."""
     from lpfm_toolkit.errors import RegionError
     from lpfm_toolkit.integrations.omero.session import OmeroSession
     from lpfm_toolkit.integrations.omero.workflow import enhance_omero
+    from lpfm_toolkit.prompts import parse_prompt
 
     if not image_ids and dataset_id is None:
         raise RegionError("nothing selected", "give --image ID (repeatable) or --dataset ID")
-    settings = settings_from_flags(**engine_flags)
+    task = parse_prompt(prompt)
+    options, settings = options_from_flags(flags)
     omero_settings = _settings(ctx)
-    engine = build_engine(settings, trust_pickle)
-    with OmeroSession(omero_settings) as session, progress_bar(f"{prompt} (tiles of the current item)") as update:
-
-        def progress(label: str, done: int, total: int) -> None:
-            update(done, total)
-
-        run = enhance_omero(session, prompt=prompt, image_ids=image_ids, dataset_id=dataset_id,
-                            roi_classes=roi_classes, output=output, target_dataset=target_dataset, engine=engine,
-                            level=level, seed=settings.seed, tile_size=settings.tile_size,
-                            overlap=settings.overlap, force=force, uncertainty=settings.samples > 1,
-                            progress=progress)
-    table = Table(title=f"lpfm omero enhance: {prompt}")
-    for col, justify in (("image", "right"), ("item", "left"), ("status", "left"), ("new image", "right"),
-                         ("note", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for o in run.outcomes:
-        table.add_row(str(o.image_id), o.label, o.status, str(o.new_image_id or ""), o.error or "")
-    console.print(table)
-    counts = run.counts()
-    console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
-    if run.failed:
-        fail(f"{len(run.failed)} of {len(run.outcomes)} items failed", "see the table above; re-running skips "
-             "finished items", 1)
+    with OmeroSession(omero_settings) as session, batch_progress(f"lpfm omero enhance · {task.label}") as progress:
+        outcomes = enhance_omero(session, prompt=prompt, image_ids=image_ids, dataset_id=dataset_id,
+                                 roi_classes=roi_classes, output=output, target_dataset=target_dataset,
+                                 options=options, level=level, seed=settings.seed, tile_size=settings.tile_size,
+                                 overlap=settings.overlap, force=force, progress=progress)
+    report_batch(outcomes, f"lpfm omero enhance · {prompt}")

@@ -441,7 +441,7 @@ def test_cli_add_run_status_retry(sample_slide: Path, tmp_path: Path) -> None:
 
     res = jobs("run", "--max-attempts", "1")
     assert res.exit_code == 1, res.output  # one job failed for good
-    assert "1 done, 0 already done, 1 failed" in res.output
+    assert "1 done, 0 skipped, 1 failed" in res.output and "│ failed" in res.output  # the summary table
     res = jobs("status")
     assert res.exit_code == 0 and "failed" in res.output and "Error" in res.output
     status = json.loads(jobs("status", "--json").output)
@@ -460,13 +460,19 @@ def test_cli_add_run_status_retry(sample_slide: Path, tmp_path: Path) -> None:
 
 
 def test_progress_lines_carry_the_count_and_an_eta() -> None:
-    from lpfm_toolkit.cli.jobs import eta_text
+    from lpfm_toolkit.batch import EtaClock, Outcome, Status
+    from lpfm_toolkit.cli.batch import eta_text
 
-    assert eta_text(0.0, 0, 0, 8) == "0/8"
-    assert eta_text(30.0, 2, 2, 8) == "2/8 · ETA 1:30"  # 15 s per computed job, 6 left
-    assert eta_text(30.0, 3, 1, 8) == "3/8 · ETA 2:30"  # skipped jobs cost nothing: the rate is of computed ones
-    assert eta_text(7200.0, 1, 1, 3) == "1/3 · ETA 4:00:00"
-    assert eta_text(10.0, 8, 8, 8) == "8/8"
+    now = [0.0]
+    eta = EtaClock(8, clock=lambda: now[0])
+    assert eta.eta() is None  # nothing to go by yet
+    now[0] = 30.0
+    eta.finish(Outcome("a", Status.DONE))
+    eta.finish(Outcome("b", Status.DONE))
+    assert eta_text(eta.eta()) == "ETA 1:30"  # 15 s per computed job, 6 left
+    eta.finish(Outcome("c", Status.SKIPPED))
+    assert eta_text(eta.eta()) == "ETA 1:15"  # skipped jobs cost nothing: the rate is of computed ones
+    assert eta_text(7200.0 * 2) == "ETA 4:00:00"
 
 
 def test_cli_watch_once(sample_slide: Path, tmp_path: Path) -> None:

@@ -1,18 +1,20 @@
 """Enhance OMERO images, datasets or ROIs of a class: the one workflow the CLI, the OMERO.script and
 scheduled jobs call.
 
-Each work item is recorded exactly (created, skipped as already done, failed with its error, or not run
-because the time budget or the session ran out); one item failing does not stop the others.
+Each work item (an image, or one ROI of a class) runs through the one batch runner
+(:func:`lpfm_toolkit.batch.run_items`) and is recorded exactly as an :class:`~lpfm_toolkit.batch.Outcome`:
+done, skipped (done before: nothing new), nothing to do (no ROI of the class), failed with its error, or not
+run because the time budget or the session ran out; one item failing does not stop the others.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from lpfm_toolkit.batch import BatchProgressFn, KeptOpen, Outcome, Status, run_items
 from lpfm_toolkit.errors import LpfmError, RegionError
 from lpfm_toolkit.integrations.omero.session import (
     OmeroSession,
@@ -24,46 +26,7 @@ from lpfm_toolkit.integrations.omero.session import (
 
 log = logging.getLogger(__name__)
 
-#: item_progress(label, done_tiles, total_tiles) for the item being run
-ItemProgress = Callable[[str, int, int], None]
-
-
-@dataclass
-class ItemOutcome:
-    """What happened to one work item."""
-
-    image_id: int
-    label: str
-    status: str  # created | exists (done before: nothing new) | no match (no ROI of the class) | failed | not run
-    new_image_id: int | None = None
-    name: str | None = None
-    error: str | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class OmeroRun:
-    """All outcomes of one ``enhance_omero`` call, in order."""
-
-    outcomes: list[ItemOutcome] = field(default_factory=list)
-
-    @property
-    def new_image_ids(self) -> list[int]:
-        return [o.new_image_id for o in self.outcomes if o.status == "created" and o.new_image_id is not None]
-
-    @property
-    def failed(self) -> list[ItemOutcome]:
-        return [o for o in self.outcomes if o.status == "failed"]
-
-    @property
-    def not_run(self) -> list[ItemOutcome]:
-        return [o for o in self.outcomes if o.status == "not run"]
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for o in self.outcomes:
-            out[o.status] = out.get(o.status, 0) + 1
-        return out
+SESSION_LOST = "the OMERO session was lost"
 
 
 def dataset_image_ids(session: OmeroSession, dataset_id: int) -> list[int]:
@@ -87,103 +50,146 @@ def _text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, LpfmError) else describe_server_error(exc)
 
 
+def _halt(exc: BaseException) -> str | None:
+    """Why the rest of a batch cannot run after ``exc`` (the session is gone), or None."""
+    return SESSION_LOST if isinstance(exc, SessionLostError) or is_session_lost(exc) else None
+
+
 def select_annotations(annotations: Sequence[Any], roi_classes: Sequence[str]) -> list[Any]:
     """Annotations whose class is one of ``roi_classes`` (compared without case)."""
     wanted = {c.strip().lower() for c in roi_classes}
     return [a for a in annotations if a.class_name and a.class_name.strip().lower() in wanted]
 
 
-def enhance_omero(session: OmeroSession, *, prompt: str, image_ids: Sequence[int] = (),
-                  dataset_id: int | None = None, roi_classes: Sequence[str] = (), output: str = "new",
-                  target_dataset: int | str | None = None, engine: Any = None, engine_name: str = "auto",
-                  engine_options: dict[str, Any] | None = None, level: int = 0, seed: int = 0,
-                  tile_size: int | None = None, overlap: int | None = None, force: bool = False,
-                  uncertainty: bool = False, time_budget_s: float | None = None, progress: ItemProgress | None = None,
-                  on_outcome: Callable[[ItemOutcome], None] | None = None) -> OmeroRun:
-    """Enhance images (or their ROIs of ``roi_classes``) and write new images next to them in OMERO."""
+@dataclass(frozen=True)
+class ImageItem:
+    """One unit of work: an image, or one of its ROIs. ``nothing``: why there is nothing to run for it;
+    ``error``: what went wrong while selecting it (raised again when it runs, so it is recorded in order)."""
+
+    image_id: int
+    name: str
+    annotation: Any = None
+    nothing: str | None = None
+    error: BaseException | None = None
+
+    @property
+    def label(self) -> str:
+        """``image 42 · slide.svs · Tumor: T1`` (the name is known once the image was opened)."""
+        parts = [f"image {self.image_id}"]
+        if self.name != parts[0]:
+            parts.append(self.name)
+        if self.annotation is not None:
+            ann = self.annotation
+            parts.append(f"{ann.class_name + ': ' if ann.class_name else ''}{ann.name or ann.id or 'ROI'}")
+        return " · ".join(parts)
+
+
+def select_items(session: OmeroSession, image_ids: Sequence[int], roi_classes: Sequence[str] = ()) -> list[ImageItem]:
+    """The items of a run: each image, or each of its ROIs of ``roi_classes`` (images are opened to find them)."""
+    from lpfm_toolkit.integrations.omero.source import OmeroImageHandle
+
+    if not roi_classes:
+        return [ImageItem(i, f"image {i}") for i in image_ids]
+    items: list[ImageItem] = []
+    lost = False
+    for image_id in image_ids:
+        if lost:  # the batch halts at the first lost session: the rest are listed, not opened
+            items.append(ImageItem(image_id, f"image {image_id}"))
+            continue
+        try:
+            with OmeroImageHandle(session, image_id) as handle:
+                anns = select_annotations(handle.annotations(), roi_classes)
+                name = handle.name
+        except (LpfmError, *server_error_types()) as exc:
+            items.append(ImageItem(image_id, f"image {image_id}", error=exc))
+            lost = _halt(exc) is not None
+            continue
+        if not anns:
+            items.append(ImageItem(image_id, name, nothing=f"no ROI of class {', '.join(roi_classes)}"))
+        items += [ImageItem(image_id, name, annotation=a) for a in anns]
+    return items
+
+
+def _open_image(session: OmeroSession, output: str, target_dataset: int | str | None) -> Any:
+    """``open(image_id) -> (handle, sink)`` for :class:`~lpfm_toolkit.batch.KeptOpen`."""
     from lpfm_toolkit.integrations.omero.sink import OmeroSink
     from lpfm_toolkit.integrations.omero.source import OmeroImageHandle
+
+    def open_(image_id: int) -> tuple[Any, Any]:
+        handle = OmeroImageHandle(session, image_id)
+        try:
+            return handle, OmeroSink(session, handle, mode=output, dataset=target_dataset)
+        except BaseException:
+            handle.close()
+            raise
+
+    return open_
+
+
+def enhance_omero(session: OmeroSession, *, prompt: str, image_ids: Sequence[int] = (),
+                  dataset_id: int | None = None, roi_classes: Sequence[str] = (), output: str = "new",
+                  target_dataset: int | str | None = None, engine: Any = None, options: Any = None,
+                  level: int = 0, seed: int = 0, tile_size: int | None = None, overlap: int | None = None,
+                  force: bool = False, uncertainty: bool | None = None, time_budget_s: float | None = None,
+                  progress: BatchProgressFn | None = None) -> list[Outcome]:
+    """Enhance images (or their ROIs of ``roi_classes``) and write new images next to them in OMERO.
+
+    ``engine``: a built engine, or None to build it from ``options`` (an
+    :class:`~lpfm_toolkit.options.EngineOptions`; default: the settings') once the images are found.
+    One :class:`~lpfm_toolkit.batch.Outcome` per item; ``detail`` holds ``image_id`` and, for results,
+    ``new_image_id`` and ``name``.
+    """
     from lpfm_toolkit.pipeline import plan, run_item
     from lpfm_toolkit.prompts import parse_prompt
 
     task = parse_prompt(prompt)
-    if engine is None:
-        from lpfm_toolkit.engine import get_engine  # the engine is loaded only when work starts
-
-        engine = get_engine(engine_name, **(engine_options or {}))
     ids = [int(i) for i in image_ids]
     if dataset_id is not None:
         ids += [i for i in dataset_image_ids(session, int(dataset_id)) if i not in ids]
     if not ids:
         raise RegionError("no images to enhance", "give --image IDs or a --dataset that holds images")
+    if engine is None:
+        from lpfm_toolkit.options import EngineOptions, build_engine
 
-    run = OmeroRun()
-    started = time.monotonic()
-    item_seconds: list[float] = []
+        options = options if options is not None else EngineOptions.from_settings()
+        engine = build_engine(options, task)  # the engine is loaded only when there is work
+    if uncertainty is None:
+        uncertainty = options is not None and options.samples > 1
+    current: KeptOpen[int, tuple[Any, Any]] = KeptOpen(
+        _open_image(session, output, target_dataset), lambda opened: opened[0].close()
+    )
 
-    def record(outcome: ItemOutcome) -> None:
-        run.outcomes.append(outcome)
-        if on_outcome is not None:
-            on_outcome(outcome)
+    def run_one(item: ImageItem, tiles: Callable[[int, int], None]) -> Outcome:
+        if item.error is not None:
+            raise item.error
+        if item.nothing:
+            return Outcome(item.label, Status.NOTHING, error=item.nothing)
+        handle, sink = current.get(item.image_id)
+        anns = [item.annotation] if item.annotation is not None else None
+        (work,) = plan(handle, task, level=level, annotations=anns, seed=seed)
+        result = run_item(handle, work, engine, sink, tile_size=tile_size, overlap=overlap, force=force,
+                          samples_uncertainty=uncertainty, progress=tiles)
+        new_id = result.output.extra.get("image_id")
+        return Outcome(item.label, Status.SKIPPED if result.skipped else Status.DONE,
+                       result=f"image {new_id}" if new_id is not None else result.output.uri,
+                       detail={"new_image_id": new_id, "name": result.output.extra.get("name")})
 
-    def over_budget() -> bool:
-        if time_budget_s is None:
-            return False
-        expected = max(item_seconds) if item_seconds else 0.0
-        return time.monotonic() - started + expected > time_budget_s
-
-    stop_reason: str | None = None
     with session.keepalive():
-        for image_id in ids:
-            if stop_reason is not None:
-                record(ItemOutcome(image_id, f"image {image_id}", "not run", error=stop_reason))
-                continue
-            try:
-                handle = OmeroImageHandle(session, image_id)
-            except (LpfmError, *server_error_types()) as exc:
-                record(ItemOutcome(image_id, f"image {image_id}", "failed", error=_text(exc)))
-                if isinstance(exc, SessionLostError) or is_session_lost(exc):
-                    stop_reason = "not run: the OMERO session was lost"
-                continue
-            with handle:
-                try:
-                    anns = None
-                    if roi_classes:
-                        anns = select_annotations(handle.annotations(), roi_classes)
-                        if not anns:
-                            record(ItemOutcome(image_id, handle.name, "no match",
-                                               error=f"no ROI of class {', '.join(roi_classes)}"))
-                            continue
-                    items = plan(handle, task, level=level, annotations=anns, seed=seed)
-                except (LpfmError, *server_error_types()) as exc:
-                    record(ItemOutcome(image_id, handle.name, "failed", error=_text(exc)))
-                    continue
-                sink = OmeroSink(session, handle, mode=output, dataset=target_dataset)
-                for item in items:
-                    label = f"{handle.name}: {item.label}"
-                    if stop_reason is not None or over_budget():
-                        stop_reason = stop_reason or "not run: the time budget would be exceeded"
-                        record(ItemOutcome(image_id, label, "not run", error=stop_reason))
-                        continue
-                    t0 = time.monotonic()
-                    cb = (lambda d, t, _label=label: progress(_label, d, t)) if progress is not None else None
-                    try:
-                        result = run_item(handle, item, engine, sink, tile_size=tile_size, overlap=overlap,
-                                          force=force, samples_uncertainty=uncertainty, progress=cb)
-                    except Exception as exc:
-                        if not isinstance(exc, (LpfmError, *server_error_types())):
-                            raise  # a bug, not a server condition: let it surface with its traceback
-                        msg = _text(exc)
-                        log.error("%s failed: %s", label, msg)
-                        record(ItemOutcome(image_id, label, "failed", error=msg,
-                                           seconds=time.monotonic() - t0))
-                        if isinstance(exc, SessionLostError) or is_session_lost(exc):
-                            stop_reason = "not run: the OMERO session was lost"
-                        continue
-                    dt = time.monotonic() - t0
-                    if not result.skipped:
-                        item_seconds.append(dt)
-                    record(ItemOutcome(image_id, label, "exists" if result.skipped else "created",
-                                       new_image_id=result.output.extra.get("image_id"),
-                                       name=result.output.extra.get("name"), seconds=dt))
-    return run
+        items = select_items(session, ids, roi_classes)
+        try:
+            outcomes = run_items(items, run_one, label=lambda i: i.label, progress=progress,
+                                 catch=(LpfmError, *server_error_types()), describe=_text, halt=_halt,
+                                 budget_s=time_budget_s)
+        finally:
+            current.close()
+    for item, outcome in zip(items, outcomes, strict=True):
+        outcome.detail = {"image_id": item.image_id, **outcome.detail}
+        if outcome.status is Status.FAILED:
+            log.error("%s failed: %s", outcome.item, outcome.error)
+    return outcomes
+
+
+def new_image_ids(outcomes: Sequence[Outcome]) -> list[int]:
+    """The ids of the images a run created (in order)."""
+    return [o.detail["new_image_id"] for o in outcomes
+            if o.status is Status.DONE and o.detail.get("new_image_id") is not None]

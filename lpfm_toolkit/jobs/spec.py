@@ -24,6 +24,7 @@ from typing import Any
 from lpfm_toolkit.engine.base import Engine
 from lpfm_toolkit.errors import ConfigError
 from lpfm_toolkit.jobs.store import one_line_error, worker_id
+from lpfm_toolkit.options import EngineOptions
 from lpfm_toolkit.pipeline import ProgressFn
 from lpfm_toolkit.sources.base import ImageHandle
 
@@ -31,7 +32,11 @@ log = logging.getLogger(__name__)
 
 #: fields added after the first release: left out of :meth:`JobSpec.to_dict` at their defaults, so specs
 #: (and the watcher's recipes) written before them stay the same
-_LATER_FIELDS = {"roi_classes": (), "output_mode": "new", "target_dataset": None, "verify": "quick"}
+_LATER_FIELDS = {"roi_classes": (), "output_mode": "new", "target_dataset": None, "verify": "quick",
+                 "sampler": None, "tta": False, "compile": False}
+#: the engine options a job stores (an :class:`~lpfm_toolkit.options.EngineOptions` less ``threads``, which is
+#: the runner's: each worker gets its share of the host's cores)
+SPEC_OPTIONS = ("engine", "method", "model", "device", "steps", "samples", "sampler", "tta", "trust_pickle", "compile")
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,9 @@ class JobSpec:
     output_mode: str = "new"  # OMERO: new | channels
     target_dataset: str | None = None  # OMERO: dataset id or name for the results
     verify: str = "quick"  # how an existing output is checked before it counts as done: quick | full
+    sampler: str | None = None  # engine options added after the first release (see SPEC_OPTIONS)
+    tta: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         from lpfm_toolkit.jobs.sources import kinds
@@ -105,8 +113,14 @@ class JobSpec:
         return cls(**d)
 
     @property
-    def engine_options(self) -> tuple[Any, ...]:
-        return (self.engine, self.method, self.model, self.device, self.steps, self.samples, self.trust_pickle)
+    def options(self) -> EngineOptions:
+        """The job's engine options (checked as any options are; hashable, so equal ones share an engine)."""
+        return EngineOptions.from_dict({name: getattr(self, name) for name in SPEC_OPTIONS})
+
+    @staticmethod
+    def options_fields(options: EngineOptions) -> dict[str, Any]:
+        """The :class:`JobSpec` fields that store ``options`` (``JobSpec(..., **JobSpec.options_fields(o))``)."""
+        return {name: getattr(options, name) for name in SPEC_OPTIONS}
 
     def recipe(self) -> str:
         """A digest of everything but the source: two specs with the same recipe do the same thing to a file."""
@@ -146,15 +160,14 @@ _engines = threading.local()
 
 def engine_for(spec: JobSpec) -> Engine:
     """The engine ``spec`` asks for, cached per thread of this process."""
-    from lpfm_toolkit.engine import get_engine
+    from lpfm_toolkit.options import build_engine
 
-    cache: dict[tuple[Any, ...], Engine] = getattr(_engines, "cache", None) or {}
+    cache: dict[EngineOptions, Engine] = getattr(_engines, "cache", None) or {}
     _engines.cache = cache
-    if spec.engine_options not in cache:
-        cache[spec.engine_options] = get_engine(spec.engine, method=spec.method, model=spec.model,
-                                                device=spec.device, steps=spec.steps, samples=spec.samples,
-                                                trust_pickle=spec.trust_pickle)
-    return cache[spec.engine_options]
+    options = spec.options
+    if options not in cache:
+        cache[options] = build_engine(options)
+    return cache[options]
 
 
 def _source(spec: JobSpec) -> Any:
@@ -223,7 +236,7 @@ def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
         engine = engine_for(spec)
         if spec.engine == "auto":
             spec = dataclasses.replace(spec, engine=engine.name)
-            _engines.cache[spec.engine_options] = engine
+            _engines.cache[spec.options] = engine
         engine.check(items[0].task, handle.channel_names)
         sink = _source(spec).sink(spec, handle)
         return spec, _job_key([_key(key_for, handle, item, engine, spec, sink) for item in items])

@@ -90,7 +90,7 @@ def test_enhance_roi_class_makes_one_image_per_roi_and_a_rerun_makes_none(server
     again = _invoke(args)
     assert again.exit_code == 0, again.output
     assert [i for i in server.images if i not in original] == new  # nothing new
-    assert again.output.count("│ exists │") == 2 and "2 exists" in again.output
+    assert again.output.count("│ skipped │") == 2 and "2 skipped" in again.output
     assert {i: b for i, b in server.snapshot().items() if i in original} == original
 
 

@@ -20,7 +20,8 @@ from omero.rtypes import rdouble, rint, rstring, unwrap  # noqa: E402
 
 from lpfm_toolkit.integrations.omero.session import OmeroSession, OmeroSettings  # noqa: E402
 from lpfm_toolkit.integrations.omero.source import OmeroImageHandle  # noqa: E402
-from lpfm_toolkit.integrations.omero.workflow import enhance_omero  # noqa: E402
+from lpfm_toolkit.integrations.omero.workflow import enhance_omero, new_image_ids  # noqa: E402
+from lpfm_toolkit.options import EngineOptions  # noqa: E402
 from lpfm_toolkit.provenance import NAMESPACE, Provenance  # noqa: E402
 
 pytestmark = pytest.mark.omero_live
@@ -95,9 +96,9 @@ def test_live_read_metadata_pixels_and_rois(live_settings, live) -> None:
 def test_live_enhance_rois_writes_results_and_is_idempotent(live_settings, live) -> None:
     with OmeroSession(live_settings) as s:
         run = enhance_omero(s, prompt="sr x2", image_ids=[live["image"]], roi_classes=["Tumor"],
-                            engine_name="classical")
-        assert [o.status for o in run.outcomes] == ["created"], run.outcomes
-        (new_id,) = run.new_image_ids
+                            options=EngineOptions(engine="classical"))
+        assert [o.status for o in run] == ["done"], run
+        (new_id,) = new_image_ids(run)
         image = s.conn.getObject("Image", new_id)
         assert (image.getSizeX(), image.getSizeY(), image.getSizeC()) == (200, 160, 3)
         assert image.getPixelSizeX() == pytest.approx(0.25)
@@ -115,15 +116,15 @@ def test_live_enhance_rois_writes_results_and_is_idempotent(live_settings, live)
         assert plane.shape == (160, 200)
 
         again = enhance_omero(s, prompt="sr x2", image_ids=[live["image"]], roi_classes=["Tumor"],
-                              engine_name="classical")
-        assert [o.status for o in again.outcomes] == ["exists"] and again.new_image_ids == []
+                              options=EngineOptions(engine="classical"))
+        assert [o.status for o in again] == ["skipped"] and new_image_ids(again) == []
 
 
 def test_live_channels_mode(live_settings, live) -> None:
     with OmeroSession(live_settings) as s:
         run = enhance_omero(s, prompt="denoise", image_ids=[live["image"]], roi_classes=["Stroma"],
-                            engine_name="classical", output="channels")
-        (new_id,) = run.new_image_ids
+                            options=EngineOptions(engine="classical"), output="channels")
+        (new_id,) = new_image_ids(run)
         image = s.conn.getObject("Image", new_id)
         assert image.getSizeC() == 6
         original = image.getPrimaryPixels().getPlane(0, 0, 0)

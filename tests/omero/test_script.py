@@ -57,11 +57,11 @@ def test_script_run_creates_images_and_reports_them(server, settings, script, ma
     params = {"Data_Type": "Dataset", "IDs": [ds], "Prompt": "sr x2", "Model": "classical", "ROI_Class": "Tumor",
               "Output_Mode": "new", "Seed": 0, "Time_Limit_Minutes": 5}
     message, new_ids, outcomes = script.run(conn, params)
-    assert message == "lpfm: 2 created" and len(new_ids) == 2
+    assert message == "lpfm: 2 done" and len(new_ids) == 2
     assert all(server.map_of(i)["lpfm.state"] == "complete" for i in new_ids)
     assert server.gateways[0].closed is None  # the script's own session is left to the script client
     message, new_ids, _ = script.run(conn, params)
-    assert message == "lpfm: 2 exists" and new_ids == []
+    assert message == "lpfm: 2 skipped" and new_ids == []
 
 
 def test_script_says_what_did_not_fit_in_the_time_limit(server, settings, script, make_pyramid, make_rect) -> None:
@@ -78,7 +78,9 @@ def test_script_says_what_did_not_fit_in_the_time_limit(server, settings, script
     assert "Not run (time limit): 1; run the script again" in message
 
 
-def test_model_parameter_chooses_the_engine(script) -> None:
-    assert script.engine_choice(None) == ("auto", {})
-    assert script.engine_choice("classical") == ("classical", {})
-    assert script.engine_choice("/models/he-v1") == ("lpfm", {"model": "/models/he-v1"})
+def test_model_parameter_chooses_the_engine(script, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("LPFM_CONFIG", str(tmp_path / "none.toml"))
+    assert script.engine_options(None).engine == "auto"
+    assert script.engine_options("classical").engine == "classical"
+    opts = script.engine_options("/models/he-v1")
+    assert (opts.engine, opts.model) == ("lpfm", "/models/he-v1")

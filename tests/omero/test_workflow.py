@@ -9,9 +9,10 @@ pytest.importorskip("omero", reason="omero-py is not installed: the OMERO suite 
 
 import omero  # noqa: E402
 
+from lpfm_toolkit.batch import summary  # noqa: E402
 from lpfm_toolkit.engine.base import IdentityEngine  # noqa: E402
 from lpfm_toolkit.integrations.omero.session import OmeroSession, OmeroSettings  # noqa: E402
-from lpfm_toolkit.integrations.omero.workflow import enhance_omero  # noqa: E402
+from lpfm_toolkit.integrations.omero.workflow import enhance_omero, new_image_ids  # noqa: E402
 
 
 @pytest.fixture
@@ -31,10 +32,10 @@ def test_a_server_error_on_one_image_does_not_stop_the_others(server, settings, 
     server.inject("findByImage", omero.InternalException(None, None, "database hiccup"), after=1)
     with OmeroSession(settings) as s:
         run = enhance_omero(s, prompt="sr x2", dataset_id=ds, roi_classes=["Tumor"], engine=IdentityEngine())
-    assert [(o.image_id, o.status) for o in run.outcomes] == [(ids[0], "created"), (ids[1], "failed"),
-                                                              (ids[2], "created")]
-    assert "InternalException: database hiccup" in run.failed[0].error
-    assert len(run.new_image_ids) == 2 and run.counts() == {"created": 2, "failed": 1}
+    assert [(o.detail["image_id"], o.status) for o in run] == [(ids[0], "done"), (ids[1], "failed"),
+                                                               (ids[2], "done")]
+    assert "InternalException: database hiccup" in run[1].error
+    assert len(new_image_ids(run)) == 2 and summary(run) == "2 done, 1 failed"
 
 
 def test_an_unrecoverable_session_loss_marks_the_rest_not_run(server, three) -> None:
@@ -44,9 +45,9 @@ def test_an_unrecoverable_session_loss_marks_the_rest_not_run(server, three) -> 
         # the first image is read and written; the session expires as the second one is opened
         server.inject("setPixelsId", omero.SessionTimeoutException(None, None, "expired"), after=1)
         run = enhance_omero(s, prompt="sr x2", image_ids=ids, engine=IdentityEngine(), tile_size=64, overlap=8)
-    assert [o.status for o in run.outcomes] == ["created", "failed", "not run"]
-    assert "reconnecting failed" in run.failed[0].error
-    assert run.not_run[0].error == "not run: the OMERO session was lost"
+    assert [o.status for o in run] == ["done", "failed", "not run"]
+    assert "reconnecting failed" in run[1].error
+    assert run[2].error == "not run: the OMERO session was lost"
 
 
 def test_no_images_is_a_clear_error(server, settings) -> None:
@@ -61,4 +62,4 @@ def test_a_dropped_connection_between_images_is_resumed(server, settings, three)
     with OmeroSession(settings) as s:
         run = enhance_omero(s, prompt="sr x2", image_ids=ids, engine=IdentityEngine(), tile_size=64, overlap=8)
         assert s.reconnects == 1
-    assert [o.status for o in run.outcomes] == ["created"] * 3
+    assert [o.status for o in run] == ["done"] * 3

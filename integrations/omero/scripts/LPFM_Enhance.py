@@ -49,51 +49,48 @@ def parameters() -> list:
     ]  # outputs (Message, New_Image) are set at the end; declaring them here would make them inputs too
 
 
-def engine_choice(model: str | None) -> tuple[str, dict]:
-    """Model parameter → (engine name, engine options)."""
+def engine_options(model: str | None) -> object:
+    """Model parameter → the :class:`~lpfm_toolkit.options.EngineOptions` of the run (settings of the server's
+    lpfm installation, then this choice): an engine name, or a bundle name or folder for the lpfm engine."""
+    from lpfm_toolkit.options import EngineOptions
+
     model = (model or "auto").strip()
-    if model in ENGINES:
-        return model, {}
-    return "lpfm", {"model": model}
+    choice = {"engine": model} if model in ENGINES else {"engine": "lpfm", "model": model}
+    return EngineOptions.from_settings(**choice)
 
 
-def run(conn: BlitzGateway, params: dict) -> tuple[str, list[int], object]:
-    """Run the request in ``params`` (unwrapped script inputs) on ``conn``; returns (message, new ids, run)."""
+def run(conn: BlitzGateway, params: dict) -> tuple[str, list[int], list]:
+    """Run the request in ``params`` (unwrapped script inputs) on ``conn``; returns (message, new ids, outcomes)."""
+    from lpfm_toolkit.batch import Status, summary
     from lpfm_toolkit.integrations.omero.session import OmeroSession
-    from lpfm_toolkit.integrations.omero.workflow import enhance_omero
+    from lpfm_toolkit.integrations.omero.workflow import enhance_omero, new_image_ids
 
     ids = [int(i) for i in params.get("IDs") or []]
     image_ids = ids if params.get("Data_Type", "Image") == "Image" else []
     dataset_ids = ids if params.get("Data_Type") == "Dataset" else []
     classes = [c.strip() for c in (params.get("ROI_Class") or "").split(",") if c.strip()]
-    engine_name, engine_options = engine_choice(params.get("Model"))
+    options = engine_options(params.get("Model"))
     minutes = params.get("Time_Limit_Minutes")
     budget = float(50 if minutes is None else minutes) * 60
     started = time.monotonic()
     session = OmeroSession(conn=conn)  # the script's own session: used, never closed here
-    outcomes = []
+    outcomes: list = []
     with session:
         targets = [(None, image_ids)] if image_ids else [(d, []) for d in dataset_ids]
         for dataset_id, images in targets:
             left = budget - (time.monotonic() - started)
-            result = enhance_omero(session, prompt=str(params["Prompt"]), image_ids=images, dataset_id=dataset_id,
-                                   roi_classes=classes, output=str(params.get("Output_Mode") or "new"),
-                                   engine_name=engine_name, engine_options=engine_options,
-                                   seed=int(params.get("Seed") or 0), time_budget_s=max(0.0, left))
-            outcomes.extend(result.outcomes)
-    new_ids = [o.new_image_id for o in outcomes if o.status == "created" and o.new_image_id is not None]
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.status] = counts.get(o.status, 0) + 1
-    parts = [f"{v} {k}" for k, v in counts.items()]
-    message = "lpfm: " + (", ".join(parts) if parts else "nothing to do")
-    not_run = [o.label for o in outcomes if o.status == "not run"]
+            outcomes += enhance_omero(session, prompt=str(params["Prompt"]), image_ids=images, dataset_id=dataset_id,
+                                      roi_classes=classes, output=str(params.get("Output_Mode") or "new"),
+                                      options=options, seed=int(params.get("Seed") or 0),
+                                      time_budget_s=max(0.0, left))
+    message = "lpfm: " + summary(outcomes)
+    not_run = [o for o in outcomes if o.status is Status.NOT_RUN]
     if not_run:
         message += f". Not run (time limit): {len(not_run)}; run the script again to continue"
-    failed = [f"{o.label}: {o.error}" for o in outcomes if o.status == "failed"]
+    failed = [f"{o.item}: {o.error}" for o in outcomes if o.status is Status.FAILED]
     if failed:
         message += ". Failed: " + "; ".join(failed[:3]) + (" …" if len(failed) > 3 else "")
-    return message, new_ids, outcomes
+    return message, new_image_ids(outcomes), outcomes
 
 
 def main() -> None:
@@ -104,8 +101,10 @@ def main() -> None:
         params = client.getInputs(unwrap=True)
         conn = BlitzGateway(client_obj=client)
         message, new_ids, outcomes = run(conn, params)
-        for o in outcomes:
-            print(f"{o.status:8} image {o.image_id}  {o.label}  {o.new_image_id or ''}  {o.error or ''}")
+        from lpfm_toolkit.batch import summary_rows
+
+        for item, status, result, seconds, note in summary_rows(outcomes):  # the job's stdout, for the admin
+            print(f"{status.value:13} {item}  {result}  {seconds}  {note}")
         client.setOutput("Message", rstring(message))
         if new_ids:
             client.setOutput("New_Image", robject(ImageI(new_ids[0], False)))

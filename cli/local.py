@@ -12,8 +12,7 @@ from rich.table import Table
 
 from lpfm_toolkit.cli.batch import batch_progress
 from lpfm_toolkit.cli.common import console, err_console, fail, handle_errors, levels_table, progress_bar
-from lpfm_toolkit.cli.options import RUN_FLAGS, engine_flag_list, engine_flags, options_from_flags
-from lpfm_toolkit.config import load_settings
+from lpfm_toolkit.cli.options import engine_flags, options_from_flags
 from lpfm_toolkit.errors import SlideNotFoundError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lpfm_toolkit" / "data" / "cmu_small_region.svs"
@@ -28,28 +27,6 @@ def sample_slide_path() -> Path:
     if not path.exists():
         raise SlideNotFoundError("the bundled sample slide is missing", "reinstall lpfm-toolkit")
     return path
-
-
-#: the engine and run flags every command shares (kept under this name for older callers)
-engine_options = engine_flags
-
-
-def engine_option_list(engine_help: str = "auto: the default model bundle if installed, else classical.") -> list[Any]:
-    """The engine flags a job spec stores (``lpfm jobs``): not yet --sampler, --tta, --threads or --compile."""
-    flags = engine_flag_list(engine_help, only=[*RUN_FLAGS, "engine", "method", "model", "device", "steps", "samples"])
-    return [*flags, click.option("--trust-pickle", is_flag=True, help="Allow pickled (.pt/.ckpt) weights.")]
-
-
-def build_engine(settings: Any, trust_pickle: bool = False) -> Any:
-    """The engine of a :class:`~lpfm_toolkit.config.Settings` (its engine options as resolved, ``--trust-pickle``)."""
-    from lpfm_toolkit.options import EngineOptions
-    from lpfm_toolkit.options import build_engine as build
-
-    return build(EngineOptions.from_settings(settings, trust_pickle=trust_pickle))
-
-
-def settings_from_flags(**flags: Any) -> Any:
-    return load_settings().replace(**flags)
 
 
 FILE_SUFFIXES = (".ome.tiff", ".ome.tif")
@@ -225,7 +202,7 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
     is_flag=True,
     help="Before reusing an earlier result, decode all of it against its checksums (default: header only).",
 )
-@engine_options
+@engine_flags
 @handle_errors
 def enhance(
     slide: Path,
@@ -260,7 +237,7 @@ def enhance(
 @click.option("-p", "--prompt", default="sr x2", show_default=True)
 @click.option("--region", "region_text", default=DEMO_REGION, show_default=True)
 @click.option("--out", default=None, help="Output folder (default: lpfm-out/).")
-@engine_options
+@engine_flags
 @handle_errors
 def demo(prompt: str, region_text: str, out: str | None, force: bool, **flags: Any) -> None:
     """Enhance a region of the bundled CC0 sample slide (CMU-1 cut, Aperio SVS) and say where it went."""

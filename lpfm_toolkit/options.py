@@ -5,9 +5,9 @@ make one :class:`EngineOptions` — defaults → settings file → ``LPFM_*`` en
 engine from it with :func:`build_engine`. The same object is what a job spec stores (:meth:`EngineOptions.to_dict`)
 and what ``reproduce`` rebuilds from a provenance record (:meth:`EngineOptions.from_provenance`).
 
-Flag names and setting keys agree: the field ``trust_pickle`` is ``--trust-pickle`` on the command line and
-``trust_pickle`` in the settings file (``LPFM_TRUST_PICKLE`` is not read: see :data:`FLAG_ONLY`).
-Importing this module imports no torch.
+Flag names and setting keys agree: the field ``sampler`` is ``--sampler`` on the command line, ``sampler`` in
+the settings file's ``[engine]`` section and ``LPFM_SAMPLER`` in the environment. ``trust_pickle`` is the one
+exception: a flag only (:data:`FLAG_ONLY`). Importing this module imports no torch.
 """
 
 from __future__ import annotations

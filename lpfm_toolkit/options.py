@@ -149,8 +149,9 @@ class EngineOptions:
 
         A record holding ``engine.options`` (:meth:`to_dict`) is read as is; older records are read from what
         the engine described: its name, classical method, bundle (its folder if recorded), sampler, steps,
-        samples and test-time augmentation. ``model`` replaces the bundle (it has moved). The device is not
-        taken: a result is reproduced on whatever device is here.
+        samples and test-time augmentation. ``model`` replaces the bundle (it has moved). The device and
+        threads are not taken (a result is reproduced on whatever is here), nor ``trust_pickle``: only the
+        caller's ``trust_pickle`` allows pickled weights.
         """
         desc = record.engine if hasattr(record, "engine") else record
         if not isinstance(desc, Mapping) or not desc.get("name"):
@@ -181,8 +182,7 @@ class EngineOptions:
             opts = cls()
         if model is not None:
             values["model"] = model
-        if trust_pickle:
-            values["trust_pickle"] = True
+        values["trust_pickle"] = trust_pickle  # only the caller's flag, never a record (files can be edited)
         return opts.updated(values, "provenance")
 
     # -------------------------------------------------------------------------------------- checking

@@ -149,6 +149,8 @@ def test_from_provenance_of_a_learned_result() -> None:
     assert restorer_only.steps == 0 and restorer_only.sampler is None
     stored = EngineOptions.from_provenance({"name": "lpfm", "options": opts.to_dict(), "device": "cuda"})
     assert stored == opts
+    pickled = EngineOptions.from_provenance({"name": "lpfm", "options": {**opts.to_dict(), "trust_pickle": True}})
+    assert pickled.trust_pickle is False  # an edited record cannot switch on unpickling
 
 
 def test_from_provenance_of_a_classical_result() -> None:

@@ -190,7 +190,7 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
 
 @click.command()
 @click.argument("slide", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", required=True, help='What to do, e.g. "sr x2", "denoise", "AF -> H&E".')
+@click.option("-p", "--prompt", default=None, help='What to do, e.g. "sr x2", "denoise", "AF -> H&E" (or --auto).')
 @click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to read.")
 @click.option("--region", "region_text", default=None, help="x,y,width,height in pixels of the level (default: all).")
 @click.option("--out", default=None, help="Output folder, or a file name ending in .ome.tiff (default: lpfm-out/).")
@@ -202,22 +202,48 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
     is_flag=True,
     help="Before reusing an earlier result, decode all of it against its checksums (default: header only).",
 )
+@click.option("--auto", is_flag=True, help="Enhance only the regions lpfm qc flags, each with its task (docs/qc.md).")
 @engine_flags
 @handle_errors
 def enhance(
     slide: Path,
-    prompt: str,
+    prompt: str | None,
     level: int,
     region_text: str | None,
     out: str | None,
     mpp: float | None,
     preview: str | None,
     verify: bool,
+    auto: bool,
     force: bool,
     **flags: Any,
 ) -> None:
     """Enhance or virtually stain SLIDE by PROMPT into a new pyramidal OME-TIFF (the original is untouched)."""
     options, settings = options_from_flags(flags)
+    if auto or not prompt:  # --auto: lpfm qc picks the regions and their tasks (lpfm_toolkit.qc.auto_enhance)
+        from lpfm_toolkit.cli.qc import run_auto
+        from lpfm_toolkit.errors import ConfigError
+
+        if not auto or prompt or preview:
+            what = (
+                "no prompt given"
+                if not auto
+                else "give -p PROMPT or --auto, not both"
+                if prompt
+                else "--preview is not available with --auto"
+            )
+            raise ConfigError(what, 'e.g. -p "sr x2", -p denoise, or --auto without -p and --preview')
+        run_auto(
+            slide,
+            level=level,
+            region_text=region_text,
+            out=out,
+            options=options,
+            settings=settings,
+            force=force,
+            mpp=mpp,
+        )
+        return
     run_and_report(
         slide,
         prompt,

@@ -82,3 +82,43 @@ def test_auto_on_a_clean_region_writes_nothing(sample_slide: Path) -> None:
 
         res = auto_enhance(h, sink, lambda task: ClassicalEngine(), region=Region(900, 1200, 480, 480))
     assert res.result is None and res.report["flagged_tiles"] == 0 and not sink.results
+
+
+def test_cli_enhance_auto(slide: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from lpfm_toolkit.cli.main import cli
+
+    path, img, _ = slide
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["enhance", str(path), "--auto", "--engine", "classical", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "lpfm enhance --auto" in res.output and "denoise" in res.output
+    (sidecar,) = out.glob("*.lpfm.json")
+    prov = json.loads(sidecar.read_text())
+    assert prov["engine"]["name"] == "auto" and prov["engine"]["qc"]["flagged_tiles"] > 0
+    assert set(prov["engine"]["engines"]) >= {"denoise"}
+    (tiff,) = out.glob("*.ome.tiff")
+    assert "[lpfm auto]" in prov["output"]["name"] and tiff.name.startswith("degraded")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "no prompt"),
+        (["--auto", "-p", "denoise"], "not both"),
+        (["--auto", "--preview", "p.png"], "--preview is not available"),
+        (["--auto", "--engine", "classical", "--method", "nlm"], "--method"),
+        (["--auto", "--samples", "2"], "--samples"),
+    ],
+)
+def test_cli_enhance_auto_bad_input(args: list[str], message: str, sample_slide: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lpfm_toolkit.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["enhance", str(sample_slide), *args, "--out", str(tmp_path)])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output

@@ -147,10 +147,17 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--tiles", type=int, default=6)
     ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--encoder-only", action="store_true", help="only the encoder invariance (any bundle)")
+    ap.add_argument("--label", default="model", help="names the --encoder-only results file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     record = {"encoder_invariance": encoder_invariance(args.model, args.tiles, args.tile)}
     print(json.dumps(record, indent=1), flush=True)
+    if args.encoder_only:
+        (ROOT / f"benchmarks/results/engine_encoder_invariance_{args.label}.json").write_text(
+            json.dumps(record, indent=1)
+        )
+        return
     record["tradeoff"] = tradeoff(args.model, args.tiles, args.tile)
     (ROOT / "benchmarks/results/engine_refiner_tradeoff.json").write_text(json.dumps(record, indent=1))
     plot(record["tradeoff"], ROOT / "docs/img/refiner_tradeoff.png")

@@ -78,7 +78,7 @@ def verify(model: str) -> None:
 
 
 @click.command()
-@click.option("--recipe", "recipe_name", default="tiny", show_default=True, help="Training recipe (tiny, tiny-v1, smoke).")
+@click.option("--recipe", "recipe_name", default="tiny", show_default=True, help="Training recipe (tiny, tiny-blind, smoke).")
 @click.option("--images", "-i", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Clean slides/images or folders of them (default: the bundled sample slide). Repeatable.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the finished bundle here.")

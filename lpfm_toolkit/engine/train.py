@@ -90,17 +90,19 @@ class TrainConfig:
 
 
 RECIPES: dict[str, TrainConfig] = {
+    # LPFM's discrete protocol on the bundled slide: the recipe of the shipped lpfm-tiny restorer, encoder
+    # and refiner (its stainer comes from a tiny-blind run; see the model card)
+    "tiny": TrainConfig(),
     # blind degradations, stain-diverse data, encoder-conditioned restorer, simulated fluorescence → H&E;
-    # sized for ≤ 2 h on two CPU cores (1 thread): each stage stops at its wall-time budget
-    "tiny": TrainConfig(
+    # sized for ≤ 2 h on two CPU cores (1 thread): each stage stops at its wall-time budget. Its first run
+    # lost to "tiny" on the cross-source set (docs/engine.md), so it does not make the default bundle.
+    "tiny-blind": TrainConfig(
         images=[str(SAMPLE_SLIDE), str(TRAINING_DATA)], holdout=0.15, blind=True, zoom=(1.0, 2.0),
         stain_jitter=0.5, ihc_sim=0.25, condition_restorer=True, cond_dropout=0.2, encoder_degraded=True,
         encoder_steps=600, restorer_steps=6000, stainer_steps=2000, refiner_steps=2500, lr=6e-4,
         stainer={"channels": [16, 32, 64, 96], "blocks": [1, 1, 1, 1]},
         task_weights={"sr2": 1.5, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5},
         checkpoint_every=25, stage_minutes={"encoder": 5, "restorer": 80, "stainer": 6, "refiner": 8}),
-    # the previous recipe: LPFM's discrete protocol on the bundled slide only
-    "tiny-v1": TrainConfig(),
     # a seconds-long run that exercises every stage (tests, smoke checks)
     "smoke": TrainConfig(crop=32, batch=4, encoder_steps=4, restorer_steps=6, refiner_steps=4, checkpoint_every=3,
                          validate_every=3, restorer={"channels": [8, 16], "blocks": [1, 1]},

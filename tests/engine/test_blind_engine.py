@@ -186,7 +186,8 @@ def test_zoomed_crops_and_stain_augmentation_are_seeded() -> None:
     assert not torch.equal(a, batch(4))
     assert float(a.min()) >= 0 and float(a.max()) <= 1
     assert T._wanted_stages(cfg) == ("encoder", "restorer", "stainer", "refiner")
-    assert "stainer" not in T._wanted_stages(T.recipe("tiny-v1"))
+    assert "stainer" not in T._wanted_stages(T.recipe("tiny"))
+    assert "stainer" in T._wanted_stages(T.recipe("tiny-blind"))
 
 
 def test_blind_pairs_are_the_network_inputs_of_each_task() -> None:

@@ -161,6 +161,30 @@ def install(bundle: Path, dry_run: bool) -> None:
     shutil.copy(bundle / "MODEL_CARD.md", SHIPPED / "MODEL_CARD.md")
 
 
+def add_stainer(stainer_dir: Path, card_section: str, out: Path = SHIPPED) -> None:
+    """Add a trained stainer (``WORK/stainer/final``) to the shipped bundle as it is: the other components'
+    files stay byte for byte; index (tasks, stains, components, checksums) and card are updated."""
+    from lpfm_toolkit.engine.bundle import index_checksum, load_component, save_component
+
+    model = load_component(stainer_dir, "stainer")
+    index = json.loads((out / "model_index.json").read_text())
+    if (out / "stainer").exists():
+        shutil.rmtree(out / "stainer")
+    files = save_component(out / "stainer", model, dtype="float16")
+    index["components"]["stainer"] = "stainer"
+    index["files"].update({f"stainer/{name}": sha for name, sha in files.items()})
+    if "virtual_stain" not in index["tasks"]:
+        index["tasks"].append("virtual_stain")
+    index["stains"] = {"source": ["fluorescence", "AF"], "target": "H&E"}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    card = (out / "MODEL_CARD.md").read_text()
+    head, _, _ = card.partition("## Checksums (sha256)")
+    checks = ["## Checksums (sha256)", "", "| file | sha256 |", "|---|---|"]
+    checks += [f"| {rel} | `{sha}` |" for rel, sha in sorted(index["files"].items())]
+    checks += ["", f"Bundle checksum (sha256 of the canonical model_index.json): `{index_checksum(index)}`", ""]
+    (out / "MODEL_CARD.md").write_text(head.rstrip() + "\n\n" + card_section.strip() + "\n\n" + "\n".join(checks))
+
+
 def main() -> None:
     from lpfm_toolkit.engine.bundle import verify
     from lpfm_toolkit.engine.train import export_bundle
@@ -170,7 +194,18 @@ def main() -> None:
     ap.add_argument("--commit", required=True)
     ap.add_argument("--notes-file", type=Path, default=None)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument(
+        "--add-stainer",
+        type=Path,
+        default=None,
+        help="only add this trained stainer (WORK/stainer/final) to the shipped bundle; --notes-file is "
+        "the card section describing it",
+    )
     args = ap.parse_args()
+    if args.add_stainer:
+        add_stainer(args.add_stainer, args.notes_file.read_text() if args.notes_file else "")
+        print("verify:", verify(SHIPPED) or "ok")
+        return
     extra = args.notes_file.read_text() if args.notes_file else ""
     with tempfile.TemporaryDirectory() as tmp:
         out = export_bundle(

@@ -283,6 +283,16 @@ def demo(prompt: str, region_text: str, out: str | None, force: bool, **flags: A
         force=force,
         preview=preview,
     )
+    from lpfm_toolkit.demo import DEMO_DEGRADATIONS, gain_demo
+
+    if prompt.strip().lower() in DEMO_DEGRADATIONS:  # the gain: a clean held-out crop degraded, then restored
+        from lpfm_toolkit.options import build_engine as build
+        from lpfm_toolkit.prompts import parse_prompt
+
+        task = parse_prompt(prompt)
+        engine = build(options.resolved(task, ["R", "G", "B"]), task)
+        for line in gain_demo(out, engine, prompt=prompt).lines():
+            console.print(line)
 
 
 @click.group()

@@ -36,10 +36,21 @@ def default_engine_name(task: Task | None = None, channels: int | None = None) -
     return "lpfm"
 
 
-def get_engine(name: str = "auto", *, method: str | None = None, model: str | None = None,
-               device: str | None = None, steps: int | None = None, samples: int = 1,
-               trust_pickle: bool = False, tta: bool = False, task: Task | None = None, sampler: str | None = None,
-               threads: int | None = None, compile: bool = False) -> Engine:
+def get_engine(
+    name: str = "auto",
+    *,
+    method: str | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    steps: int | None = None,
+    samples: int = 1,
+    trust_pickle: bool = False,
+    tta: bool = False,
+    task: Task | None = None,
+    sampler: str | None = None,
+    threads: int | None = None,
+    compile: bool = False,
+) -> Engine:
     """An engine by name. ``auto`` means the learned model when ``model`` is given or the default bundle is
     there and (given ``task``) was trained for that task; otherwise the classical engine."""
     if name == "auto":
@@ -56,11 +67,20 @@ def get_engine(name: str = "auto", *, method: str | None = None, model: str | No
         except ImportError as exc:
             from lpfm_toolkit.errors import MissingDependencyError
 
-            raise MissingDependencyError(f"the lpfm engine could not be loaded ({exc})",
-                                         "install torch and diffusers, or use --engine classical") from exc
-        return LpfmEngine.from_options(model=model, device=device, steps=steps, samples=samples,
-                                       trust_pickle=trust_pickle, tta=tta, sampler=sampler, threads=threads,
-                                       compile=compile)
+            raise MissingDependencyError(
+                f"the lpfm engine could not be loaded ({exc})", "install torch and diffusers, or use --engine classical"
+            ) from exc
+        return LpfmEngine.from_options(
+            model=model,
+            device=device,
+            steps=steps,
+            samples=samples,
+            trust_pickle=trust_pickle,
+            tta=tta,
+            sampler=sampler,
+            threads=threads,
+            compile=compile,
+        )
     raise ConfigError(f"unknown engine {name!r}", f"use one of {', '.join(ENGINES)}")
 
 
@@ -78,12 +98,21 @@ def engine_from_description(desc: dict[str, Any]) -> Engine:
         from lpfm_toolkit.engine.classical import ClassicalEngine
 
         method = desc.get("method")
-        return ClassicalEngine(method=None if method in (None, "default") else method,
-                               psf_sigma=desc.get("psf_sigma", 1.5), rl_iterations=desc.get("rl_iterations", 20),
-                               wiener_balance=desc.get("wiener_balance", 0.05))
+        return ClassicalEngine(
+            method=None if method in (None, "default") else method,
+            psf_sigma=desc.get("psf_sigma", 1.5),
+            rl_iterations=desc.get("rl_iterations", 20),
+            wiener_balance=desc.get("wiener_balance", 0.05),
+        )
     if name == "identity":
         return IdentityEngine()
     if name == "lpfm":
-        return get_engine("lpfm", model=desc.get("model_path") or desc.get("model"), steps=desc.get("steps"),
-                          samples=int(desc.get("samples", 1)), device=None, tta=bool(desc.get("tta", False)))
+        return get_engine(
+            "lpfm",
+            model=desc.get("model_path") or desc.get("model"),
+            steps=desc.get("steps"),
+            samples=int(desc.get("samples", 1)),
+            device=None,
+            tta=bool(desc.get("tta", False)),
+        )
     raise ConfigError(f"provenance names an unknown engine {name!r}", "it was made by a newer or foreign tool")

@@ -70,11 +70,17 @@ def save_component(folder: str | Path, model: Any, dtype: str = "float32") -> di
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    tensors = {k: v.detach().cpu().to(torch_dtype if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in model.state_dict().items()}
+    tensors = {
+        k: v.detach().cpu().to(torch_dtype if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+    }
     save_file(tensors, str(folder / "model.safetensors"))
-    meta = {"class": type(model).__name__, "config": model.config.to_dict(), "weights": "model.safetensors",
-            "dtype": dtype}
+    meta = {
+        "class": type(model).__name__,
+        "config": model.config.to_dict(),
+        "weights": "model.safetensors",
+        "dtype": dtype,
+    }
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sha256_file(folder / name) for name in ("config.json", "model.safetensors")}
 
@@ -102,8 +108,10 @@ def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
             # torch's message advises retrying with weights_only=False, i.e. running the pickle's code: not ours
-            raise ModelError(f"cannot load {path} with weights_only=True: {_pickle_reason(exc)}",
-                             "the checkpoint holds more than tensors; convert it to .safetensors") from exc
+            raise ModelError(
+                f"cannot load {path} with weights_only=True: {_pickle_reason(exc)}",
+                "the checkpoint holds more than tensors; convert it to .safetensors",
+            ) from exc
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
@@ -174,8 +182,10 @@ class Bundle:
 def read_index(path: Path) -> dict[str, Any]:
     index_path = path / "model_index.json"
     if not index_path.is_file():
-        raise ModelError(f"{path} is not a model bundle (no model_index.json)",
-                         f"shipped bundles: {', '.join(shipped_bundles()) or 'none'}; or give a bundle folder")
+        raise ModelError(
+            f"{path} is not a model bundle (no model_index.json)",
+            f"shipped bundles: {', '.join(shipped_bundles()) or 'none'}; or give a bundle folder",
+        )
     try:
         index = json.loads(index_path.read_text())
     except json.JSONDecodeError as exc:
@@ -183,8 +193,7 @@ def read_index(path: Path) -> dict[str, Any]:
     if index.get("format") != BUNDLE_FORMAT:
         raise ModelError(f"{index_path} is not an {BUNDLE_FORMAT} index (format={index.get('format')!r})")
     if int(index.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelError(f"{path} uses bundle format {index['format_version']}",
-                         "upgrade lpfm-toolkit to load it")
+        raise ModelError(f"{path} uses bundle format {index['format_version']}", "upgrade lpfm-toolkit to load it")
     return index
 
 
@@ -210,8 +219,13 @@ def trained_for(task: Any, model: str | Path | None = None, channels: int | None
         return False
     stains = index.get("stains")
     staining = getattr(task.kind, "value", None) == "virtual_stain"
-    if staining and isinstance(stains, dict) and not stains_match(
-            stains, getattr(task.source_stain, "value", None), getattr(task.target_stain, "value", None)):
+    if (
+        staining
+        and isinstance(stains, dict)
+        and not stains_match(
+            stains, getattr(task.source_stain, "value", None), getattr(task.target_stain, "value", None)
+        )
+    ):
         return False
     if channels is not None:
         components = index.get("components", {})
@@ -242,11 +256,15 @@ def resolve(model: str | Path | None) -> Path:
         return path
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES or path.suffix == ".safetensors":
-            raise ModelError(f"{path} is a single weight file, not a bundle",
-                             "a bundle is a folder with model_index.json; see docs/engine.md")
+            raise ModelError(
+                f"{path} is a single weight file, not a bundle",
+                "a bundle is a folder with model_index.json; see docs/engine.md",
+            )
         raise ModelError(f"{path} is not a model bundle")
-    raise ModelError(f"no model bundle named {name!r}",
-                     f"shipped bundles: {', '.join(shipped_bundles()) or 'none'}; or give a bundle folder")
+    raise ModelError(
+        f"no model bundle named {name!r}",
+        f"shipped bundles: {', '.join(shipped_bundles()) or 'none'}; or give a bundle folder",
+    )
 
 
 def verify(path: str | Path) -> list[str]:
@@ -275,8 +293,11 @@ def verify(path: str | Path) -> list[str]:
         problems.append("MODEL_CARD.md: missing")
     else:
         text = card.read_text()
-        problems += [f"MODEL_CARD.md does not state the sha256 of {rel}"
-                     for rel, sha in sorted(files.items()) if rel.endswith(".safetensors") and sha not in text]
+        problems += [
+            f"MODEL_CARD.md does not state the sha256 of {rel}"
+            for rel, sha in sorted(files.items())
+            if rel.endswith(".safetensors") and sha not in text
+        ]
     return problems
 
 
@@ -289,8 +310,10 @@ def load_bundle(model: str | Path | None = None, trust_pickle: bool = False, che
         for rel, expected in files.items():
             f = path / rel
             if not f.is_file() or sha256_file(f) != expected:
-                raise ModelError(f"bundle {path.name}: {rel} is missing or does not match its sha256",
-                                 f"run 'lpfm models verify {path}' and restore the bundle")
+                raise ModelError(
+                    f"bundle {path.name}: {rel} is missing or does not match its sha256",
+                    f"run 'lpfm models verify {path}' and restore the bundle",
+                )
     bundle = Bundle(path=path, index=index, sha256=index_checksum(index))
     for role, folder in index.get("components", {}).items():
         if role not in COMPONENT_NAMES:
@@ -301,11 +324,21 @@ def load_bundle(model: str | Path | None = None, trust_pickle: bool = False, che
     return bundle
 
 
-def write_bundle(out: str | Path, name: str, components: dict[str, Any], training: dict[str, Any] | None = None,
-                 timings: dict[str, float] | None = None, metrics: dict[str, Any] | None = None,
-                 notes: str = "", dtype: str = "float16", default_steps: int = 0,
-                 default_sampler: str = "ddim", refine_steps: int = 4, tasks: list[str] | None = None,
-                 stains: dict[str, Any] | None = None) -> Path:
+def write_bundle(
+    out: str | Path,
+    name: str,
+    components: dict[str, Any],
+    training: dict[str, Any] | None = None,
+    timings: dict[str, float] | None = None,
+    metrics: dict[str, Any] | None = None,
+    notes: str = "",
+    dtype: str = "float16",
+    default_steps: int = 0,
+    default_sampler: str = "ddim",
+    refine_steps: int = 4,
+    tasks: list[str] | None = None,
+    stains: dict[str, Any] | None = None,
+) -> Path:
     """Write components, ``model_index.json`` (with checksums) and ``MODEL_CARD.md``."""
     from lpfm_toolkit import __version__
 
@@ -335,8 +368,14 @@ def write_bundle(out: str | Path, name: str, components: dict[str, Any], trainin
     return out
 
 
-def model_card(index: dict[str, Any], components: dict[str, Any], training: dict[str, Any] | None,
-               timings: dict[str, float] | None, metrics: dict[str, Any] | None, notes: str) -> str:
+def model_card(
+    index: dict[str, Any],
+    components: dict[str, Any],
+    training: dict[str, Any] | None,
+    timings: dict[str, float] | None,
+    metrics: dict[str, Any] | None,
+    notes: str,
+) -> str:
     """The Markdown model card: what it is, what it was trained on, how well it does, checksums."""
     lines = [f"# Model card: {index['name']}", ""]
     if notes:
@@ -345,15 +384,23 @@ def model_card(index: dict[str, Any], components: dict[str, Any], training: dict
     for role, model in components.items():
         n = sum(p.numel() for p in model.parameters())
         lines.append(f"| {role} | {type(model).__name__} | {n:,} |")
-    lines += ["", f"Tasks: {', '.join(index['tasks'])}. Default steps: {index['default_steps']} "
-              f"(0 = restorer only); with `--samples K` > 1: {index.get('refine_steps', 0)} "
-              f"{index['default_sampler']} steps.", ""]
+    lines += [
+        "",
+        f"Tasks: {', '.join(index['tasks'])}. Default steps: {index['default_steps']} "
+        f"(0 = restorer only); with `--samples K` > 1: {index.get('refine_steps', 0)} "
+        f"{index['default_sampler']} steps.",
+        "",
+    ]
     if training:
         lines += ["## Training", "", "```json", json.dumps(training, indent=2), "```", ""]
     if timings:
         total = sum(timings.values())
-        lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-                  + f"; sum {total / 60:.1f} min.", ""]
+        lines += [
+            "Wall time per stage (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+            + f"; sum {total / 60:.1f} min.",
+            "",
+        ]
     if metrics:
         lines += ["## Metrics", "", str(metrics.get("markdown", "")).strip() or json.dumps(metrics, indent=2), ""]
     lines += ["## Checksums (sha256)", "", "| file | sha256 |", "|---|---|"]

@@ -58,21 +58,32 @@ class EvalReport:
     def to_markdown(self) -> str:
         lines = ["| degradation | method | PSNR (dB) | SSIM | MAE (/255) | s/tile |", "|---|---|---|---|---|---|"]
         for r in self.rows:
-            lines.append(f"| {r['protocol']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
-                         f"{r['mae'] * 255:.2f} | {r['seconds_per_tile']:.2f} |")
-        lines += ["", "| degradation | best classical | PSNR | best LPFM | PSNR | gain (dB) |",
-                  "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['protocol']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+                f"{r['mae'] * 255:.2f} | {r['seconds_per_tile']:.2f} |"
+            )
+        lines += [
+            "",
+            "| degradation | best classical | PSNR | best LPFM | PSNR | gain (dB) |",
+            "|---|---|---|---|---|---|",
+        ]
         for proto in dict.fromkeys(r["protocol"] for r in self.rows):
             c, m = self.best(proto, False), self.best(proto, True)
             if c and m:
-                lines.append(f"| {proto} | {c['method']} | {c['psnr']:.2f} | {m['method']} | {m['psnr']:.2f} | "
-                             f"{m['psnr'] - c['psnr']:+.2f} |")
+                lines.append(
+                    f"| {proto} | {c['method']} | {c['psnr']:.2f} | {m['method']} | {m['psnr']:.2f} | "
+                    f"{m['psnr'] - c['psnr']:+.2f} |"
+                )
         if self.spearman:
-            lines += ["", "Spearman correlation of per-tile mean uncertainty with per-tile MSE "
-                      "(held-out tiles; ρ, p):", ""]
+            lines += [
+                "",
+                "Spearman correlation of per-tile mean uncertainty with per-tile MSE (held-out tiles; ρ, p):",
+                "",
+            ]
             for label, per in self.spearman.items():
-                lines.append(f"- {label}: " + ", ".join(f"{k} ρ={v['rho']:+.2f} (p={v['p']:.2g})"
-                                                          for k, v in per.items()))
+                lines.append(
+                    f"- {label}: " + ", ".join(f"{k} ρ={v['rho']:+.2f} (p={v['p']:.2g})" for k, v in per.items())
+                )
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -95,13 +106,16 @@ def holdout_tiles(image: np.ndarray, tile: int, limit: int, holdout: float = 0.2
     from lpfm_toolkit.engine.train import is_tissue
 
     band = image[int(round(image.shape[0] * (1 - holdout))) :] if holdout > 0 else image
-    tiles = [band[y : y + tile, x : x + tile]
-             for y in range(0, band.shape[0] - tile + 1, tile)
-             for x in range(0, band.shape[1] - tile + 1, tile)]
+    tiles = [
+        band[y : y + tile, x : x + tile]
+        for y in range(0, band.shape[0] - tile + 1, tile)
+        for x in range(0, band.shape[1] - tile + 1, tile)
+    ]
     tiles = [t for t in tiles if is_tissue(t)]
     if not tiles:
-        raise ConfigError(f"no tissue tile of {tile}×{tile} px in the held-out region",
-                          "use a smaller --tile or a region with tissue")
+        raise ConfigError(
+            f"no tissue tile of {tile}×{tile} px in the held-out region", "use a smaller --tile or a region with tissue"
+        )
     return np.stack(tiles[:limit]).astype(np.float32)
 
 
@@ -129,8 +143,9 @@ class TunedClassicalEngine(Engine):
     name = "classical-tuned"
     batch_size = 1
 
-    def __init__(self, method: str, *, sigma: float = 0.0, kernel: np.ndarray | None = None,
-                 strength: float = 1.0) -> None:
+    def __init__(
+        self, method: str, *, sigma: float = 0.0, kernel: np.ndarray | None = None, strength: float = 1.0
+    ) -> None:
         self.method, self.sigma, self.kernel, self.strength = method, sigma, kernel, strength
 
     def needs_overview(self, task: Any) -> bool:
@@ -154,16 +169,37 @@ class TunedClassicalEngine(Engine):
                 sigma = float(restoration.estimate_sigma(tile, channel_axis=-1, average_sigmas=True))
             return np.clip(bm3d.bm3d_rgb(tile.astype(np.float64), max(sigma, 1e-3) * self.strength), 0, 1)
         if m == "nlm":
-            return np.clip(restoration.denoise_nl_means(tile, h=0.8 * sigma * self.strength, sigma=sigma,
-                                                        fast_mode=True, patch_size=5, patch_distance=6,
-                                                        channel_axis=-1), 0, 1)
+            return np.clip(
+                restoration.denoise_nl_means(
+                    tile,
+                    h=0.8 * sigma * self.strength,
+                    sigma=sigma,
+                    fast_mode=True,
+                    patch_size=5,
+                    patch_distance=6,
+                    channel_axis=-1,
+                ),
+                0,
+                1,
+            )
         if m == "tv":
-            return np.clip(restoration.denoise_tv_chambolle(tile, weight=max(sigma, 1e-3) * self.strength,
-                                                            channel_axis=-1), 0, 1)
+            return np.clip(
+                restoration.denoise_tv_chambolle(tile, weight=max(sigma, 1e-3) * self.strength, channel_axis=-1), 0, 1
+            )
         if m == "wavelet":
-            return np.clip(restoration.denoise_wavelet(tile, sigma=sigma * self.strength, channel_axis=-1,
-                                                       mode="soft", method="BayesShrink", convert2ycbcr=True,
-                                                       rescale_sigma=True), 0, 1)
+            return np.clip(
+                restoration.denoise_wavelet(
+                    tile,
+                    sigma=sigma * self.strength,
+                    channel_axis=-1,
+                    mode="soft",
+                    method="BayesShrink",
+                    convert2ycbcr=True,
+                    rescale_sigma=True,
+                ),
+                0,
+                1,
+            )
         if m in ("wiener", "richardson_lucy"):
             assert self.kernel is not None
             pad = self.kernel.shape[0]
@@ -173,8 +209,9 @@ class TunedClassicalEngine(Engine):
                 if m == "wiener":
                     res = restoration.wiener(ch, self.kernel, 0.01 * self.strength, clip=False)
                 else:
-                    res = restoration.richardson_lucy(np.clip(ch, 1e-4, 1), self.kernel,
-                                                      num_iter=max(1, int(round(20 * self.strength))), clip=False)
+                    res = restoration.richardson_lucy(
+                        np.clip(ch, 1e-4, 1), self.kernel, num_iter=max(1, int(round(20 * self.strength))), clip=False
+                    )
                 out.append(res[pad:-pad, pad:-pad])
             return np.clip(np.stack(out, axis=-1), 0, 1)
         raise ValueError(f"unknown tuned classical method {m!r}")
@@ -198,8 +235,9 @@ def tuned_candidates(task_name: str, degradation: Any, bm3d_estimated: bool = Tr
     elif task_name == "denoise":
         sigma = float(getattr(degradation, "noise_sigma", 0.0)) / 255
         for m, strengths in (("nlm", (0.8, 1.0, 1.25)), ("tv", (0.8, 1.2, 1.8)), ("wavelet", (1.0,))):
-            out += [Candidate(f"tuned:{m} true σ ×{k}", TunedClassicalEngine(m, sigma=sigma, strength=k))
-                    for k in strengths]
+            out += [
+                Candidate(f"tuned:{m} true σ ×{k}", TunedClassicalEngine(m, sigma=sigma, strength=k)) for k in strengths
+            ]
         if _bm3d_available():
             out.append(Candidate("tuned:bm3d true σ", TunedClassicalEngine("bm3d", sigma=sigma)))
             if bm3d_estimated:
@@ -211,10 +249,16 @@ def tuned_candidates(task_name: str, degradation: Any, bm3d_estimated: bool = Tr
 
         d = degradation
         k = gaussian_kernel(d.kernel_size, d.sigma_x, d.sigma_y, d.theta).numpy().astype(np.float64)
-        out += [Candidate(f"tuned:wiener true kernel ×{s}", TunedClassicalEngine("wiener", kernel=k, strength=s))
-                for s in (0.1, 0.3, 1.0)]
-        out += [Candidate(f"tuned:richardson_lucy true kernel ×{s}",
-                          TunedClassicalEngine("richardson_lucy", kernel=k, strength=s)) for s in (0.5, 1.5)]
+        out += [
+            Candidate(f"tuned:wiener true kernel ×{s}", TunedClassicalEngine("wiener", kernel=k, strength=s))
+            for s in (0.1, 0.3, 1.0)
+        ]
+        out += [
+            Candidate(
+                f"tuned:richardson_lucy true kernel ×{s}", TunedClassicalEngine("richardson_lucy", kernel=k, strength=s)
+            )
+            for s in (0.5, 1.5)
+        ]
     return out
 
 
@@ -223,14 +267,25 @@ def classical_candidates(task_name: str) -> list[Candidate]:
     task = task_from_name(task_name)
     out = [Candidate(f"classical:{m}", ClassicalEngine(method=m)) for m in METHODS[task.kind]]
     if task_name == "deblur":
-        out += [Candidate(f"classical:{m} psf σ={s}", ClassicalEngine(method=m, psf_sigma=s))
-                for m in METHODS[task.kind] for s in (2.0, 2.5)]
+        out += [
+            Candidate(f"classical:{m} psf σ={s}", ClassicalEngine(method=m, psf_sigma=s))
+            for m in METHODS[task.kind]
+            for s in (2.0, 2.5)
+        ]
     return out
 
 
-def evaluate(clean: np.ndarray, candidates: Sequence[Candidate], protocols: Sequence[str] | None = None,
-             seed: int = 0, progress: EvalProgress | None = None, examples_dir: Path | None = None,
-             tuned: bool = True, baselines: bool = True, bm3d_estimated: bool = True) -> EvalReport:
+def evaluate(
+    clean: np.ndarray,
+    candidates: Sequence[Candidate],
+    protocols: Sequence[str] | None = None,
+    seed: int = 0,
+    progress: EvalProgress | None = None,
+    examples_dir: Path | None = None,
+    tuned: bool = True,
+    baselines: bool = True,
+    bm3d_estimated: bool = True,
+) -> EvalReport:
     """Score classical baselines and ``candidates`` (learned engines) on degraded copies of ``clean`` tiles.
 
     ``tuned``: also the baselines given the truth (:func:`tuned_candidates`: true σ, true kernel, BM3D).
@@ -245,12 +300,21 @@ def evaluate(clean: np.ndarray, candidates: Sequence[Candidate], protocols: Sequ
     unknown = [p for p in chosen if p not in protocol]
     if unknown:
         raise ConfigError(f"unknown degradations {unknown}", f"choose from {', '.join(protocol)}")
-    report = EvalReport(meta={"tiles": int(len(clean)), "tile_size": int(clean.shape[1]), "seed": seed,
-                              "protocols": {p: protocol[p][1].to_dict() for p in chosen}})
-    jobs = [(p, c) for p in chosen
-            for c in (classical_candidates(protocol[p][0]) if baselines else [])
-            + (tuned_candidates(*protocol[p], bm3d_estimated=bm3d_estimated) if tuned and baselines else [])
-            + list(candidates)]
+    report = EvalReport(
+        meta={
+            "tiles": int(len(clean)),
+            "tile_size": int(clean.shape[1]),
+            "seed": seed,
+            "protocols": {p: protocol[p][1].to_dict() for p in chosen},
+        }
+    )
+    jobs = [
+        (p, c)
+        for p in chosen
+        for c in (classical_candidates(protocol[p][0]) if baselines else [])
+        + (tuned_candidates(*protocol[p], bm3d_estimated=bm3d_estimated) if tuned and baselines else [])
+        + list(candidates)
+    ]
     done = 0
     examples: dict[str, dict[str, np.ndarray]] = {}
     for p_index, proto in enumerate(chosen):
@@ -274,9 +338,16 @@ def evaluate(clean: np.ndarray, candidates: Sequence[Candidate], protocols: Sequ
             out = np.clip(np.stack(outs), 0, 1)
             tile_psnr = [psnr(o, c) for o, c in zip(out, clean)]
             tile_mse = [float(np.mean((o.astype(np.float64) - c) ** 2)) for o, c in zip(out, clean)]
-            row = {"protocol": proto, "task": task_name, "method": cand.label, "learned": cand.learned,
-                   "psnr": float(np.mean(tile_psnr)), "ssim": float(np.mean([ssim(o, c) for o, c in zip(out, clean)])),
-                   "mae": float(np.mean(np.abs(out - clean))), "seconds_per_tile": seconds}
+            row = {
+                "protocol": proto,
+                "task": task_name,
+                "method": cand.label,
+                "learned": cand.learned,
+                "psnr": float(np.mean(tile_psnr)),
+                "ssim": float(np.mean([ssim(o, c) for o, c in zip(out, clean)])),
+                "mae": float(np.mean(np.abs(out - clean))),
+                "seconds_per_tile": seconds,
+            }
             report.rows.append(row)
             report.per_tile.setdefault(proto, {})[cand.label] = tile_psnr
             examples[proto][cand.label] = out[0]
@@ -334,35 +405,43 @@ def write_html(report: EvalReport, path: str | Path, title: str = "lpfm evaluate
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = 256
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px}figure{display:inline-block;margin:4px;text-align:center}"
-             "figcaption{font-size:12px;max-width:256px}</style>",
-             f"<h1>{html.escape(title)}</h1>",
-             f"<p>{report.meta.get('tiles')} held-out tiles of {report.meta.get('tile_size')} px; seed "
-             f"{report.meta.get('seed')}. Crops below are the first tile, pixel-replicated to {size} px.</p>",
-             _md_tables_to_html(report)]
+    parts = [
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}figure{display:inline-block;margin:4px;text-align:center}"
+        "figcaption{font-size:12px;max-width:256px}</style>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{report.meta.get('tiles')} held-out tiles of {report.meta.get('tile_size')} px; seed "
+        f"{report.meta.get('seed')}. Crops below are the first tile, pixel-replicated to {size} px.</p>",
+        _md_tables_to_html(report),
+    ]
     best_psnr = {(r["protocol"], r["method"]): r["psnr"] for r in report.rows}
     for proto, images in report.meta.get("examples", {}).items():
         parts.append(f"<h2>{html.escape(proto)}</h2><div>")
         for label, px in images.items():
             score = best_psnr.get((proto, label))
             caption = label + (f" — {score:.2f} dB (mean)" if score is not None else "")
-            parts.append(f"<figure><img width={size} src='data:image/png;base64,{_png(px, size)}'>"
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure><img width={size} src='data:image/png;base64,{_png(px, size)}'>"
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
         parts.append("</div>")
     path.write_text("\n".join(parts))
     return path
 
 
 def _md_tables_to_html(report: EvalReport) -> str:
-    rows = ["<table><tr><th>degradation</th><th>method</th><th>PSNR (dB)</th><th>SSIM</th><th>MAE (/255)</th>"
-            "<th>s/tile</th></tr>"]
+    rows = [
+        "<table><tr><th>degradation</th><th>method</th><th>PSNR (dB)</th><th>SSIM</th><th>MAE (/255)</th>"
+        "<th>s/tile</th></tr>"
+    ]
     for r in report.rows:
         style = " style='font-weight:bold'" if r["learned"] else ""
-        rows.append(f"<tr{style}><td>{html.escape(r['protocol'])}</td><td>{html.escape(r['method'])}</td>"
-                    f"<td>{r['psnr']:.2f}</td><td>{r['ssim']:.4f}</td><td>{r['mae'] * 255:.2f}</td>"
-                    f"<td>{r['seconds_per_tile']:.2f}</td></tr>")
+        rows.append(
+            f"<tr{style}><td>{html.escape(r['protocol'])}</td><td>{html.escape(r['method'])}</td>"
+            f"<td>{r['psnr']:.2f}</td><td>{r['ssim']:.4f}</td><td>{r['mae'] * 255:.2f}</td>"
+            f"<td>{r['seconds_per_tile']:.2f}</td></tr>"
+        )
     rows.append("</table>")
     if report.spearman:
         rows.append("<h2>Uncertainty vs error (Spearman ρ over held-out tiles)</h2><ul>")

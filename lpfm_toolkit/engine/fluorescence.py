@@ -60,8 +60,9 @@ def stain_densities(rgb: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).float()
 
 
-def simulate_fluorescence(rgb: torch.Tensor, generator: torch.Generator | None = None,
-                          noise: bool = True) -> torch.Tensor:
+def simulate_fluorescence(
+    rgb: torch.Tensor, generator: torch.Generator | None = None, noise: bool = True
+) -> torch.Tensor:
     """(N, 3, H, W) H&E in [0, 1] → (N, 2, H, W) nuclear/eosin fluorescence in [0, 1]."""
     n = rgb.shape[0]
     g = generator

@@ -47,9 +47,17 @@ class LpfmEngine(Engine):
     overlap = 32
     batch_size = 4
 
-    def __init__(self, bundle: Bundle, device: str | None = None, steps: int | None = None, samples: int = 1,
-                 sampler: str | None = None, threads: int | None = None, compile: bool = False,
-                 tta: bool = False) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | None = None,
+        steps: int | None = None,
+        samples: int = 1,
+        sampler: str | None = None,
+        threads: int | None = None,
+        compile: bool = False,
+        tta: bool = False,
+    ) -> None:
         import torch
 
         from lpfm_toolkit.engine.device import autocast_dtype, configure_cpu_threads, cuda_batch_size, select_device
@@ -85,8 +93,11 @@ class LpfmEngine(Engine):
         if self.stainer is not None:
             self.stainer = self.stainer.to(self.device)
         if self.restorer.config.extra_cond_dim and self.encoder is None:
-            raise ConfigError(f"bundle {bundle.name}: its restorer is conditioned on the stain encoder, "
-                              "but the bundle has no encoder", "restore the bundle's encoder/ folder")
+            raise ConfigError(
+                f"bundle {bundle.name}: its restorer is conditioned on the stain encoder, "
+                "but the bundle has no encoder",
+                "restore the bundle's encoder/ folder",
+            )
         if self.encoder is not None:
             self.encoder = self.encoder.to(self.device)
         if self.refiner is not None:
@@ -104,47 +115,84 @@ class LpfmEngine(Engine):
                 self.refiner = torch.compile(self.refiner)
 
     @classmethod
-    def from_options(cls, model: str | None = None, device: str | None = None, steps: int | None = None,
-                     samples: int = 1, trust_pickle: bool = False, tta: bool = False, sampler: str | None = None,
-                     threads: int | None = None, compile: bool = False) -> LpfmEngine:
+    def from_options(
+        cls,
+        model: str | None = None,
+        device: str | None = None,
+        steps: int | None = None,
+        samples: int = 1,
+        trust_pickle: bool = False,
+        tta: bool = False,
+        sampler: str | None = None,
+        threads: int | None = None,
+        compile: bool = False,
+    ) -> LpfmEngine:
         """Load a shipped bundle by name, a bundle folder, or (``None``) the default ``lpfm-tiny``.
 
         ``compile`` (or ``LPFM_COMPILE=1`` in the environment) wraps the networks in ``torch.compile``.
         """
         compile_ = compile or os.environ.get("LPFM_COMPILE", "") not in ("", "0")
-        return cls(load_bundle(model, trust_pickle=trust_pickle), device=device, steps=steps, samples=samples,
-                   sampler=sampler, threads=threads, compile=compile_, tta=tta)
+        return cls(
+            load_bundle(model, trust_pickle=trust_pickle),
+            device=device,
+            steps=steps,
+            samples=samples,
+            sampler=sampler,
+            threads=threads,
+            compile=compile_,
+            tta=tta,
+        )
 
     # ------------------------------------------------------------------------------------- contract
 
     def check(self, task: Task, channel_names: Sequence[str]) -> None:
         if task.kind in (TaskKind.VIRTUAL_STAIN, TaskKind.STAIN_NORMALIZE):
             if _task_name(task) not in self.bundle.tasks:
-                raise unsupported(self.name, task, f"bundle {self.bundle.name} was not trained for it",
-                                  "use the classical engine (--engine classical) or a bundle trained with "
-                                  "'lpfm train --task stain --pairs DIR'")
+                raise unsupported(
+                    self.name,
+                    task,
+                    f"bundle {self.bundle.name} was not trained for it",
+                    "use the classical engine (--engine classical) or a bundle trained with "
+                    "'lpfm train --task stain --pairs DIR'",
+                )
             stains = self.bundle.index.get("stains")
             source = getattr(task.source_stain, "value", None)
             target = getattr(task.target_stain, "value", None)
             if task.kind is TaskKind.VIRTUAL_STAIN and stains and not stains_match(stains, source, target):
-                raise unsupported(self.name, task, f"bundle {self.bundle.name} translates "
-                                  f"{stains['source']}→{stains['target']}", "use a bundle trained for this pair")
+                raise unsupported(
+                    self.name,
+                    task,
+                    f"bundle {self.bundle.name} translates {stains['source']}→{stains['target']}",
+                    "use a bundle trained for this pair",
+                )
             if task.kind is TaskKind.VIRTUAL_STAIN and self.stainer is not None:
                 expected = self.stainer.config.in_channels
                 if len(channel_names) != expected:
-                    raise unsupported(self.name, task, f"its stainer needs {expected} fluorescence channels "
-                                      f"(nuclear first, then cytoplasm/autofluorescence), got "
-                                      f"{len(channel_names)} ({', '.join(channel_names)})",
-                                      "give two channels, or use --engine classical (1–2 channels)")
+                    raise unsupported(
+                        self.name,
+                        task,
+                        f"its stainer needs {expected} fluorescence channels "
+                        f"(nuclear first, then cytoplasm/autofluorescence), got "
+                        f"{len(channel_names)} ({', '.join(channel_names)})",
+                        "give two channels, or use --engine classical (1–2 channels)",
+                    )
                 return
         elif _task_name(task) not in self.bundle.tasks:
-            raise unsupported(self.name, task, f"bundle {self.bundle.name} was trained for "
-                              f"{', '.join(self.bundle.tasks)}", "choose one of those tasks or another bundle")
+            raise unsupported(
+                self.name,
+                task,
+                f"bundle {self.bundle.name} was trained for {', '.join(self.bundle.tasks)}",
+                "choose one of those tasks or another bundle",
+            )
         expected = self.restorer.config.in_channels
         if len(channel_names) != expected:
-            raise unsupported(self.name, task, f"it needs {expected}-channel (RGB) input, got "
-                              f"{len(channel_names)} channels ({', '.join(channel_names)})",
-                              "use an RGB brightfield image or the classical engine")
+            raise unsupported(
+                self.name,
+                task,
+                f"it needs {expected}-channel (RGB) input, got "
+                f"{len(channel_names)} channels ({', '.join(channel_names)})",
+                "use an RGB brightfield image or the classical engine",
+            )
 
     def needs_overview(self, task: Task) -> bool:
         return task.kind is TaskKind.VIRTUAL_STAIN and self.stainer is not None
@@ -160,7 +208,8 @@ class LpfmEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         extra = {"tta": True} if self.tta else {}
-        return {**extra,
+        return {
+            **extra,
             "name": self.name,
             "model": self.bundle.name,
             "model_sha256": self.bundle.sha256,
@@ -192,8 +241,10 @@ class LpfmEngine(Engine):
             pixels.append(mean.permute(0, 2, 3, 1).float().cpu().numpy())
             if std is not None:
                 uncert.append(std.permute(0, 2, 3, 1).float().cpu().numpy())
-        return EngineOutput(np.concatenate(pixels).astype(np.float32, copy=False),
-                            np.concatenate(uncert).astype(np.float32, copy=False) if uncert else None)
+        return EngineOutput(
+            np.concatenate(pixels).astype(np.float32, copy=False),
+            np.concatenate(uncert).astype(np.float32, copy=False) if uncert else None,
+        )
 
     # -------------------------------------------------------------------------------------- maths
 
@@ -263,10 +314,16 @@ class LpfmEngine(Engine):
             return restored, None
         k = self.samples
         n, c, h, w = restored.shape
-        noise = torch.stack([
-            torch.randn((k, c, h, w), generator=torch.Generator().manual_seed(int(s) & 0xFFFF_FFFF_FFFF_FFFF))
-            for s in seeds
-        ]).reshape(n * k, c, h, w).to(self.device)
+        noise = (
+            torch.stack(
+                [
+                    torch.randn((k, c, h, w), generator=torch.Generator().manual_seed(int(s) & 0xFFFF_FFFF_FFFF_FFFF))
+                    for s in seeds
+                ]
+            )
+            .reshape(n * k, c, h, w)
+            .to(self.device)
+        )
         samples = self.refine(restored, inp, task, noise).reshape(n, k, c, h, w)
         mean = samples.mean(dim=1)
         std = samples.var(dim=1, unbiased=False).mean(dim=1, keepdim=True).sqrt() if k > 1 else None

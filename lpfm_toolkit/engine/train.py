@@ -65,13 +65,15 @@ class TrainConfig:
     checkpoint_every: int = 100
     max_minutes: float | None = None  # per stage and process: anneal the learning rate over wall time, stop at it
     validate_every: int = 250
-    task_weights: dict[str, float] = field(default_factory=lambda: {
-        "sr2": 1.0, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5})
+    task_weights: dict[str, float] = field(
+        default_factory=lambda: {"sr2": 1.0, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5}
+    )
     restorer: dict[str, Any] = field(default_factory=dict)
     encoder: dict[str, Any] = field(default_factory=dict)
     # space-to-depth by 4 with 64–128 channels: compute-bound on a CPU (docs/benchmarks.md, "Efficiency")
-    refiner: dict[str, Any] = field(default_factory=lambda: {"block_out_channels": [64, 128, 128], "unshuffle": 4,
-                                                             "norm_num_groups": 16})
+    refiner: dict[str, Any] = field(
+        default_factory=lambda: {"block_out_channels": [64, 128, 128], "unshuffle": 4, "norm_num_groups": 16}
+    )
     pairs: str | None = None  # folder of registered source/target pairs for virtual staining
     device: str | None = None  # None: CUDA → MPS → CPU
     blind: bool = False  # blind degradation superset instead of LPFM's discrete protocol
@@ -97,20 +99,47 @@ RECIPES: dict[str, TrainConfig] = {
     # sized for ≤ 2 h on two CPU cores (1 thread): each stage stops at its wall-time budget. Its first run
     # lost to "tiny" on the cross-source set (docs/engine.md), so it does not make the default bundle.
     "tiny-blind": TrainConfig(
-        images=[str(SAMPLE_SLIDE), str(TRAINING_DATA)], holdout=0.15, blind=True, zoom=(1.0, 2.0),
-        stain_jitter=0.5, ihc_sim=0.25, condition_restorer=True, cond_dropout=0.2, encoder_degraded=True,
-        encoder_steps=600, restorer_steps=6000, stainer_steps=2000, refiner_steps=2500, lr=6e-4,
+        images=[str(SAMPLE_SLIDE), str(TRAINING_DATA)],
+        holdout=0.15,
+        blind=True,
+        zoom=(1.0, 2.0),
+        stain_jitter=0.5,
+        ihc_sim=0.25,
+        condition_restorer=True,
+        cond_dropout=0.2,
+        encoder_degraded=True,
+        encoder_steps=600,
+        restorer_steps=6000,
+        stainer_steps=2000,
+        refiner_steps=2500,
+        lr=6e-4,
         stainer={"channels": [16, 32, 64, 96], "blocks": [1, 1, 1, 1]},
         task_weights={"sr2": 1.5, "sr4": 1.5, "sr8": 0.5, "deblur": 1.5, "denoise": 1.5, "restore": 0.5},
-        checkpoint_every=25, stage_minutes={"encoder": 5, "restorer": 80, "stainer": 6, "refiner": 8}),
+        checkpoint_every=25,
+        stage_minutes={"encoder": 5, "restorer": 80, "stainer": 6, "refiner": 8},
+    ),
     # a seconds-long run that exercises every stage (tests, smoke checks)
-    "smoke": TrainConfig(crop=32, batch=4, encoder_steps=4, restorer_steps=6, refiner_steps=4, checkpoint_every=3,
-                         validate_every=3, restorer={"channels": [8, 16], "blocks": [1, 1]},
-                         blind=True, zoom=(1.0, 1.5), stain_jitter=0.5, ihc_sim=0.5, condition_restorer=True,
-                         cond_dropout=0.2, encoder_degraded=True, stainer_steps=4,
-                         stainer={"channels": [8, 16], "blocks": [1, 1]},
-                         encoder={"channels": [8, 16], "feature_dim": 16, "projection_dim": 8},
-                         refiner={"block_out_channels": [16, 16], "norm_num_groups": 8}),
+    "smoke": TrainConfig(
+        crop=32,
+        batch=4,
+        encoder_steps=4,
+        restorer_steps=6,
+        refiner_steps=4,
+        checkpoint_every=3,
+        validate_every=3,
+        restorer={"channels": [8, 16], "blocks": [1, 1]},
+        blind=True,
+        zoom=(1.0, 1.5),
+        stain_jitter=0.5,
+        ihc_sim=0.5,
+        condition_restorer=True,
+        cond_dropout=0.2,
+        encoder_degraded=True,
+        stainer_steps=4,
+        stainer={"channels": [8, 16], "blocks": [1, 1]},
+        encoder={"channels": [8, 16], "feature_dim": 16, "projection_dim": 8},
+        refiner={"block_out_channels": [16, 16], "norm_num_groups": 8},
+    ),
 }
 
 
@@ -139,16 +168,24 @@ class TileBank:
                 self.val.append(im[cut:])
 
     @classmethod
-    def from_paths(cls, paths: Sequence[str | Path], holdout: float, max_pixels: int = 16_000_000,
-                   seed: int = 0) -> TileBank:
+    def from_paths(
+        cls, paths: Sequence[str | Path], holdout: float, max_pixels: int = 16_000_000, seed: int = 0
+    ) -> TileBank:
         """Whole images up to ``max_pixels``; from larger slides, tissue regions (see :func:`slide_regions`)."""
         images: list[np.ndarray] = []
         for p in expand_paths(paths):
             images.extend(slide_regions(p, max_pixels=max_pixels, seed=seed))
         return cls(images, holdout)
 
-    def crops(self, n: int, size: int, rng: np.random.Generator, split: str = "train",
-              augment: bool = True, zoom: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    def crops(
+        self,
+        n: int,
+        size: int,
+        rng: np.random.Generator,
+        split: str = "train",
+        augment: bool = True,
+        zoom: tuple[float, float] = (1.0, 1.0),
+    ) -> torch.Tensor:
         """``n`` random tissue crops (N, 3, size, size) in [0, 1]; background crops are mostly rejected.
 
         With ``zoom`` (lo, hi) > 1, each crop covers ``f·size`` pixels (f log-uniform in [lo, hi]) shrunk to
@@ -183,8 +220,15 @@ def _shrink(crop: np.ndarray, size: int) -> np.ndarray:
     """Area-average (PIL box filter) an (h, w, 3) float crop down to size × size."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(crop[..., c]), mode="F")
-                                .resize((size, size), Image.Resampling.BOX)) for c in range(3)], axis=-1)
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(crop[..., c]), mode="F").resize((size, size), Image.Resampling.BOX)
+            )
+            for c in range(3)
+        ],
+        axis=-1,
+    )
 
 
 def is_tissue(crop: np.ndarray) -> bool:
@@ -193,8 +237,9 @@ def is_tissue(crop: np.ndarray) -> bool:
     return bool(((chroma > 0.08) | (crop.mean(axis=-1) < 0.75)).mean() > 0.2)
 
 
-def slide_regions(path: str | Path, max_pixels: int = 16_000_000, region: int = 1024,
-                  seed: int = 0) -> list[np.ndarray]:
+def slide_regions(
+    path: str | Path, max_pixels: int = 16_000_000, region: int = 1024, seed: int = 0
+) -> list[np.ndarray]:
     """RGB pixels for training from one image, in memory bounded by ``max_pixels``.
 
     Small images come back whole. From a whole-slide image, non-overlapping ``region``-pixel squares of
@@ -211,16 +256,17 @@ def slide_regions(path: str | Path, max_pixels: int = 16_000_000, region: int = 
         cells = []
         for y in range(0, lv.height - region + 1, region):
             for x in range(0, lv.width - region + 1, region):
-                t = thumb[int(y * sy) : max(int((y + region) * sy), int(y * sy) + 1),
-                          int(x * sx) : max(int((x + region) * sx), int(x * sx) + 1)]
+                t = thumb[
+                    int(y * sy) : max(int((y + region) * sy), int(y * sy) + 1),
+                    int(x * sx) : max(int((x + region) * sx), int(x * sx) + 1),
+                ]
                 if t.size and is_tissue(t):
                     cells.append((x, y))
         if not cells:
             raise ConfigError(f"no tissue found in {path}", "check the slide, or pass tissue crops instead")
         rng = np.random.default_rng(seed)
         chosen = rng.permutation(len(cells))[: max(1, max_pixels // (region * region))]
-        log.info("%s: training on %d of %d tissue regions of %d px", Path(path).name, len(chosen), len(cells),
-                 region)
+        log.info("%s: training on %d of %d tissue regions of %d px", Path(path).name, len(chosen), len(cells), region)
         return [_to_rgb_float(handle.read_region(0, *cells[i], region, region)) for i in sorted(chosen)]
 
 
@@ -265,8 +311,10 @@ def read_channels(path: str | Path, max_pixels: int = 64_000_000) -> np.ndarray:
     with open_image(path) as handle:
         lv = handle.levels[0]
         if lv.width * lv.height > max_pixels:
-            raise ConfigError(f"{path} has {lv.width}×{lv.height} pixels at level 0",
-                              "crop tissue regions into smaller files, or pass a folder of tiles")
+            raise ConfigError(
+                f"{path} has {lv.width}×{lv.height} pixels at level 0",
+                "crop tissue regions into smaller files, or pass a folder of tiles",
+            )
         px = handle.read_region(0, 0, 0, lv.width, lv.height)
     px = np.asarray(px)
     if px.ndim == 2:
@@ -300,8 +348,9 @@ def degraded_pairs(clean: torch.Tensor, tasks: Sequence[str], g: torch.Generator
     return out
 
 
-def stain_augment(clean: torch.Tensor, config: TrainConfig, rng: np.random.Generator,
-                  g: torch.Generator) -> torch.Tensor:
+def stain_augment(
+    clean: torch.Tensor, config: TrainConfig, rng: np.random.Generator, g: torch.Generator
+) -> torch.Tensor:
     """HED jitter (probability ``stain_jitter``) and H+DAB re-rendering (``ihc_sim``) of clean crops."""
     out = clean
     if config.ihc_sim > 0:
@@ -335,8 +384,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    meta: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, meta: dict[str, Any]
+) -> None:
     """Weights and Adam moments in safetensors (no pickle), written atomically."""
     from safetensors.torch import save_file
 
@@ -362,8 +412,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, p in enumerate(params):
-        state = {key.split(".", 2)[2]: v if key.endswith(".step") else v.to(p.device)
-                 for key, v in tensors.items() if key.startswith(f"optim.{i}.")}
+        state = {
+            key.split(".", 2)[2]: v if key.endswith(".step") else v.to(p.device)
+            for key, v in tensors.items()
+            if key.startswith(f"optim.{i}.")
+        }
         if state:
             optimizer.state[p] = state
     return step
@@ -390,10 +443,18 @@ def _cosine(step: int, frac: float, lr: float, warmup: int = 50) -> float:
     return 1e-2 * lr + (1 - 1e-2) * lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], total: int,
-          config: TrainConfig, work_dir: Path, step_fn: Callable[[int], dict[str, float]],
-          validate: Callable[[], dict[str, float]] | None, progress: TrainProgress | None,
-          resume: bool) -> torch.nn.Module:
+def _loop(
+    stage: str,
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    total: int,
+    config: TrainConfig,
+    work_dir: Path,
+    step_fn: Callable[[int], dict[str, float]],
+    validate: Callable[[], dict[str, float]] | None,
+    progress: TrainProgress | None,
+    resume: bool,
+) -> torch.nn.Module:
     """The shared loop: lr schedule, checkpoints, resume, logs, progress."""
     stage_dir = work_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -415,8 +476,13 @@ def _loop(stage: str, model: torch.nn.Module, params: Sequence[torch.nn.Paramete
         if frac >= 1:
             log.info("%s: time budget reached at step %d", stage, step)
             stopped_early = True
-            save_checkpoint(ckpt, model, optimizer, step, {"stage": stage, "stopped_by": "max_minutes",
-                                                           "elapsed_s": time.monotonic() - t0})
+            save_checkpoint(
+                ckpt,
+                model,
+                optimizer,
+                step,
+                {"stage": stage, "stopped_by": "max_minutes", "elapsed_s": time.monotonic() - t0},
+            )
             break
         for group in optimizer.param_groups:
             group["lr"] = _cosine(step, frac, config.lr)
@@ -455,8 +521,14 @@ def _sample_tasks(config: TrainConfig, rng: np.random.Generator, n: int) -> list
     return [names[i] for i in rng.choice(len(names), size=n, p=w / w.sum())]
 
 
-def train_restorer(bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None,
-                   resume: bool = True, encoder: StainEncoder | None = None) -> Restorer:
+def train_restorer(
+    bank: TileBank,
+    config: TrainConfig,
+    work_dir: Path,
+    progress: TrainProgress | None = None,
+    resume: bool = True,
+    encoder: StainEncoder | None = None,
+) -> Restorer:
     """L1 regression of clean tiles from degraded ones, all tasks in every batch.
 
     With ``config.condition_restorer`` the frozen ``encoder``'s features of the degraded input condition
@@ -502,14 +574,25 @@ def train_restorer(bank: TileBank, config: TrainConfig, work_dir: Path, progress
             scores[f"{name}_input_psnr"] = round(psnr(inputs, clean), 3)
         return scores
 
-    _loop("restorer", model, list(model.parameters()), config.restorer_steps, config, work_dir, step_fn,
-          validate, progress, resume)
+    _loop(
+        "restorer",
+        model,
+        list(model.parameters()),
+        config.restorer_steps,
+        config,
+        work_dir,
+        step_fn,
+        validate,
+        progress,
+        resume,
+    )
     _save_component(work_dir / "restorer", model)
     return model
 
 
-def train_encoder(bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None,
-                  resume: bool = True) -> StainEncoder:
+def train_encoder(
+    bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None, resume: bool = True
+) -> StainEncoder:
     """SimCLR/InfoNCE: a HED-jittered view and a Macenko re-stained (then jittered) view of each crop map
     together, other crops apart."""
     torch.manual_seed(config.seed + 1)
@@ -537,15 +620,33 @@ def train_encoder(bank: TileBank, config: TrainConfig, work_dir: Path, progress:
         loss = info_nce(z1, z2)
         return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
 
-    _loop("encoder", model, list(model.parameters()), config.encoder_steps, config, work_dir, step_fn, None,
-          progress, resume)
+    _loop(
+        "encoder",
+        model,
+        list(model.parameters()),
+        config.encoder_steps,
+        config,
+        work_dir,
+        step_fn,
+        None,
+        progress,
+        resume,
+    )
     _save_component(work_dir / "encoder", model)
     return model
 
 
-def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer: Restorer, encoder: StainEncoder,
-                  progress: TrainProgress | None = None, resume: bool = True,
-                  follow_restorer: Path | None = None, follow_every: int = 50) -> Refiner:
+def train_refiner(
+    bank: TileBank,
+    config: TrainConfig,
+    work_dir: Path,
+    restorer: Restorer,
+    encoder: StainEncoder,
+    progress: TrainProgress | None = None,
+    resume: bool = True,
+    follow_restorer: Path | None = None,
+    follow_every: int = 50,
+) -> Refiner:
     """Denoising diffusion on the residual clean − restored, conditioned on the restored tile and task.
 
     ``follow_restorer``: a restorer checkpoint still being trained by another process; its weights are
@@ -585,14 +686,25 @@ def train_refiner(bank: TileBank, config: TrainConfig, work_dir: Path, restorer:
         loss = F.mse_loss(pred, target)
         return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
 
-    _loop("refiner", model, list(model.parameters()), config.refiner_steps, config, work_dir, step_fn, None,
-          progress, resume)
+    _loop(
+        "refiner",
+        model,
+        list(model.parameters()),
+        config.refiner_steps,
+        config,
+        work_dir,
+        step_fn,
+        None,
+        progress,
+        resume,
+    )
     _save_component(work_dir / "refiner", model)
     return model
 
 
-def train_stainer(bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None,
-                  resume: bool = True) -> Restorer:
+def train_stainer(
+    bank: TileBank, config: TrainConfig, work_dir: Path, progress: TrainProgress | None = None, resume: bool = True
+) -> Restorer:
     """Learned virtual staining on simulation: two-channel fluorescence simulated from clean H&E crops
     (:func:`lpfm_toolkit.engine.fluorescence.simulate_fluorescence`) → that H&E, L1, task code virtual_stain."""
     from lpfm_toolkit.engine.fluorescence import simulate_fluorescence
@@ -619,8 +731,18 @@ def train_stainer(bank: TileBank, config: TrainConfig, work_dir: Path, progress:
         out = model(val_in, torch.full((len(val_in),), code, device=dev))
         return {"virtual_stain_psnr": round(psnr(out, val_clean), 3)}
 
-    _loop("stainer", model, list(model.parameters()), config.stainer_steps, config, work_dir, step_fn, validate,
-          progress, resume)
+    _loop(
+        "stainer",
+        model,
+        list(model.parameters()),
+        config.stainer_steps,
+        config,
+        work_dir,
+        step_fn,
+        validate,
+        progress,
+        resume,
+    )
     _save_component(work_dir / "stainer", model)
     return model
 
@@ -660,9 +782,15 @@ def _wanted_stages(config: TrainConfig) -> tuple[str, ...]:
     return tuple(s for s in STAGES if s != "stainer" or config.stainer_steps > 0)
 
 
-def train(config: TrainConfig, work_dir: str | Path, out: str | Path | None = None,
-          stages: Sequence[str] = STAGES, progress: TrainProgress | None = None, resume: bool = True,
-          name: str = "lpfm-custom") -> Path | None:
+def train(
+    config: TrainConfig,
+    work_dir: str | Path,
+    out: str | Path | None = None,
+    stages: Sequence[str] = STAGES,
+    progress: TrainProgress | None = None,
+    resume: bool = True,
+    name: str = "lpfm-custom",
+) -> Path | None:
     """Run the chosen stages, then (when all components exist) write a bundle to ``out``."""
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -702,8 +830,14 @@ def _record_timing(work_dir: Path, stage: str, seconds: float) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
-def export_bundle(work_dir: str | Path, out: str | Path, name: str, metrics: dict[str, Any] | None = None,
-                  card_notes: str = "", **index_options: Any) -> Path:
+def export_bundle(
+    work_dir: str | Path,
+    out: str | Path,
+    name: str,
+    metrics: dict[str, Any] | None = None,
+    card_notes: str = "",
+    **index_options: Any,
+) -> Path:
     """Package the finished components of ``work_dir`` as a bundle folder with a model card."""
     from lpfm_toolkit.engine.bundle import write_bundle
 
@@ -711,13 +845,24 @@ def export_bundle(work_dir: str | Path, out: str | Path, name: str, metrics: dic
     config = json.loads((work_dir / "config.json").read_text())
     timings_path = work_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    components = {stage: _load_final(work_dir, stage) for stage in STAGES
-                  if stage in REQUIRED_STAGES or (work_dir / stage / "final").exists()}
+    components = {
+        stage: _load_final(work_dir, stage)
+        for stage in STAGES
+        if stage in REQUIRED_STAGES or (work_dir / stage / "final").exists()
+    }
     if "stainer" in components and "tasks" not in index_options:
         index_options["tasks"] = [*config.get("task_weights", {}), "virtual_stain"]
         index_options.setdefault("stains", {"source": ["fluorescence", "AF"], "target": "H&E"})
-    return write_bundle(out, name=name, components=components, training=config, timings=timings,
-                        metrics=metrics, notes=card_notes, **index_options)
+    return write_bundle(
+        out,
+        name=name,
+        components=components,
+        training=config,
+        timings=timings,
+        metrics=metrics,
+        notes=card_notes,
+        **index_options,
+    )
 
 
 # ---------------------------------------------------------------------------------- virtual staining
@@ -728,8 +873,10 @@ def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
     folder = Path(folder)
     src_dir, tgt_dir = folder / "source", folder / "target"
     if not src_dir.is_dir() or not tgt_dir.is_dir():
-        raise ConfigError(f"{folder} must hold 'source/' and 'target/' folders of registered images",
-                          "name each pair the same in both, e.g. source/a.tif and target/a.png")
+        raise ConfigError(
+            f"{folder} must hold 'source/' and 'target/' folders of registered images",
+            "name each pair the same in both, e.g. source/a.tif and target/a.png",
+        )
     targets = {p.stem: p for p in expand_paths([tgt_dir])}
     pairs = []
     for src in expand_paths([src_dir]):
@@ -737,22 +884,30 @@ def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
             raise ConfigError(f"{src.name} has no target image with the same name in {tgt_dir}")
         a, b = read_channels(src), read_rgb(targets[src.stem])
         if a.shape[:2] != b.shape[:2]:
-            raise ConfigError(f"pair {src.stem}: source is {a.shape[1]}×{a.shape[0]}, target "
-                              f"{b.shape[1]}×{b.shape[0]}; pairs must be registered to the same size")
+            raise ConfigError(
+                f"pair {src.stem}: source is {a.shape[1]}×{a.shape[0]}, target "
+                f"{b.shape[1]}×{b.shape[0]}; pairs must be registered to the same size"
+            )
         pairs.append((a, b))
     if len({a.shape[-1] for a, _ in pairs}) > 1:
         raise ConfigError("source images have different channel counts")
     return pairs
 
 
-def train_stain(pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: TrainConfig, work_dir: Path,
-                progress: TrainProgress | None = None, resume: bool = True) -> Restorer:
+def train_stain(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    config: TrainConfig,
+    work_dir: Path,
+    progress: TrainProgress | None = None,
+    resume: bool = True,
+) -> Restorer:
     """A restorer mapping source-stain crops to registered target-stain crops (L1), task code virtual_stain."""
     torch.manual_seed(config.seed)
     channels = pairs[0][0].shape[-1]
     dev = _device(config)
-    model = Restorer(**{**config.restorer, "in_channels": channels, "out_channels": 3,
-                        "residual": channels == 3}).to(dev)
+    model = Restorer(**{**config.restorer, "in_channels": channels, "out_channels": 3, "residual": channels == 3}).to(
+        dev
+    )
     code = TASK_NAMES.index("virtual_stain")
     size = config.crop
     usable = [(a, b) for a, b in pairs if min(a.shape[:2]) >= size]
@@ -778,15 +933,32 @@ def train_stain(pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: TrainCon
         loss = F.l1_loss(model(src, torch.full((len(src),), code, device=dev)), tgt)
         return {"_loss_tensor": loss, "loss": float(loss.detach())}  # type: ignore[dict-item]
 
-    _loop("stain", model, list(model.parameters()), config.restorer_steps, config, work_dir, step_fn, None,
-          progress, resume)
+    _loop(
+        "stain",
+        model,
+        list(model.parameters()),
+        config.restorer_steps,
+        config,
+        work_dir,
+        step_fn,
+        None,
+        progress,
+        resume,
+    )
     _save_component(work_dir / "stain", model)
     return model
 
 
-def train_stain_bundle(config: TrainConfig, work_dir: str | Path, out: str | Path, name: str,
-                       source_stain: str, target_stain: str, progress: TrainProgress | None = None,
-                       resume: bool = True) -> Path:
+def train_stain_bundle(
+    config: TrainConfig,
+    work_dir: str | Path,
+    out: str | Path,
+    name: str,
+    source_stain: str,
+    target_stain: str,
+    progress: TrainProgress | None = None,
+    resume: bool = True,
+) -> Path:
     """Train virtual staining from ``config.pairs`` and write a restorer-only bundle for that translation."""
     from lpfm_toolkit.engine.bundle import write_bundle
 
@@ -798,6 +970,12 @@ def train_stain_bundle(config: TrainConfig, work_dir: str | Path, out: str | Pat
     t0 = time.monotonic()
     model = train_stain(read_pairs(config.pairs), config, work_dir, progress, resume)
     _record_timing(work_dir, "stain", time.monotonic() - t0)
-    return write_bundle(out, name=name, components={"restorer": model}, training=config.to_dict(),
-                        timings=json.loads((work_dir / "timings.json").read_text()), tasks=["virtual_stain"],
-                        stains={"source": source_stain, "target": target_stain})
+    return write_bundle(
+        out,
+        name=name,
+        components={"restorer": model},
+        training=config.to_dict(),
+        timings=json.loads((work_dir / "timings.json").read_text()),
+        tasks=["virtual_stain"],
+        stains={"source": source_stain, "target": target_stain},
+    )

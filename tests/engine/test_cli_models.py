@@ -38,9 +38,30 @@ def test_models_list_runs() -> None:
 
 def test_evaluate_writes_tables_and_html(tiny_bundle: Path, tmp_path: Path, sample_slide: Path) -> None:
     out = tmp_path / "eval"
-    res = CliRunner().invoke(cli, ["evaluate", str(sample_slide), "--model", str(tiny_bundle), "--steps", "0",
-                                   "--steps", "1", "--samples", "2", "--tiles", "3", "--tile", "64",
-                                   "--degradations", "sr-x2,denoise-s31", "--tta", "--out", str(out)])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(sample_slide),
+            "--model",
+            str(tiny_bundle),
+            "--steps",
+            "0",
+            "--steps",
+            "1",
+            "--samples",
+            "2",
+            "--tiles",
+            "3",
+            "--tile",
+            "64",
+            "--degradations",
+            "sr-x2,denoise-s31",
+            "--tta",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     methods = {(r["protocol"], r["method"]) for r in report["rows"]}
@@ -53,9 +74,24 @@ def test_evaluate_writes_tables_and_html(tiny_bundle: Path, tmp_path: Path, samp
 
 
 def test_train_smoke_recipe_from_the_cli(tmp_path: Path, sample_slide: Path) -> None:
-    res = CliRunner().invoke(cli, ["train", "--recipe", "smoke", "-i", str(sample_slide), "--work-dir",
-                                   str(tmp_path / "w"), "--out", str(tmp_path / "b"), "--name", "cli-smoke",
-                                   "--threads", "1"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--recipe",
+            "smoke",
+            "-i",
+            str(sample_slide),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--out",
+            str(tmp_path / "b"),
+            "--name",
+            "cli-smoke",
+            "--threads",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b" / "model_index.json").is_file()
     res = CliRunner().invoke(cli, ["train", "--recipe", "nope"])

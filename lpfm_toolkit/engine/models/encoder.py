@@ -46,8 +46,9 @@ class StainEncoder(nn.Module):
             prev = ch
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(prev, c.feature_dim)
-        self.head = nn.Sequential(nn.Linear(c.feature_dim, c.feature_dim), nn.GELU(),
-                                  nn.Linear(c.feature_dim, c.projection_dim))
+        self.head = nn.Sequential(
+            nn.Linear(c.feature_dim, c.feature_dim), nn.GELU(), nn.Linear(c.feature_dim, c.projection_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features (N, feature_dim) of tiles (N, C, H, W) in [0, 1]."""
@@ -69,8 +70,9 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
     return torch.exp(-od).clamp(0, 1).to(hed.dtype)
 
 
-def hed_jitter(rgb: torch.Tensor, generator: torch.Generator | None = None, sigma: float = 0.25,
-               bias: float = 0.05) -> torch.Tensor:
+def hed_jitter(
+    rgb: torch.Tensor, generator: torch.Generator | None = None, sigma: float = 0.25, bias: float = 0.05
+) -> torch.Tensor:
     """Re-stain each tile: per-tile H/E/DAB densities scaled by 1±``sigma`` and shifted by ±``bias``."""
     n = rgb.shape[0]
     alpha = 1 + (torch.rand((n, 3, 1, 1), generator=generator) * 2 - 1) * sigma

@@ -290,9 +290,10 @@ def demo(prompt: str, region_text: str, out: str | None, force: bool, **flags: A
         from lpfm_toolkit.prompts import parse_prompt
 
         task = parse_prompt(prompt)
-        engine = build(options.resolved(task, ["R", "G", "B"]), task)
-        for line in gain_demo(out, engine, prompt=prompt).lines():
-            console.print(line)
+        resolved = options.resolved(task, ["R", "G", "B"])
+        if resolved.engine == "lpfm":  # the gain of the learned engine over the classical methods
+            for line in gain_demo(out, build(resolved, task), prompt=prompt).lines():
+                console.print(line)
 
 
 @click.group()

@@ -220,16 +220,16 @@ def enhance(
 ) -> None:
     """Enhance or virtually stain SLIDE by PROMPT into a new pyramidal OME-TIFF (the original is untouched)."""
     options, settings = options_from_flags(flags)
-    if auto or not prompt:  # --auto: lpfm qc picks the regions and their tasks (lpfm_toolkit.qc.auto_enhance)
+    if auto or prompt is None:  # --auto: lpfm qc picks the regions and their tasks (lpfm_toolkit.qc.auto_enhance)
         from lpfm_toolkit.cli.qc import run_auto
         from lpfm_toolkit.errors import ConfigError
 
-        if not auto or prompt or preview:
+        if not auto or prompt is not None or preview:
             what = (
                 "no prompt given"
-                if not auto
+                if prompt is None and not auto
                 else "give -p PROMPT or --auto, not both"
-                if prompt
+                if prompt is not None
                 else "--preview is not available with --auto"
             )
             raise ConfigError(what, 'e.g. -p "sr x2", -p denoise, or --auto without -p and --preview')

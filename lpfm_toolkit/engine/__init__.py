@@ -92,7 +92,8 @@ __all__ = ["Engine", "EngineOutput", "IdentityEngine", "get_engine", "default_en
 
 
 def engine_from_description(desc: dict[str, Any]) -> Engine:
-    """Rebuild the engine recorded in a provenance record (for ``lpfm reproduce``)."""
+    """Rebuild the engine recorded in a provenance record (for ``lpfm reproduce``): the classical engine with its
+    recorded parameters, any other from :meth:`~lpfm_toolkit.options.EngineOptions.from_provenance`."""
     name = desc.get("name")
     if name == "classical":
         from lpfm_toolkit.engine.classical import ClassicalEngine
@@ -104,15 +105,6 @@ def engine_from_description(desc: dict[str, Any]) -> Engine:
             rl_iterations=desc.get("rl_iterations", 20),
             wiener_balance=desc.get("wiener_balance", 0.05),
         )
-    if name == "identity":
-        return IdentityEngine()
-    if name == "lpfm":
-        return get_engine(
-            "lpfm",
-            model=desc.get("model_path") or desc.get("model"),
-            steps=desc.get("steps"),
-            samples=int(desc.get("samples", 1)),
-            device=None,
-            tta=bool(desc.get("tta", False)),
-        )
-    raise ConfigError(f"provenance names an unknown engine {name!r}", "it was made by a newer or foreign tool")
+    from lpfm_toolkit.options import EngineOptions, build_engine  # the options the record holds (or implies)
+
+    return build_engine(EngineOptions.from_provenance(desc))

@@ -34,13 +34,18 @@ def dataset_image_ids(session: OmeroSession, dataset_id: int) -> list[int]:
     from lpfm_toolkit.provenance import NAMESPACE
 
     session.get_dataset(dataset_id)
-    ids = session.call(lambda c: sorted(int(i.getId()) for i in c.getObjects("Image", opts={"dataset": int(dataset_id)})),
-                       f"list the images of dataset {dataset_id}")
+    ids = session.call(
+        lambda c: sorted(int(i.getId()) for i in c.getObjects("Image", opts={"dataset": int(dataset_id)})),
+        f"list the images of dataset {dataset_id}",
+    )
     if not ids:
         return []
     results = session.call(
-        lambda c: {int(link.getParent().getId()) for link in c.getAnnotationLinks("Image", parent_ids=ids, ns=NAMESPACE)},
-        f"find earlier lpfm results in dataset {dataset_id}")
+        lambda c: {
+            int(link.getParent().getId()) for link in c.getAnnotationLinks("Image", parent_ids=ids, ns=NAMESPACE)
+        },
+        f"find earlier lpfm results in dataset {dataset_id}",
+    )
     if results:
         log.info("dataset %s: leaving out %d lpfm results", dataset_id, len(results))
     return [i for i in ids if i not in results]
@@ -126,12 +131,26 @@ def _open_image(session: OmeroSession, output: str, target_dataset: int | str | 
     return open_
 
 
-def enhance_omero(session: OmeroSession, *, prompt: str, image_ids: Sequence[int] = (),
-                  dataset_id: int | None = None, roi_classes: Sequence[str] = (), output: str = "new",
-                  target_dataset: int | str | None = None, engine: Any = None, options: Any = None,
-                  level: int = 0, seed: int = 0, tile_size: int | None = None, overlap: int | None = None,
-                  force: bool = False, uncertainty: bool | None = None, time_budget_s: float | None = None,
-                  progress: BatchProgressFn | None = None) -> list[Outcome]:
+def enhance_omero(
+    session: OmeroSession,
+    *,
+    prompt: str,
+    image_ids: Sequence[int] = (),
+    dataset_id: int | None = None,
+    roi_classes: Sequence[str] = (),
+    output: str = "new",
+    target_dataset: int | str | None = None,
+    engine: Any = None,
+    options: Any = None,
+    level: int = 0,
+    seed: int = 0,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    force: bool = False,
+    uncertainty: bool | None = None,
+    time_budget_s: float | None = None,
+    progress: BatchProgressFn | None = None,
+) -> list[Outcome]:
     """Enhance images (or their ROIs of ``roi_classes``) and write new images next to them in OMERO.
 
     ``engine``: a built engine, or None to build it from ``options`` (an
@@ -167,19 +186,38 @@ def enhance_omero(session: OmeroSession, *, prompt: str, image_ids: Sequence[int
         handle, sink = current.get(item.image_id)
         anns = [item.annotation] if item.annotation is not None else None
         (work,) = plan(handle, task, level=level, annotations=anns, seed=seed)
-        result = run_item(handle, work, engine, sink, tile_size=tile_size, overlap=overlap, force=force,
-                          samples_uncertainty=uncertainty, progress=tiles)
+        result = run_item(
+            handle,
+            work,
+            engine,
+            sink,
+            tile_size=tile_size,
+            overlap=overlap,
+            force=force,
+            samples_uncertainty=uncertainty,
+            progress=tiles,
+        )
         new_id = result.output.extra.get("image_id")
-        return Outcome(item.label, Status.SKIPPED if result.skipped else Status.DONE,
-                       result=f"image {new_id}" if new_id is not None else result.output.uri,
-                       detail={"new_image_id": new_id, "name": result.output.extra.get("name")})
+        return Outcome(
+            item.label,
+            Status.SKIPPED if result.skipped else Status.DONE,
+            result=f"image {new_id}" if new_id is not None else result.output.uri,
+            detail={"new_image_id": new_id, "name": result.output.extra.get("name")},
+        )
 
     with session.keepalive():
         items = select_items(session, ids, roi_classes)
         try:
-            outcomes = run_items(items, run_one, label=lambda i: i.label, progress=progress,
-                                 catch=(LpfmError, *server_error_types()), describe=_text, halt=_halt,
-                                 budget_s=time_budget_s)
+            outcomes = run_items(
+                items,
+                run_one,
+                label=lambda i: i.label,
+                progress=progress,
+                catch=(LpfmError, *server_error_types()),
+                describe=_text,
+                halt=_halt,
+                budget_s=time_budget_s,
+            )
         finally:
             current.close()
     for item, outcome in zip(items, outcomes, strict=True):
@@ -191,5 +229,8 @@ def enhance_omero(session: OmeroSession, *, prompt: str, image_ids: Sequence[int
 
 def new_image_ids(outcomes: Sequence[Outcome]) -> list[int]:
     """The ids of the images a run created (in order)."""
-    return [o.detail["new_image_id"] for o in outcomes
-            if o.status is Status.DONE and o.detail.get("new_image_id") is not None]
+    return [
+        o.detail["new_image_id"]
+        for o in outcomes
+        if o.status is Status.DONE and o.detail.get("new_image_id") is not None
+    ]

@@ -116,6 +116,23 @@ def plan(
     return [WorkItem(level, region, task, seed)]
 
 
+def run_selection(
+    handle: ImageHandle,
+    sink: Sink,
+    engine: Engine,
+    task: Task,
+    *,
+    level: int = 0,
+    annotation: Annotation | None = None,
+    seed: int = 0,
+    **run_options: Any,
+) -> EnhanceResult:
+    """:func:`plan` the whole level (or one annotation's box) and :func:`run_item` it; ``run_options`` are
+    run_item's keywords. What the QuPath and OMERO workflows run for each of their items."""
+    (item,) = plan(handle, task, level=level, annotations=[annotation] if annotation is not None else None, seed=seed)
+    return run_item(handle, item, engine, sink, **run_options)
+
+
 def check_size(region: Region, task: Task) -> None:
     """Refuse a work item whose output would exceed :data:`MAX_OUTPUT_PIXELS` (before any tile is planned)."""
     pixels = region.width * region.height * task.scale**2

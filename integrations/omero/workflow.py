@@ -158,7 +158,7 @@ def enhance_omero(
     One :class:`~lpfm_toolkit.batch.Outcome` per item; ``detail`` holds ``image_id`` and, for results,
     ``new_image_id`` and ``name``.
     """
-    from lpfm_toolkit.pipeline import plan, run_item
+    from lpfm_toolkit.pipeline import run_selection
     from lpfm_toolkit.prompts import parse_prompt
 
     task = parse_prompt(prompt)
@@ -178,24 +178,16 @@ def enhance_omero(
         _open_image(session, output, target_dataset), lambda opened: opened[0].close()
     )
 
+    run = {"tile_size": tile_size, "overlap": overlap, "force": force, "samples_uncertainty": uncertainty}
+
     def run_one(item: ImageItem, tiles: Callable[[int, int], None]) -> Outcome:
         if item.error is not None:
             raise item.error
         if item.nothing:
             return Outcome(item.label, Status.NOTHING, error=item.nothing)
         handle, sink = current.get(item.image_id)
-        anns = [item.annotation] if item.annotation is not None else None
-        (work,) = plan(handle, task, level=level, annotations=anns, seed=seed)
-        result = run_item(
-            handle,
-            work,
-            engine,
-            sink,
-            tile_size=tile_size,
-            overlap=overlap,
-            force=force,
-            samples_uncertainty=uncertainty,
-            progress=tiles,
+        result = run_selection(
+            handle, sink, engine, task, level=level, annotation=item.annotation, seed=seed, progress=tiles, **run
         )
         new_id = result.output.extra.get("image_id")
         return Outcome(

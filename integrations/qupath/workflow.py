@@ -19,7 +19,7 @@ from lpfm_toolkit.engine.base import Engine
 from lpfm_toolkit.errors import LpfmError, ProjectError
 from lpfm_toolkit.integrations.qupath.entries import ProjectEntry
 from lpfm_toolkit.integrations.qupath.project import QuPathProject
-from lpfm_toolkit.pipeline import plan, run_item
+from lpfm_toolkit.pipeline import run_selection
 from lpfm_toolkit.prompts import Task, parse_prompt
 from lpfm_toolkit.sources.base import Annotation
 
@@ -146,22 +146,14 @@ def enhance_project(
         _open_entry(project, output_dir, compression, tiff_tile), lambda opened: opened[0].close()
     )
 
+    run = {"tile_size": tile_size, "overlap": overlap, "force": force, "samples_uncertainty": samples_uncertainty}
+
     def run_one(item: EntryItem, tiles: Callable[[int, int], None]) -> Outcome:
         if item.nothing:
             return Outcome(item.label, Status.NOTHING, error=item.nothing)
         handle, sink = current.get(item.entry)
-        anns = [item.annotation] if item.annotation is not None else None
-        (work,) = plan(handle, task, level=item.level, annotations=anns, seed=seed)
-        result = run_item(
-            handle,
-            work,
-            engine,
-            sink,
-            tile_size=tile_size,
-            overlap=overlap,
-            force=force,
-            samples_uncertainty=samples_uncertainty,
-            progress=tiles,
+        result = run_selection(
+            handle, sink, engine, task, level=item.level, annotation=item.annotation, seed=seed, progress=tiles, **run
         )
         extra = result.output.extra
         return Outcome(

@@ -220,6 +220,7 @@ def enhance(
 ) -> None:
     """Enhance or virtually stain SLIDE by PROMPT into a new pyramidal OME-TIFF (the original is untouched)."""
     options, settings = options_from_flags(flags)
+    common = dict(level=level, region_text=region_text, out=out, options=options, settings=settings, force=force)
     if auto or prompt is None:  # --auto: lpfm qc picks the regions and their tasks (lpfm_toolkit.qc.auto_enhance)
         from lpfm_toolkit.cli.qc import run_auto
         from lpfm_toolkit.errors import ConfigError
@@ -233,30 +234,9 @@ def enhance(
                 else "--preview is not available with --auto"
             )
             raise ConfigError(what, 'e.g. -p "sr x2", -p denoise, or --auto without -p and --preview')
-        run_auto(
-            slide,
-            level=level,
-            region_text=region_text,
-            out=out,
-            options=options,
-            settings=settings,
-            force=force,
-            mpp=mpp,
-        )
+        run_auto(slide, mpp=mpp, **common)
         return
-    run_and_report(
-        slide,
-        prompt,
-        level=level,
-        region_text=region_text,
-        out=out,
-        options=options,
-        settings=settings,
-        force=force,
-        mpp=mpp,
-        preview=preview,
-        verify=verify,
-    )
+    run_and_report(slide, prompt, mpp=mpp, preview=preview, verify=verify, **common)
 
 
 @click.command()

@@ -152,7 +152,7 @@ def run_items(
     items: Sequence[T],
     run_one: RunOne[T],
     *,
-    label: Callable[[T], str] = str,
+    label: Callable[[T], str] | None = None,
     progress: BatchProgressFn | None = None,
     catch: tuple[type[BaseException], ...] = (LpfmError, OSError, ValueError, RuntimeError, MemoryError),
     describe: Callable[[BaseException], str] | None = None,
@@ -162,6 +162,7 @@ def run_items(
 ) -> list[Outcome]:
     """Run ``run_one`` on each item in turn and return one :class:`Outcome` per item, in order.
 
+    Items are shown by ``label(item)`` (default: the item's ``label`` attribute, else its text).
     An exception of ``catch`` becomes a ``failed`` outcome (its text from ``describe``, default the
     exception's one line) and the next item runs; any other exception is a bug and propagates. ``halt(exc)``
     returning a reason (e.g. "the OMERO session was lost") marks every later item ``not run`` with it; so does
@@ -173,6 +174,7 @@ def run_items(
     outcomes: list[Outcome] = []
     stop: str | None = None
     describe = describe or _one_line
+    label = label or _label
     for index, item in enumerate(items):
         name = label(item)
         if stop is None and eta.over(budget_s):
@@ -214,6 +216,11 @@ def run_items(
         if progress is not None:
             progress(BatchProgress(index, total, name, eta.finished, eta_s=eta.eta(), outcome=outcome))
     return outcomes
+
+
+def _label(item: Any) -> str:
+    """An item's ``label`` if it has one, else its text."""
+    return str(getattr(item, "label", item))
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

@@ -199,19 +199,16 @@ def enhance_omero(
 
     with session.keepalive():
         items = select_items(session, ids, roi_classes)
-        try:
+        with current:
             outcomes = run_items(
                 items,
                 run_one,
-                label=lambda i: i.label,
                 progress=progress,
                 catch=(LpfmError, *server_error_types()),
                 describe=_text,
                 halt=_halt,
                 budget_s=time_budget_s,
             )
-        finally:
-            current.close()
     for item, outcome in zip(items, outcomes, strict=True):
         outcome.detail = {"image_id": item.image_id, **outcome.detail}
         if outcome.status is Status.FAILED:

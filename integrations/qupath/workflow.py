@@ -16,7 +16,7 @@ from typing import Any
 
 from lpfm_toolkit.batch import BatchProgressFn, KeptOpen, Outcome, Status, run_items
 from lpfm_toolkit.engine.base import Engine
-from lpfm_toolkit.errors import LpfmError, ProjectError
+from lpfm_toolkit.errors import ProjectError
 from lpfm_toolkit.integrations.qupath.entries import ProjectEntry
 from lpfm_toolkit.integrations.qupath.project import QuPathProject
 from lpfm_toolkit.pipeline import run_selection
@@ -163,16 +163,8 @@ def enhance_project(
             detail={"result_entry_id": extra.get("entry_id"), "output": result.output.uri},
         )
 
-    try:
-        outcomes = run_items(
-            items,
-            run_one,
-            label=lambda i: i.label,
-            progress=progress,
-            catch=(LpfmError, OSError, ValueError, RuntimeError, MemoryError),
-        )
-    finally:
-        current.close()
+    with current:
+        outcomes = run_items(items, run_one, progress=progress)  # LpfmError, OSError, ValueError, … are recorded
     for item, outcome in zip(items, outcomes, strict=True):
         outcome.detail = {"entry_id": item.entry.id, "region": item.region, **outcome.detail}
     return outcomes

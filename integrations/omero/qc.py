@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,20 +236,15 @@ def qc_omero(
         outcome = ImageQC(image_id, "failed")
         try:
             with OmeroImageHandle(session, image_id) as handle:
-                if progress is not None:
-                    with progress(f"{image_id}: {handle.name}") as update:
-                        qc = assess(
-                            handle,
-                            level=level,
-                            region=region,
-                            tile=tile,
-                            estimator=estimator,
-                            thresholds=thresholds,
-                            progress=update,
-                        )
-                else:
+                with progress(f"{image_id}: {handle.name}") if progress is not None else nullcontext() as update:
                     qc = assess(
-                        handle, level=level, region=region, tile=tile, estimator=estimator, thresholds=thresholds
+                        handle,
+                        level=level,
+                        region=region,
+                        tile=tile,
+                        estimator=estimator,
+                        thresholds=thresholds,
+                        progress=update,
                     )
                 outcome.qc = qc
                 outcome.files = write_outputs(qc, handle, output_dir)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,19 +166,16 @@ def _qc_entry(
         return EntryQC(entry, "failed", error=str(exc))
     with handle:
         try:
-            if progress is not None:
-                with progress(entry) as update:
-                    qc = assess(
-                        handle,
-                        level=level,
-                        region=region,
-                        tile=tile,
-                        estimator=estimator,
-                        thresholds=thresholds,
-                        progress=update,
-                    )
-            else:
-                qc = assess(handle, level=level, region=region, tile=tile, estimator=estimator, thresholds=thresholds)
+            with progress(entry) if progress is not None else nullcontext() as update:
+                qc = assess(
+                    handle,
+                    level=level,
+                    region=region,
+                    tile=tile,
+                    estimator=estimator,
+                    thresholds=thresholds,
+                    progress=update,
+                )
         except (LpfmError, OSError, ValueError, RuntimeError, MemoryError) as exc:
             log.debug("QC of entry %s failed", entry.id, exc_info=True)
             return EntryQC(entry, "failed", error=f"{type(exc).__name__}: {exc}")

@@ -169,6 +169,7 @@ class Bundle:
     index: dict[str, Any]
     sha256: str
     components: dict[str, Any] = field(default_factory=dict)
+    scheduler_config: dict[str, Any] | None = None  # the refiner's noise schedule; None: the built-in one
 
     @property
     def name(self) -> str:
@@ -321,7 +322,31 @@ def load_bundle(model: str | Path | None = None, trust_pickle: bool = False, che
         bundle.components[role] = load_component(path / folder, role, trust_pickle)
     if "restorer" not in bundle.components:
         raise ModelError(f"bundle {path.name} has no restorer")
+    bundle.scheduler_config = read_scheduler_config(path, index, check)
     return bundle
+
+
+SCHEDULER_FILE = "scheduler/scheduler_config.json"
+
+
+def read_scheduler_config(path: Path, index: dict[str, Any], check: bool = True) -> dict[str, Any] | None:
+    """The refiner's noise schedule saved in the bundle (diffusers' ``scheduler_config.json``), or None for bundles
+    written before it was saved (they keep the built-in schedule). With ``check`` it must be covered by a checksum."""
+    f = path / SCHEDULER_FILE
+    if not f.is_file():
+        return None
+    if check and SCHEDULER_FILE not in index.get("files", {}):
+        raise ModelError(
+            f"bundle {path.name}: {SCHEDULER_FILE} is not covered by a checksum",
+            f"remove it or re-write the bundle's model_index.json ('lpfm models verify {path}')",
+        )
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"bundle {path.name}: {SCHEDULER_FILE} is not readable JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("num_train_timesteps"), int):
+        raise ModelError(f"bundle {path.name}: {SCHEDULER_FILE} has no num_train_timesteps")
+    return config
 
 
 def write_bundle(
@@ -348,6 +373,13 @@ def write_bundle(
     for role, model in components.items():
         for fname, sha in save_component(out / role, model, dtype=dtype).items():
             files[f"{role}/{fname}"] = sha
+    if "refiner" in components:  # the noise schedule the refiner was trained with, as diffusers saves it
+        from lpfm_toolkit.engine.models.refiner import scheduler_config
+
+        config = scheduler_config(int(components["refiner"].config.num_train_timesteps))
+        (out / "scheduler").mkdir(exist_ok=True)
+        (out / SCHEDULER_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files[SCHEDULER_FILE] = sha256_file(out / SCHEDULER_FILE)
     trained = tasks if tasks is not None else list((training or {}).get("task_weights", {}))
     index = {
         "format": BUNDLE_FORMAT,

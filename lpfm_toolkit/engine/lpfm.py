@@ -345,7 +345,9 @@ class LpfmEngine(Engine):
         cond = F.pad(restored, (0, pw, 0, ph), mode="replicate") if ph or pw else restored
         cond = cond.repeat_interleave(k, dim=0)
         latent = F.pad(noise, (0, pw, 0, ph)) if ph or pw else noise
-        scheduler = make_scheduler(self.sampler, self.refiner.config.num_train_timesteps)
+        scheduler = make_scheduler(
+            self.sampler, self.refiner.config.num_train_timesteps, config=self.bundle.scheduler_config
+        )
         scheduler.set_timesteps(self.steps)
         task_ids = torch.full((n * k,), task_code(task), device=self.device, dtype=torch.long)
         with torch.inference_mode(), self._autocast():

@@ -96,15 +96,29 @@ class Refiner(nn.Module):
         return F.pixel_shuffle(out, r)
 
 
-def make_scheduler(kind: str, num_train_timesteps: int = 1000) -> Any:
-    """A diffusers scheduler for sample-prediction residual diffusion: ``ddim`` or ``dpm`` (DPM-Solver++)."""
+def make_scheduler(kind: str, num_train_timesteps: int = 1000, config: dict[str, Any] | None = None) -> Any:
+    """A diffusers scheduler for sample-prediction residual diffusion: ``ddim`` or ``dpm`` (DPM-Solver++).
+
+    ``config`` is the noise schedule a bundle was trained with (its ``scheduler/scheduler_config.json``), loaded
+    with diffusers' ``from_config``; without it (bundles written before it was saved) the built-in schedule below.
+    """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     common = {"num_train_timesteps": num_train_timesteps, "beta_schedule": "squaredcos_cap_v2",
               "prediction_type": "sample", "timestep_spacing": "trailing"}
     if kind == "ddim":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
-    if kind == "dpm":
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                           lower_order_final=True)
-    raise ValueError(f"sampler {kind!r} is not supported; use one of {SCHEDULERS}")
+        extra: dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": True}
+        cls: Any = DDIMScheduler
+    elif kind == "dpm":
+        extra = {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True}
+        cls = DPMSolverMultistepScheduler
+    else:
+        raise ValueError(f"sampler {kind!r} is not supported; use one of {SCHEDULERS}")
+    if config is not None:
+        return cls.from_config(dict(config), **extra)
+    return cls(**common, **extra)
+
+
+def scheduler_config(num_train_timesteps: int = 1000) -> dict[str, Any]:
+    """The training noise schedule as diffusers saves it (``scheduler_config.json``)."""
+    return dict(make_scheduler("ddim", num_train_timesteps).config)

@@ -497,6 +497,15 @@ def engine_for_record(desc: dict[str, Any], model: str | None = None, trust_pick
     )
 
 
+def source_path(uri: str) -> Path:
+    """A local path from a recorded source URI (a plain path or a ``file:`` URI, as QuPath projects store them)."""
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    return Path(uri)
+
+
 def reproduce(
     output: str | Path,
     *,
@@ -523,14 +532,17 @@ def reproduce(
             "re-make it with `lpfm enhance ... --force`, then reproduce that",
         )
     src = prov.source
-    if src.get("system") != "file":
+    if src.get("system") not in ("file", "qupath"):
         raise SlideNotFoundError(
             f"the source of {rec.tiff.name} is on {src.get('system')}",
-            "reproduce it with the matching command (lpfm qupath / lpfm omero)",
+            "only file and QuPath outputs can be reproduced so far; for OMERO, re-run `lpfm omero enhance` "
+            "with the recorded settings into a test dataset and compare the recorded checksums",
         )
-    path = Path(src["uri"])
+    # a QuPath entry's pixels are its image file's (the entry adds annotations and metadata, not pixels)
+    path = source_path(str(src["uri"]))
     if not path.is_file():
-        raise SlideNotFoundError(f"the source {path} is gone", "restore it to that path to reproduce")
+        hint = " (the QuPath project's image moved? restore it there)" if src.get("system") == "qupath" else ""
+        raise SlideNotFoundError(f"the source {path} is gone{hint}", "restore it to that path to reproduce")
     notes = []
     if file_fingerprint(path) != src.get("fingerprint"):
         notes.append(f"{path.name} has changed since the output was made")

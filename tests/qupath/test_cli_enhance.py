@@ -149,3 +149,25 @@ def test_engine_options_are_checked_on_the_first_image_before_any_work(project: 
     res = run("enhance", str(project), "--class", "Tumor", "--engine", "classical", "--method", "wiener", "-p", "sr x2")
     assert res.exit_code == 2 and "wiener" in res.output  # a deblurring method for super-resolution
     assert (project / "project.qpproj").read_bytes() == before
+
+
+
+def test_reproduce_a_qupath_entry_output(qp, tmp_path: Path, sample_slide: Path) -> None:
+    """`lpfm reproduce` re-runs an output added to a QuPath project from its entry's image file."""
+    import shutil
+
+    slide = tmp_path / "slides" / "copy.svs"  # a copy: the test moves it away below
+    slide.parent.mkdir()
+    shutil.copyfile(sample_slide, slide)
+    project = qp.write_project(tmp_path / "proj", slide, "0.5.1", annotations=[qp.box_feature(*T1, "Tumor", "t1",
+                               "00000000-0000-4000-8000-000000000001")])
+    result = run("enhance", str(project), "--class", "Tumor", "--engine", "classical", "--prompt", "denoise")
+    assert result.exit_code == 0, result.output
+    proj = QuPathProject.open(project, "file")
+    image = proj.resolve(proj.entries[1])
+    again = CliRunner().invoke(cli, ["reproduce", str(image)], env={"COLUMNS": "250"})
+    assert again.exit_code == 0, again.output
+    assert "identical" in again.output.lower(), again.output
+    slide.rename(slide.with_name("moved.svs"))  # the slide moved: one clear line, exit 2
+    gone = CliRunner().invoke(cli, ["reproduce", str(image)], env={"COLUMNS": "250"})
+    assert gone.exit_code == 2 and "is gone" in gone.output and "Traceback" not in gone.output, gone.output

@@ -19,18 +19,33 @@ def models() -> None:
 @models.command("list")
 @handle_errors
 def list_models() -> None:
-    """The bundles shipped with the toolkit."""
+    """The bundles shipped with the toolkit and those in the user bundle folder ($LPFM_MODELS_DIR)."""
     from rich.table import Table
 
-    from lpfm_toolkit.engine.bundle import index_checksum, read_index, resolve, shipped_bundles
+    from lpfm_toolkit.engine.bundle import (
+        SHIPPED_DIR,
+        index_checksum,
+        read_index,
+        shipped_bundles,
+        user_bundles,
+        user_models_dir,
+    )
 
-    table = Table("name", "tasks", "default steps", "size (MB)", "sha256")
-    for name in shipped_bundles():
-        path = resolve(name)
-        index = read_index(path)
+    table = Table("name", "where", "tasks", "default steps", "size (MB)", "sha256")
+    shipped = shipped_bundles()
+    found = [(name, SHIPPED_DIR / name, "shipped") for name in shipped]
+    found += [(n, user_models_dir() / n, "user" if n not in shipped else "user (hidden by shipped)")
+              for n in user_bundles()]
+    for name, path, where in found:
+        try:
+            index = read_index(path)
+        except ModelError as exc:
+            table.add_row(name, where, f"[red]unreadable: {exc.message}[/red]", "", "", "")
+            continue
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
         table.add_row(
             name,
+            where,
             ", ".join(index.get("tasks", [])),
             str(index.get("default_steps", 0)),
             f"{size:.1f}",

@@ -246,12 +246,36 @@ def shipped_bundles() -> list[str]:
     return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "model_index.json").is_file())
 
 
+def user_models_dir() -> Path:
+    """Where a lab keeps its own bundles by name: ``$LPFM_MODELS_DIR``, else ``~/.local/share/lpfm/models``."""
+    import os
+
+    env = os.environ.get("LPFM_MODELS_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "lpfm" / "models"
+
+
+def user_bundles() -> list[str]:
+    """Names of the bundles in :func:`user_models_dir` (folders holding a ``model_index.json``)."""
+    folder = user_models_dir()
+    try:
+        return sorted(p.name for p in folder.iterdir() if (p / "model_index.json").is_file())
+    except OSError:
+        return []
+
+
 def resolve(model: str | Path | None) -> Path:
-    """A bundle folder from a shipped name, a folder path, or ``None`` (the default bundle)."""
+    """A bundle folder from a shipped name, a user bundle's name (:func:`user_models_dir`), a folder path, or
+    ``None`` (the default bundle). Shipped names win over user bundles of the same name."""
     name = DEFAULT_BUNDLE if model is None else str(model)
     shipped = SHIPPED_DIR / name
     if "/" not in name and (shipped / "model_index.json").is_file():
         return shipped
+    user = user_models_dir() / name
+    if "/" not in name and name not in (".", "..") and (user / "model_index.json").is_file():
+        return user
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -264,7 +288,8 @@ def resolve(model: str | Path | None) -> Path:
         raise ModelError(f"{path} is not a model bundle")
     raise ModelError(
         f"no model bundle named {name!r}",
-        f"shipped bundles: {', '.join(shipped_bundles()) or 'none'}; or give a bundle folder",
+        f"shipped bundles: {', '.join(shipped_bundles()) or 'none'}; user bundles in {user_models_dir()}: "
+        f"{', '.join(user_bundles()) or 'none'}; or give a bundle folder",
     )
 
 

@@ -39,6 +39,7 @@ MAX_SIDECAR_BYTES = 16 << 20
 LOSSLESS = ("zlib", "zstd", "lzw", "none", "deflate", "adobe_deflate")
 #: rows decoded at a time when checksumming a stored level (bounds memory on big outputs)
 _BAND_ROWS = 512
+_INFLIGHT_BYTES = 64 << 20  # decoded bands held at once by level_digests
 
 
 def sidecar_for(tiff: Path) -> Path:
@@ -285,6 +286,12 @@ def _open_tiff(path: Path) -> Any:
     return TiffHandle(path)
 
 
+def _itemsize(dtype: Any) -> int:
+    import numpy
+
+    return int(numpy.dtype(dtype).itemsize)
+
+
 def level_digests(path: Path, first: int = 0) -> list[str]:
     """The :class:`PixelDigest` of pyramid levels ``first``… of ``path`` as stored (decoded), band by band.
 
@@ -303,11 +310,15 @@ def level_digests(path: Path, first: int = 0) -> list[str]:
             read = lambda y, lv=lv, level=level: handle.read_region(  # noqa: E731
                 level, 0, y, lv.width, min(_BAND_ROWS, lv.height - y)
             )
-            pending = [pool.submit(read, y) for y in ys[: 2 * workers]]
+            # bands in flight: up to two per thread, but never more than _INFLIGHT_BYTES of decoded pixels, so
+            # memory does not grow with the width of the image (a 32k-wide band of 512 rows is 50 MB of RGB)
+            band_bytes = lv.width * _BAND_ROWS * len(handle.channel_names) * _itemsize(handle.dtype)
+            ahead = max(1, min(2 * workers, _INFLIGHT_BYTES // max(1, band_bytes)))
+            pending = [pool.submit(read, y) for y in ys[:ahead]]
             for i in range(len(ys)):
                 band = pending[i].result()
-                if i + 2 * workers < len(ys):
-                    pending.append(pool.submit(read, ys[i + 2 * workers]))
+                if i + ahead < len(ys):
+                    pending.append(pool.submit(read, ys[i + ahead]))
                 pending[i] = None  # type: ignore[call-overload]  # free the band once hashed
                 d.update(0, band)
             out.append(d.hexdigest())

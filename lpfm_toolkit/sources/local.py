@@ -10,12 +10,21 @@ import logging
 import re
 import stat
 import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lpfm_toolkit.errors import CorruptImageError, SlideNotFoundError, SlideUnreadableError, UnsupportedFormatError
+from lpfm_toolkit.errors import (
+    CorruptImageError,
+    LpfmError,
+    SlideNotFoundError,
+    SlideUnreadableError,
+    UnsupportedFormatError,
+)
 from lpfm_toolkit.sources.base import ImageHandle, Level, StoredMetadataHandle
 
 log = logging.getLogger(__name__)
@@ -60,11 +69,53 @@ def file_fingerprint(path: Path) -> str:
     return f"{FINGERPRINT_PREFIX}{h.hexdigest()}"
 
 
+class _InFlightReads:
+    """Counts reads in progress so that closing a reader waits for them.
+
+    A C reader closed while another thread is inside it crashes the process (OpenSlide aborts on
+    ``tc->outstanding == 0``): a stop request (SIGTERM, Ctrl-C) can unwind the main thread while a prefetch
+    thread is still reading. ``close`` therefore waits for the reads in flight; reads after it are refused.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._n = 0
+        self.closed = False
+
+    @contextmanager
+    def reading(self, name: str) -> Iterator[None]:
+        with self._cond:
+            if self.closed:
+                raise LpfmError(f"{name} was closed before a queued read began", "run again")
+            self._n += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._n -= 1
+                self._cond.notify_all()
+
+    def close(self) -> bool:
+        """Refuse new reads, wait for those in flight; False when it was closed already."""
+        with self._cond:
+            if self.closed:
+                return False
+            self.closed = True
+            self._cond.wait_for(lambda: self._n == 0)
+            return True
+
+
 class _FileHandle(StoredMetadataHandle):
     system = "file"
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._reads = _InFlightReads()
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """As :meth:`ImageHandle.read_region`; :meth:`close` waits until it returns."""
+        with self._reads.reading(self.name):
+            return super().read_region(level, x, y, width, height)
 
     @property
     def uri(self) -> str:
@@ -149,7 +200,8 @@ class OpenSlideHandle(_FileHandle):
         return out
 
     def close(self) -> None:
-        self._slide.close()
+        if self._reads.close():
+            self._slide.close()
 
 
 class TiffHandle(_FileHandle):
@@ -278,7 +330,8 @@ class TiffHandle(_FileHandle):
         return out
 
     def close(self) -> None:
-        self._tif.close()
+        if self._reads.close():
+            self._tif.close()
 
 
 class PillowHandle(_FileHandle):

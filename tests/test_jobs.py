@@ -240,11 +240,13 @@ def test_pool_workers_get_a_share_of_the_cores() -> None:
     assert runner.threads == max(1, len(os.sched_getaffinity(0)) // 2)
     pool = runner._new_pool()
     try:
-        got = pool.submit(os.getenv, "LPFM_THREADS").result(timeout=60)
+        from lpfm_toolkit.engine.device import process_threads
+
+        got = pool.submit(process_threads).result(timeout=60)
         omp = pool.submit(os.getenv, "OMP_NUM_THREADS").result(timeout=60)
     finally:
         pool.shutdown()
-    assert got == omp == str(runner.threads)  # set before torch loads; the lpfm engine reads LPFM_THREADS
+    assert str(got) == omp == str(runner.threads)  # set before torch loads; engines built there use the cap
 
 
 def test_dask_in_process_cluster_runs_jobs_end_to_end(sample_slide: Path, tmp_path: Path) -> None:

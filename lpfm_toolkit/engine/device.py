@@ -56,8 +56,26 @@ def free_cores() -> int:
     return max(1, min(n, int(round(n - busy))))
 
 
+_process_threads: int | None = None
+
+
+def set_process_threads(threads: int | None) -> None:
+    """The math-thread cap of this whole process (a pool or Dask worker's share of the cores).
+
+    Engines built later with ``threads=None`` use it instead of the free cores. ``LPFM_THREADS`` is not read
+    here: it reaches an engine through the settings (:class:`~lpfm_toolkit.options.EngineOptions`).
+    """
+    global _process_threads
+    _process_threads = max(1, int(threads)) if threads else None
+
+
+def process_threads() -> int | None:
+    """The cap set by :func:`set_process_threads` (None: the free cores)."""
+    return _process_threads
+
+
 def configure_cpu_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads to ``threads`` (default: ``LPFM_THREADS`` or the free cores).
+    """Set torch's intra-op threads to ``threads`` (default: the process's cap, else the free cores).
 
     Oversubscribing cores that another process keeps busy cut throughput by an order of magnitude on
     a 2-core machine, so the default is the free cores, not all cores.
@@ -65,8 +83,7 @@ def configure_cpu_threads(threads: int | None = None) -> int:
     import torch
 
     if threads is None:
-        env = os.environ.get("LPFM_THREADS")
-        threads = int(env) if env else free_cores()
+        threads = _process_threads or free_cores()
     threads = max(1, int(threads))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,9 +128,9 @@ class LpfmEngine(Engine):
     ) -> LpfmEngine:
         """Load a shipped bundle by name, a bundle folder, or (``None``) the default ``lpfm-tiny``.
 
-        ``compile`` (or ``LPFM_COMPILE=1`` in the environment) wraps the networks in ``torch.compile``.
+        ``compile`` wraps the networks in ``torch.compile`` (``LPFM_COMPILE=1`` reaches it through the settings:
+        :class:`~lpfm_toolkit.options.EngineOptions`).
         """
-        compile_ = compile or os.environ.get("LPFM_COMPILE", "") not in ("", "0")
         return cls(
             load_bundle(model, trust_pickle=trust_pickle),
             device=device,
@@ -139,7 +138,7 @@ class LpfmEngine(Engine):
             samples=samples,
             sampler=sampler,
             threads=threads,
-            compile=compile_,
+            compile=compile,
             tta=tta,
         )
 

@@ -266,11 +266,18 @@ _thread_share: dict[str, tuple[int, float]] = {}  # worker address → (threads,
 def _dask_threads() -> int | None:
     """Math threads for one job on this Dask worker: this host's cores shared among its Dask worker threads.
 
-    ``LPFM_THREADS`` in the worker's environment wins; outside a worker (or when the scheduler does not
-    answer) None, i.e. leave the process's settings alone. The share is asked of the scheduler once a minute.
+    ``threads`` in the worker's settings (``LPFM_THREADS`` in its environment, or its settings file) wins;
+    outside a worker (or when the scheduler does not answer) None, i.e. leave the process's settings alone.
+    The share is asked of the scheduler once a minute.
     """
-    if os.environ.get("LPFM_THREADS", "").isdigit():
-        return int(os.environ["LPFM_THREADS"])
+    from lpfm_toolkit.config import load_settings
+
+    try:
+        configured = load_settings().threads
+    except Exception:  # noqa: BLE001 - a broken settings file on a worker: the job's own check reports it
+        configured = None
+    if configured:
+        return int(configured)
     try:
         from distributed import get_worker
 

@@ -327,7 +327,10 @@ def configure_threads(threads: int | None) -> None:
     """Cap this process's math threads (torch, OpenMP, BLAS) before any engine is built."""
     if not threads:
         return
-    for var in ("LPFM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    from lpfm_toolkit.engine.device import set_process_threads  # no torch import
+
+    set_process_threads(threads)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # C libraries not yet loaded
         os.environ[var] = str(threads)
     import sys
 

@@ -44,13 +44,21 @@ def test_free_cores_subtracts_load(monkeypatch: pytest.MonkeyPatch) -> None:
     assert D.free_cores() == 1
 
 
-def test_configure_threads_honours_env_and_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configure_threads_honours_the_process_cap_and_argument_not_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     before = torch.get_num_threads()
+    monkeypatch.setattr(D, "free_cores", lambda: 2)
+    monkeypatch.setattr(D, "_process_threads", None)  # an in-process job earlier in this session may have set it
     try:
-        monkeypatch.setenv("LPFM_THREADS", "1")
+        monkeypatch.setenv("LPFM_THREADS", "1")  # read by the settings (EngineOptions), not behind their back
+        assert D.configure_cpu_threads() == 2 and torch.get_num_threads() == 2
+        D.set_process_threads(1)  # a pool worker's share
+        assert D.process_threads() == 1
         assert D.configure_cpu_threads() == 1 and torch.get_num_threads() == 1
         assert D.configure_cpu_threads(2) == 2 and torch.get_num_threads() == 2
     finally:
+        D.set_process_threads(None)
         torch.set_num_threads(before)
 
 

@@ -70,8 +70,18 @@ class ShapeMapping:
         return v * self.k
 
 
-_COPIED_FIELDS = ("TextValue", "StrokeColor", "FillColor", "StrokeWidth", "FontSize", "FontFamily", "FontStyle",
-                  "Locked", "TheZ", "TheT")
+_COPIED_FIELDS = (
+    "TextValue",
+    "StrokeColor",
+    "FillColor",
+    "StrokeWidth",
+    "FontSize",
+    "FontFamily",
+    "FontStyle",
+    "Locked",
+    "TheZ",
+    "TheT",
+)
 
 
 def copy_shape(shape: Any, m: ShapeMapping, keep_channel: bool) -> Any:
@@ -107,8 +117,15 @@ def copy_shape(shape: Any, m: ShapeMapping, keep_channel: bool) -> Any:
         new.setWidth(rdouble(w))
         new.setHeight(rdouble(h))
         if kind == "Mask" and shape.getBytes() is not None:
-            new.setBytes(rescale_mask(shape.getBytes(), int(float(rvalue(shape.getWidth()))),
-                                      int(float(rvalue(shape.getHeight()))), max(1, round(w)), max(1, round(h))))
+            new.setBytes(
+                rescale_mask(
+                    shape.getBytes(),
+                    int(float(rvalue(shape.getWidth()))),
+                    int(float(rvalue(shape.getHeight()))),
+                    max(1, round(w)),
+                    max(1, round(h)),
+                )
+            )
     elif kind == "Ellipse":
         x, y = m.point(float(rvalue(shape.getX())), float(rvalue(shape.getY())))
         new.setX(rdouble(x))
@@ -142,8 +159,9 @@ def rescale_mask(data: bytes, width: int, height: int, new_width: int, new_heigh
     return np.packbits(bits[ys][:, xs].ravel()).tobytes()
 
 
-def copy_rois(rois: list[Any], annotations_by_shape: dict[int, Any], region_box: Any, m: ShapeMapping,
-              keep_channel: bool) -> list[Any]:
+def copy_rois(
+    rois: list[Any], annotations_by_shape: dict[int, Any], region_box: Any, m: ShapeMapping, keep_channel: bool
+) -> list[Any]:
     """New RoiI objects holding the shapes that touch ``region_box`` (level-0 shapely box), mapped by ``m``."""
     import omero.model
 
@@ -199,12 +217,19 @@ def provenance_from_pairs(pairs: dict[str, str], uri: str) -> Provenance:
     level = pairs.get("lpfm.source.level", "")
     seed = pairs.get("lpfm.seed", "0")
     return Provenance(
-        source={"system": pairs.get("lpfm.source.system", ""), "uri": pairs.get("lpfm.source.uri", ""),
-                "level": int(level) if level.isdigit() else None, "region": region or None},
+        source={
+            "system": pairs.get("lpfm.source.system", ""),
+            "uri": pairs.get("lpfm.source.uri", ""),
+            "level": int(level) if level.isdigit() else None,
+            "region": region or None,
+        },
         prompt=pairs.get("lpfm.prompt", ""),
         task={"kind": pairs.get("lpfm.task", ""), "scale": pairs.get("lpfm.task.scale", "1")},
-        engine={"name": pairs.get("lpfm.engine", ""), "model": pairs.get("lpfm.model") or None,
-                "model_sha256": pairs.get("lpfm.model.sha256") or None},
+        engine={
+            "name": pairs.get("lpfm.engine", ""),
+            "model": pairs.get("lpfm.model") or None,
+            "model_sha256": pairs.get("lpfm.model.sha256") or None,
+        },
         seed=int(seed) if seed.lstrip("-").isdigit() else 0,
         idempotency_key=pairs.get(KEY, ""),
         output={"uri": uri, "rebuilt_from": "the image's key-value annotation (the provenance file was removed)"},
@@ -217,9 +242,16 @@ def provenance_from_pairs(pairs: dict[str, str], uri: str) -> Provenance:
 class OmeroSink(Sink):
     """New images in the source's dataset (or ``dataset``): ``mode`` ``new`` or ``channels``."""
 
-    def __init__(self, session: OmeroSession, handle: OmeroImageHandle, *, mode: str = "new",
-                 dataset: int | str | None = None, copy_rois: bool = True,
-                 spool_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        session: OmeroSession,
+        handle: OmeroImageHandle,
+        *,
+        mode: str = "new",
+        dataset: int | str | None = None,
+        copy_rois: bool = True,
+        spool_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         if mode not in MODES:
             raise RegionError(f"output mode {mode!r} is not known", f"use one of {', '.join(MODES)}")
         self.session, self.handle, self.mode = session, handle, mode
@@ -242,7 +274,8 @@ class OmeroSink(Sink):
                     raise OmeroPermissionError(
                         f"dataset {arg} is in group {group}, image {self.handle.image_id} in group "
                         f"{self.handle.group_id}: OMERO does not link across groups",
-                        "choose a dataset of the image's group, or give a name to create one there")
+                        "choose a dataset of the image's group, or give a name to create one there",
+                    )
                 self._dataset_id = int(ds.getId())
             else:
                 self._dataset_id = self._dataset_by_name(str(arg))
@@ -278,7 +311,8 @@ class OmeroSink(Sink):
         key = self._mode_key(idempotency_key)
         images = self.session.call(
             lambda c: list(c.getObjectsByMapAnnotations("Image", key=KEY, value=key, ns=NAMESPACE)),
-            "look for earlier results")
+            "look for earlier results",
+        )
         found: OutputRef | None = None
         me: int | None = None
         for image in images:
@@ -289,13 +323,23 @@ class OmeroSink(Sink):
                 continue  # the key is on another annotation of the image, not our marker: not ours to judge
             if state == "complete":
                 if prov is None:
-                    log.warning("image %s is a complete lpfm result whose provenance file was removed; kept, and "
-                                "its provenance rebuilt from its key-value annotation", image_id)
+                    log.warning(
+                        "image %s is a complete lpfm result whose provenance file was removed; kept, and "
+                        "its provenance rebuilt from its key-value annotation",
+                        image_id,
+                    )
                     prov = provenance_from_pairs(pairs, self._uri(image_id))
                 if found is None:
-                    found = OutputRef(uri=self._uri(image_id), provenance=prov,
-                                      extra={"image_id": image_id, "name": image.getName(), "mode": self.mode,
-                                             "provenance_file": prov.output.get("rebuilt_from") is None})
+                    found = OutputRef(
+                        uri=self._uri(image_id),
+                        provenance=prov,
+                        extra={
+                            "image_id": image_id,
+                            "name": image.getName(),
+                            "mode": self.mode,
+                            "provenance_file": prov.output.get("rebuilt_from") is None,
+                        },
+                    )
                 continue
             if state != "writing":
                 log.warning("image %s carries the key of %s with state %r; left alone", image_id, spec_name, state)
@@ -307,8 +351,13 @@ class OmeroSink(Sink):
                 log.warning("image %s looks like a partial lpfm result of another user; left alone", image_id)
                 continue
             if not writer_gone(pairs.get(WRITER, ""), image_id):
-                log.warning("image %s is a partial result of %s still being uploaded, or by a writer this run cannot "
-                            "check (%s); left alone", image_id, spec_name, pairs.get(WRITER) or "no writer recorded")
+                log.warning(
+                    "image %s is a partial result of %s still being uploaded, or by a writer this run cannot "
+                    "check (%s); left alone",
+                    image_id,
+                    spec_name,
+                    pairs.get(WRITER) or "no writer recorded",
+                )
                 continue
             log.warning("deleting image %s: a partial result of an interrupted run (%s)", image_id, spec_name)
             self._delete(image_id)
@@ -345,8 +394,10 @@ class OmeroSink(Sink):
         return f"omero://{self.session.host}/image/{image_id}"
 
     def _delete(self, image_id: int) -> None:
-        self.session.call(lambda c: c.deleteObjects("Image", [image_id], deleteAnns=True, deleteChildren=True,
-                                                    wait=True), f"delete the partial image {image_id}")
+        self.session.call(
+            lambda c: c.deleteObjects("Image", [image_id], deleteAnns=True, deleteChildren=True, wait=True),
+            f"delete the partial image {image_id}",
+        )
 
     def open(self, spec: OutputSpec, idempotency_key: str, source: dict[str, Any]) -> SinkWriter:
         self.dataset_id  # noqa: B018 - resolve (and check) the target before any pixels are computed
@@ -437,8 +488,11 @@ class OmeroWriter(SinkWriter):
                     lost = is_session_lost(exc)
                     self._cleanup_partial()  # keeps the id when the connection is gone
                     if attempt == 0 and lost:
-                        log.warning("upload of %r interrupted (%s); reconnecting and uploading again",
-                                    self.spec.name, describe_server_error(exc))
+                        log.warning(
+                            "upload of %r interrupted (%s); reconnecting and uploading again",
+                            self.spec.name,
+                            describe_server_error(exc),
+                        )
                         try:
                             self.sink.session.reconnect(exc)
                         except LpfmError as again:
@@ -448,26 +502,42 @@ class OmeroWriter(SinkWriter):
                     if self.image_id is not None:
                         raise self._left_behind(exc) from exc
                     if isinstance(exc, permission_types()):
-                        raise permission_error(exc, f"write {self.spec.name!r} (dataset {self.sink.dataset_id})") \
-                            from exc
+                        raise permission_error(
+                            exc, f"write {self.spec.name!r} (dataset {self.sink.dataset_id})"
+                        ) from exc
                     if lost:
-                        raise SessionLostError(f"the OMERO session was lost while uploading {self.spec.name!r} "
-                                               f"({describe_server_error(exc)})",
-                                               "nothing was left behind; re-run the same command") from exc
+                        raise SessionLostError(
+                            f"the OMERO session was lost while uploading {self.spec.name!r} "
+                            f"({describe_server_error(exc)})",
+                            "nothing was left behind; re-run the same command",
+                        ) from exc
                     raise
         finally:
             self._release_spool()
         self._done = True
-        ref = OutputRef(uri=self.sink._uri(image_id), provenance=provenance,
-                        extra={"image_id": image_id, "name": self.spec.name, "mode": self.sink.mode,
-                               "dataset_id": self.sink.dataset_id})
+        ref = OutputRef(
+            uri=self.sink._uri(image_id),
+            provenance=provenance,
+            extra={
+                "image_id": image_id,
+                "name": self.spec.name,
+                "mode": self.sink.mode,
+                "dataset_id": self.sink.dataset_id,
+            },
+        )
         log.info("created OMERO image %s (%s)", image_id, self.spec.name)
         return ref
 
     def _record(self, prov: Provenance) -> None:
-        prov.output.update({"system": "omero", "mode": self.sink.mode, "channels": self.channel_names,
-                            "shape": [self.spec.height, self.spec.width, len(self.channel_names)],
-                            "dtype": str(self.dtype)})
+        prov.output.update(
+            {
+                "system": "omero",
+                "mode": self.sink.mode,
+                "channels": self.channel_names,
+                "shape": [self.spec.height, self.spec.width, len(self.channel_names)],
+                "dtype": str(self.dtype),
+            }
+        )
         if self.sink.mode == "channels":
             prov.output["original_channels"] = list(range(self.n_orig))
             prov.output["original_upsampling"] = "nearest (pixel replication)"
@@ -484,10 +554,16 @@ class OmeroWriter(SinkWriter):
         ds_id = self.sink.dataset_id
         max_w, max_h = conn.getMaxPlaneSize()
         plane_bytes = self.spec.width * self.spec.height * self.dtype.itemsize  # one setPlane call
-        small = (self.nbytes <= SMALL_BYTES and self.spec.width <= max_w and self.spec.height <= max_h
-                 and plane_bytes <= message_budget(conn))
-        description = (f"lpfm-toolkit result: {prov.prompt!r} on {self.source.get('uri')} "
-                       f"region {list(self.region)} at level {self.level}. Provenance: namespace {NAMESPACE}.")
+        small = (
+            self.nbytes <= SMALL_BYTES
+            and self.spec.width <= max_w
+            and self.spec.height <= max_h
+            and plane_bytes <= message_budget(conn)
+        )
+        description = (
+            f"lpfm-toolkit result: {prov.prompt!r} on {self.source.get('uri')} "
+            f"region {list(self.region)} at level {self.level}. Provenance: namespace {NAMESPACE}."
+        )
         if small:
             self.image_id = self._create_small(conn, description, ds_id)
         else:
@@ -501,8 +577,13 @@ class OmeroWriter(SinkWriter):
             n = self._copy_rois(conn, image_id)
             prov.output["rois_copied"] = n
         self._add_file(conn, image_id, prov)
-        pairs = {**prov.summary(), "lpfm.output.uri": self.sink._uri(image_id), "lpfm.mode": self.sink.mode,
-                 KEY: self.key, STATE: "complete"}
+        pairs = {
+            **prov.summary(),
+            "lpfm.output.uri": self.sink._uri(image_id),
+            "lpfm.mode": self.sink.mode,
+            KEY: self.key,
+            STATE: "complete",
+        }
         self._update_map(conn, marker, pairs)
         _UPLOADING.discard(image_id)
         return image_id
@@ -510,8 +591,15 @@ class OmeroWriter(SinkWriter):
     def _create_small(self, conn: Any, description: str, ds_id: int | None) -> int:
         dataset = conn.getObject("Dataset", ds_id) if ds_id is not None else None
         planes = (np.ascontiguousarray(self.pixels[:, :, c]) for c in range(self.pixels.shape[2]))
-        image = conn.createImageFromNumpySeq(planes, self.spec.name, sizeZ=1, sizeC=self.pixels.shape[2], sizeT=1,
-                                             description=description, dataset=dataset)
+        image = conn.createImageFromNumpySeq(
+            planes,
+            self.spec.name,
+            sizeZ=1,
+            sizeC=self.pixels.shape[2],
+            sizeT=1,
+            description=description,
+            dataset=dataset,
+        )
         return int(image.getId())
 
     def _create_tiled(self, conn: Any, description: str, ds_id: int | None) -> int:
@@ -520,10 +608,20 @@ class OmeroWriter(SinkWriter):
         from omero.rtypes import rlong
 
         ptype = conn.getQueryService().findByQuery(
-            f"from PixelsType as p where p.value='{pixel_type_name(self.dtype)}'", None, conn.SERVICE_OPTS)
+            f"from PixelsType as p where p.value='{pixel_type_name(self.dtype)}'", None, conn.SERVICE_OPTS
+        )
         n_c = self.pixels.shape[2]
-        iid = conn.getPixelsService().createImage(self.spec.width, self.spec.height, 1, 1, list(range(n_c)), ptype,
-                                                  self.spec.name, description, conn.SERVICE_OPTS)
+        iid = conn.getPixelsService().createImage(
+            self.spec.width,
+            self.spec.height,
+            1,
+            1,
+            list(range(n_c)),
+            ptype,
+            self.spec.name,
+            description,
+            conn.SERVICE_OPTS,
+        )
         image_id = int(rvalue(iid))
         self.image_id = image_id  # from here on a failure must delete it
         _UPLOADING.add(image_id)
@@ -642,8 +740,12 @@ class OmeroWriter(SinkWriter):
         with tempfile.TemporaryDirectory(prefix="lpfm-omero-") as tmp:
             path = Path(tmp) / f"lpfm-provenance-{self.key[:16]}.json"
             path.write_text(prov.to_json(), encoding="utf-8")
-            fa = conn.createFileAnnfromLocalFile(str(path), mimetype="application/json", ns=NAMESPACE,
-                                                 desc=f"lpfm-toolkit provenance of image {image_id}")
+            fa = conn.createFileAnnfromLocalFile(
+                str(path),
+                mimetype="application/json",
+                ns=NAMESPACE,
+                desc=f"lpfm-toolkit provenance of image {image_id}",
+            )
         link = omero.model.ImageAnnotationLinkI()
         link.setParent(omero.model.ImageI(image_id, False))
         link.setChild(omero.model.FileAnnotationI(fa.getId(), False))
@@ -657,8 +759,7 @@ class OmeroWriter(SinkWriter):
         why = exc.message if isinstance(exc, LpfmError) else describe_server_error(exc)
         return SessionLostError(
             f"writing {self.spec.name!r} failed ({why}) and the partial image {self.image_id} could not be deleted",
-            "it is marked lpfm.state=writing: the next run of the same command deletes it (or delete it in "
-            "OMERO.web)",
+            "it is marked lpfm.state=writing: the next run of the same command deletes it (or delete it in OMERO.web)",
         )
 
     def _cleanup_partial(self) -> None:

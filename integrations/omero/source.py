@@ -31,8 +31,14 @@ log = logging.getLogger(__name__)
 
 #: OMERO pixel type → numpy dtype (data on the wire is big-endian)
 PIXEL_TYPES: dict[str, str] = {
-    "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2", "int32": "i4", "uint32": "u4",
-    "float": "f4", "double": "f8",
+    "int8": "i1",
+    "uint8": "u1",
+    "int16": "i2",
+    "uint16": "u2",
+    "int32": "i4",
+    "uint32": "u4",
+    "float": "f4",
+    "double": "f8",
 }
 #: used when the client does not say (omero.constants.MESSAGESIZEMAX is in KiB)
 DEFAULT_MESSAGE_SIZE_KB = 65536
@@ -43,8 +49,9 @@ def numpy_dtype(pixel_type: str) -> np.dtype:
     try:
         return np.dtype(PIXEL_TYPES[pixel_type])
     except KeyError as exc:
-        raise CorruptImageError(f"OMERO pixel type {pixel_type!r} is not supported",
-                                f"supported: {', '.join(PIXEL_TYPES)}") from exc
+        raise CorruptImageError(
+            f"OMERO pixel type {pixel_type!r} is not supported", f"supported: {', '.join(PIXEL_TYPES)}"
+        ) from exc
 
 
 def pixel_type_name(dtype: np.dtype) -> str:
@@ -133,12 +140,20 @@ def shape_geometry(shape: Any) -> Any:
     kind = shape_kind(shape)
     g: Any
     if kind == "Rectangle":
-        x, y, w, h = (float(rvalue(shape.getX())), float(rvalue(shape.getY())), float(rvalue(shape.getWidth())),
-                      float(rvalue(shape.getHeight())))
+        x, y, w, h = (
+            float(rvalue(shape.getX())),
+            float(rvalue(shape.getY())),
+            float(rvalue(shape.getWidth())),
+            float(rvalue(shape.getHeight())),
+        )
         g = box(x, y, x + w, y + h)
     elif kind == "Mask":  # a raster ROI: its bounding box is what a region selection needs
-        x, y, w, h = (float(rvalue(shape.getX())), float(rvalue(shape.getY())), float(rvalue(shape.getWidth())),
-                      float(rvalue(shape.getHeight())))
+        x, y, w, h = (
+            float(rvalue(shape.getX())),
+            float(rvalue(shape.getY())),
+            float(rvalue(shape.getWidth())),
+            float(rvalue(shape.getHeight())),
+        )
         g = box(x, y, x + w, y + h)
     elif kind == "Ellipse":
         cx, cy = float(rvalue(shape.getX())), float(rvalue(shape.getY()))
@@ -155,16 +170,29 @@ def shape_geometry(shape: Any) -> Any:
         else:
             return None
     elif kind == "Line":
-        g = LineString([(float(rvalue(shape.getX1())), float(rvalue(shape.getY1()))),
-                        (float(rvalue(shape.getX2())), float(rvalue(shape.getY2())))])
+        g = LineString(
+            [
+                (float(rvalue(shape.getX1())), float(rvalue(shape.getY1()))),
+                (float(rvalue(shape.getX2())), float(rvalue(shape.getY2()))),
+            ]
+        )
     elif kind in ("Point", "Label"):
         g = Point(float(rvalue(shape.getX())), float(rvalue(shape.getY())))
     else:
         return None
     t = shape.getTransform()
     if t is not None:
-        g = affinity.affine_transform(g, [float(rvalue(t.getA00())), float(rvalue(t.getA01())), float(rvalue(t.getA10())),
-                                          float(rvalue(t.getA11())), float(rvalue(t.getA02())), float(rvalue(t.getA12()))])
+        g = affinity.affine_transform(
+            g,
+            [
+                float(rvalue(t.getA00())),
+                float(rvalue(t.getA01())),
+                float(rvalue(t.getA10())),
+                float(rvalue(t.getA11())),
+                float(rvalue(t.getA02())),
+                float(rvalue(t.getA12())),
+            ],
+        )
     return g
 
 
@@ -182,12 +210,22 @@ def roi_annotations(rois: list[Any], image_uri: str) -> list[Annotation]:
             text = rvalue(shape.getTextValue()) if shape.getTextValue() is not None else None
             cls = next((v.strip() for v in (text, roi_name, roi_desc) if v and str(v).strip()), None)
             sid = int(rvalue(shape.getId()))
-            out.append(Annotation(
-                geometry=geom, class_name=cls, id=f"Shape:{sid}", name=roi_name or f"ROI {rvalue(roi.getId())}",
-                source=image_uri,
-                properties={"roi_id": int(rvalue(roi.getId())), "shape_id": sid, "type": shape_kind(shape),
-                            "theZ": rvalue(shape.getTheZ()), "theT": rvalue(shape.getTheT())},
-            ))
+            out.append(
+                Annotation(
+                    geometry=geom,
+                    class_name=cls,
+                    id=f"Shape:{sid}",
+                    name=roi_name or f"ROI {rvalue(roi.getId())}",
+                    source=image_uri,
+                    properties={
+                        "roi_id": int(rvalue(roi.getId())),
+                        "shape_id": sid,
+                        "type": shape_kind(shape),
+                        "theZ": rvalue(shape.getTheZ()),
+                        "theT": rvalue(shape.getTheT()),
+                    },
+                )
+            )
     return out
 
 
@@ -208,8 +246,10 @@ class OmeroImageHandle(StoredMetadataHandle):
         self.size_x, self.size_y = int(image.getSizeX()), int(image.getSizeY())
         self.size_z, self.size_c, self.size_t = int(image.getSizeZ()), int(image.getSizeC()), int(image.getSizeT())
         if not (0 <= z < self.size_z and 0 <= t < self.size_t):
-            raise RegionError(f"plane z={z}, t={t} does not exist in OMERO image {self.image_id}",
-                              f"choose z < {self.size_z} and t < {self.size_t}")
+            raise RegionError(
+                f"plane z={z}, t={t} does not exist in OMERO image {self.image_id}",
+                f"choose z < {self.size_z} and t < {self.size_t}",
+            )
         self.z, self.t = z, t
         self.pixel_type = str(image.getPixelsType())
         self._dtype = numpy_dtype(self.pixel_type)
@@ -263,21 +303,30 @@ class OmeroImageHandle(StoredMetadataHandle):
 
     def fingerprint(self) -> str:
         """Server database, image and pixels ids, shape and type: a re-import gets a new identity."""
-        return (f"omero:{self._server_uuid()}:image:{self.image_id}:pixels:{self.pixels_id}:"
-                f"{self.size_x}x{self.size_y}x{self.size_c}:z{self.z}t{self.t}:{self.pixel_type}")
+        return (
+            f"omero:{self._server_uuid()}:image:{self.image_id}:pixels:{self.pixels_id}:"
+            f"{self.size_x}x{self.size_y}x{self.size_c}:z{self.z}t{self.t}:{self.pixel_type}"
+        )
 
     def _server_uuid(self) -> str:
         if self._uuid is None:
-            self._uuid = str(self.session.call(lambda c: c.getConfigService().getDatabaseUuid(),
-                                               "read the server's identity"))
+            self._uuid = str(
+                self.session.call(lambda c: c.getConfigService().getDatabaseUuid(), "read the server's identity")
+            )
         return self._uuid
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info.update({"image_id": self.image_id, "pixels_id": self.pixels_id, "pixel_type": self.pixel_type,
-                     "size": {"x": self.size_x, "y": self.size_y, "z": self.size_z, "c": self.size_c,
-                              "t": self.size_t},
-                     "plane": {"z": self.z, "t": self.t}, "datasets": self.dataset_ids})
+        info.update(
+            {
+                "image_id": self.image_id,
+                "pixels_id": self.pixels_id,
+                "pixel_type": self.pixel_type,
+                "size": {"x": self.size_x, "y": self.size_y, "z": self.size_z, "c": self.size_c, "t": self.size_t},
+                "plane": {"z": self.z, "t": self.t},
+                "datasets": self.dataset_ids,
+            }
+        )
         return info
 
     # -- pixels --------------------------------------------------------------------------------------------------
@@ -302,8 +351,9 @@ class OmeroImageHandle(StoredMetadataHandle):
         self._rps, self._rps_level, self._rps_conn = rps, None, conn
         # descriptions: largest first; OMERO numbers resolution levels the other way (n-1 = full size)
         full = descriptions[0].sizeX if descriptions else self.size_x
-        self._levels = [Level(int(d.sizeX), int(d.sizeY), full / float(d.sizeX)) for d in descriptions] or \
-            [Level(self.size_x, self.size_y, 1.0)]
+        self._levels = [Level(int(d.sizeX), int(d.sizeY), full / float(d.sizeX)) for d in descriptions] or [
+            Level(self.size_x, self.size_y, 1.0)
+        ]
 
     def _reopen_after(self, exc: BaseException) -> None:
         self.session.reconnect(exc)
@@ -331,7 +381,8 @@ class OmeroImageHandle(StoredMetadataHandle):
                 if w <= MIN_CHUNK and h <= MIN_CHUNK:
                     raise CorruptImageError(
                         f"OMERO refuses even {w}×{h} tiles of image {self.image_id} ({describe_server_error(exc)})",
-                        "raise Ice.MessageSizeMax in the client configuration") from exc
+                        "raise Ice.MessageSizeMax in the client configuration",
+                    ) from exc
                 nw, nh = max(MIN_CHUNK, (w + 1) // 2), max(MIN_CHUNK, (h + 1) // 2)
                 self._chunk_override = (nw, nh)
                 log.warning("OMERO message size limit hit at %d×%d; reading %d×%d tiles", w, h, nw, nh)
@@ -347,8 +398,13 @@ class OmeroImageHandle(StoredMetadataHandle):
                 if lost_once or not is_session_lost(exc):
                     raise
                 lost_once = True
-                log.warning("reading image %s: %s; reconnecting and resuming at tile (%d, %d)", self.image_id,
-                            describe_server_error(exc), x, y)
+                log.warning(
+                    "reading image %s: %s; reconnecting and resuming at tile (%d, %d)",
+                    self.image_id,
+                    describe_server_error(exc),
+                    x,
+                    y,
+                )
                 self._reopen_after(exc)
 
     def _get_tiles(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -366,8 +422,10 @@ class OmeroImageHandle(StoredMetadataHandle):
         for c in range(self.size_c):
             raw = rps.getTile(self.z, c, self.t, x, y, w, h, conn.SERVICE_OPTS)
             if len(raw) != w * h * wire.itemsize:
-                raise CorruptImageError(f"OMERO returned {len(raw)} bytes for a {w}×{h} tile of image "
-                                        f"{self.image_id}", "the pixel data on the server may be incomplete")
+                raise CorruptImageError(
+                    f"OMERO returned {len(raw)} bytes for a {w}×{h} tile of image {self.image_id}",
+                    "the pixel data on the server may be incomplete",
+                )
             out[:, :, c] = np.frombuffer(raw, dtype=wire).reshape(h, w)
         return out
 
@@ -377,7 +435,8 @@ class OmeroImageHandle(StoredMetadataHandle):
         if self._rois is None:
             result = self.session.call(
                 lambda c: c.getRoiService().findByImage(self.image_id, None, c.SERVICE_OPTS),
-                f"read the ROIs of image {self.image_id}")
+                f"read the ROIs of image {self.image_id}",
+            )
             self._rois = list(result.rois)
         return self._rois
 
@@ -392,4 +451,3 @@ class OmeroImageHandle(StoredMetadataHandle):
                     rps.close()
                 except Exception as exc:  # a lost connection cannot close its services; nothing leaks server-side
                     log.debug("closing the RawPixelsStore: %s", describe_server_error(exc))
-

@@ -347,28 +347,18 @@ def run_auto(
     """
     from lpfm_toolkit.cli.local import check_out, report
     from lpfm_toolkit.config import check_mpp
-    from lpfm_toolkit.options import build_engine
     from lpfm_toolkit.prompts import Task, TaskKind
-    from lpfm_toolkit.qc import auto_enhance, get_estimator
+    from lpfm_toolkit.qc import auto_enhance, check_auto_options, engine_factory, get_estimator
     from lpfm_toolkit.sinks.ometiff import OmeTiffSink
     from lpfm_toolkit.sources import Region, open_image
 
     check_mpp(mpp)
     region = Region.parse(region_text) if region_text else None
-    if options.samples > 1:
-        raise ConfigError("--samples does not apply to --auto", "drop --samples, or enhance with -p PROMPT")
-    if "method" in options.explicit() and options.method is not None:
-        raise ConfigError(
-            "--method picks one classical method, but --auto runs several tasks",
-            "drop --method (each task uses its default method)",
-        )
+    check_auto_options(options)
     target, is_file = check_out(out or settings.output_dir, Task(TaskKind.RESTORE), force, False)
     with open_image(slide, mpp=mpp) as handle:
         # every task --auto may choose, checked against the engine options before any model loads
-        resolved = {
-            kind: options.resolved(Task(kind), handle.channel_names)
-            for kind in (TaskKind.DEBLUR, TaskKind.DENOISE, TaskKind.RESTORE)
-        }
+        build = engine_factory(options, handle.channel_names)
         if is_file:
             sink = OmeTiffSink(path=target, compression=settings.compression, tile=settings.tiff_tile, overwrite=force)
         else:
@@ -378,7 +368,7 @@ def run_auto(
             res = auto_enhance(
                 handle,
                 sink,
-                lambda task: build_engine(resolved[task.kind], task),
+                build,
                 level=level,
                 region=region,
                 seed=settings.seed,

@@ -560,6 +560,8 @@ def qc_features(qc: SlideQC) -> list[Any]:
 
 # -- lpfm enhance --auto --------------------------------------------------------------------------------------
 TASK_KINDS = {"deblur": "DEBLUR", "denoise": "DENOISE", "restore": "RESTORE"}
+#: quarter positions inside a tile, in the order of a plan's quarter mask bits (bit i: quarter i)
+QUARTERS = ("top left", "top right", "bottom left", "bottom right")
 
 
 def _auto_task() -> Any:
@@ -582,6 +584,40 @@ def _auto_task() -> Any:
     return AutoTask(TaskKind.RESTORE, prompt="auto: enhance the tiles lpfm qc flags, each with its matching task")
 
 
+def check_auto_options(options: Any) -> None:
+    """Refuse the engine options ``--auto`` cannot honour (before anything is read or loaded)."""
+    if options.samples > 1:
+        raise ConfigError("--samples does not apply to --auto", "drop --samples, or enhance with -p PROMPT")
+    if "method" in options.explicit() and options.method is not None:
+        raise ConfigError(
+            "--method picks one classical method, but --auto runs several tasks",
+            "drop --method (each task uses its default method)",
+        )
+
+
+def engine_factory(options: Any, channel_names: Sequence[str]) -> Callable[[Any], Any]:
+    """``build(task)`` for :func:`auto_enhance`: the engine ``options`` give each task ``--auto`` may choose.
+
+    Every task's options are resolved and checked here, before any model loads; engines are built on first
+    use and kept (one per task), so a batch of images loads each model once.
+    """
+    from lpfm_toolkit.options import build_engine
+    from lpfm_toolkit.prompts import TaskKind
+
+    check_auto_options(options)
+    resolved = {
+        getattr(TaskKind, kind): options.resolved(_task(name), channel_names) for name, kind in TASK_KINDS.items()
+    }
+    built: dict[Any, Any] = {}
+
+    def build(task: Any) -> Any:
+        if task.kind not in built:
+            built[task.kind] = build_engine(resolved[task.kind], task)
+        return built[task.kind]
+
+    return build
+
+
 @dataclass
 class AutoTile:
     """One tile of the enhancement grid: where, its flags and task, and the estimates of its flagged
@@ -597,9 +633,17 @@ class AutoTile:
     quarters: list[tuple[int, int, int, int]]  # flagged quarters, (x, y, w, h) inside the tile
     before: list[TileEstimate]
     after: list[TileEstimate] | None = None
+    mask: int = 0  # the flagged quarters as bits (bit i: QUARTERS[i])
+    background: int = 0  # flagged quarters with too little tissue to judge, taken from their noisy neighbours
 
     def still_flagged(self, thresholds: Thresholds) -> bool:
         return any(any(e.flags(thresholds, MIN_TISSUE).values()) for e in self.after or [])
+
+
+def tile_quarters(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """The four quarters (x, y, w, h) of a tile, in :data:`QUARTERS` order (they overlap by a pixel when odd)."""
+    hw, hh = max(width // 2, 1), max(height // 2, 1)
+    return [(qx, qy, hw, hh) for qy in (0, height - hh) for qx in (0, width - hw)]
 
 
 def _estimate_dict(e: TileEstimate | None) -> dict[str, Any] | None:
@@ -625,7 +669,8 @@ class AutoEngine:
     its flagged quarters take the enhanced pixels (with a short ramp), so sharp tissue beside a blurred patch
     is not over-sharpened, pixels no flagged quarter reaches stay identical to the input, and enhanced parts
     blend into their neighbours without a seam.
-    Each enhanced tile is scored again with the same estimator (``after``).
+    Each enhanced tile is scored again with the same estimator (``after``; not when ``estimator`` is None, as
+    in ``lpfm reproduce``, which compares pixels only).
     """
 
     name = "auto"
@@ -640,14 +685,18 @@ class AutoEngine:
         thresholds: Thresholds,
         tile_size: int,
         overlap: int,
+        *,
+        estimator_description: dict[str, Any] | None = None,
     ) -> None:
         self.tiles = {t.seed: t for t in tiles}
         self.engines = engines
         self.estimator = estimator
+        self.estimator_description = estimator.describe() if estimator is not None else estimator_description or {}
         self.thresholds = thresholds
         self.tile_size, self.overlap = tile_size, overlap
         self.batch_size = max([getattr(e, "batch_size", 1) for e in engines.values()] + [1])
         self._tasks = {name: _task(name) for name in engines}
+        self.ran = False
 
     # Engine protocol (duck-typed so this module does not import the engine base class eagerly)
     def check(self, task: Any, channel_names: Sequence[str]) -> None:
@@ -667,6 +716,7 @@ class AutoEngine:
     def process(self, tiles: np.ndarray, task: Any, seeds: Sequence[int]) -> Any:
         from lpfm_toolkit.engine.base import EngineOutput
 
+        self.ran = True
         out = np.array(tiles, dtype=np.float32, copy=True)
         by_task: dict[str, list[int]] = {}
         for i, s in enumerate(seeds):
@@ -679,11 +729,16 @@ class AutoEngine:
                 t = self.tiles[int(seeds[i])]
                 m = quarter_mask(out.shape[1:3], t.quarters, self.feather)[..., None]
                 out[i] = out[i] * (1 - m) + res.pixels[j] * m  # only the flagged quarters change
-                t.after = self.estimator.estimate([out[i][y : y + h, x : x + w] for x, y, w, h in t.quarters])
+                if self.estimator is not None:
+                    t.after = self.estimator.estimate([out[i][y : y + h, x : x + w] for x, y, w, h in t.quarters])
         return EngineOutput(out)
 
     def report(self) -> dict[str, Any]:
-        """Before/after per region (connected flagged tiles) and for the whole region."""
+        """Before/after per region (connected flagged tiles of one task) and for the whole slide region.
+
+        ``before``/``after``: mean estimates over the flagged quarters; ``still_flagged``: enhanced tiles that
+        the estimator still flags; ``slide``: the whole region's tiles, flagged before and after.
+        """
         from shapely.geometry import box
         from shapely.ops import unary_union
 
@@ -708,25 +763,59 @@ class AutoEngine:
                 regions.append(
                     {"bounds": [x0, y0, x1 - x0, y1 - y0], "task": task, "tiles": len(members), **scores(members)}
                 )
+        still = sum(t.still_flagged(self.thresholds) for t in flagged if t.after is not None)
+        scored = any(t.after is not None for t in flagged)
+        n = max(len(self.tiles), 1)
+        slide = {
+            "tiles": len(self.tiles),
+            "flagged_before": len(flagged),
+            "flagged_after": still if scored else None,
+            "flagged_fraction_before": round(len(flagged) / n, 4),
+            "flagged_fraction_after": round(still / n, 4) if scored else None,
+            "background_quarters": sum(bin(t.background).count("1") for t in flagged),
+        }
         return {
             "tiles": len(self.tiles),
             "flagged_tiles": len(flagged),
-            "tasks": {n: sum(t.task == n for t in flagged) for n in self.engines},
+            "tasks": {n: sum(t.task == n for t in flagged) for n in sorted({t.task for t in flagged if t.task})},
             **(scores(flagged) if flagged else {"before": None, "after": None, "still_flagged": 0}),
+            "slide": slide,
             "regions": regions,
         }
 
+    def plan_record(self) -> dict[str, Any]:
+        """The plan as provenance keeps it: every flagged tile's position, task and quarter mask (level pixels).
+
+        With the run's level, seed and tiling this is all ``lpfm reproduce`` needs to redo the run exactly.
+        """
+        flagged = sorted((t for t in self.tiles.values() if t.task is not None), key=lambda t: (t.y, t.x))
+        size = next(([t.width, t.height] for t in self.tiles.values()), None)
+        return {
+            "tile_size": size,
+            "quarters": list(QUARTERS),
+            "tiles": [[t.x, t.y, t.task, t.mask] for t in flagged],
+        }
+
     def describe(self) -> dict[str, Any]:
-        plan = sorted((t.x, t.y, t.task or "") for t in self.tiles.values())  # what the key depends on
+        plan = self.plan_record()["tiles"]  # what the key depends on: the tiles, their tasks and quarters
         desc: dict[str, Any] = {
             "name": self.name,
-            "estimator": self.estimator.describe(),
+            "estimator": self.estimator_description,
             "thresholds": self.thresholds.to_dict(),
             "engines": {n: e.describe() for n, e in self.engines.items()},
             "plan_sha256": hashlib.sha256(json.dumps(plan).encode()).hexdigest(),
         }
-        if any(t.after is not None for t in self.tiles.values()):
-            desc["qc"] = self.report()  # filled in after the run: provenance carries before and after
+        if self.ran:  # provenance (written after the run) carries the plan, each engine's options, before/after
+            desc["plan"] = self.plan_record()
+            for n, e in self.engines.items():
+                options = getattr(e, "options", None)
+                if options is not None:
+                    desc["engines"][n]["options"] = options.to_dict()
+                bundle_path = getattr(getattr(e, "bundle", None), "path", None)
+                if bundle_path is not None:
+                    desc["engines"][n]["model_path"] = str(Path(bundle_path).resolve())
+            if self.estimator is not None:
+                desc["qc"] = self.report()
         return desc
 
 
@@ -749,6 +838,10 @@ def _task(name: str) -> Any:
     return Task(getattr(TaskKind, TASK_KINDS[name]), prompt=f"auto: {name}")
 
 
+def _tile_task(flags: dict[str, bool]) -> str | None:
+    return TileQC(0, 0, 0, 0, TileEstimate(1.0, float("nan"), 0.0, 100.0, 0.0), flags).task()
+
+
 def plan_auto(
     handle: ImageHandle,
     *,
@@ -761,22 +854,40 @@ def plan_auto(
     thresholds: Thresholds,
     progress: ProgressFn | None = None,
 ) -> list[AutoTile]:
-    """Score every tile of the enhancement grid and choose its task (None: leave it as it is)."""
+    """Score every tile of the enhancement grid in quarters and choose its task (None: leave it as it is).
+
+    A quarter with too little tissue to be judged (glass, fat) is still denoised when its own noise σ is
+    above the threshold *and* it touches noisy quarters, directly or through other such quarters: the glass
+    inside a noisy area is then not left noisy beside denoised tissue, while noisy-looking glass far from any
+    judged noise is left alone.
+    """
+    from collections import deque
+
     from lpfm_toolkit.pipeline import to_float
     from lpfm_toolkit.tiling import TileGrid, tile_seed
 
     grid = TileGrid(region.width, region.height, tile, overlap)
-    out = []
+    tw, th = grid.tile_width, grid.tile_height
+    quarters = tile_quarters(tw, th)
+    # quarters of all tiles lie on one lattice (tiles overlap): its columns and rows, in order
+    cols = {x: i for i, x in enumerate(sorted({x + q[0] for x in grid.xs for q in quarters}))}
+    rows = {y: i for i, y in enumerate(sorted({y + q[1] for y in grid.ys for q in quarters}))}
+    out: list[AutoTile] = []
+    noisy: set[tuple[int, int]] = set()  # lattice cells of judged noisy quarters
+    glass: dict[tuple[int, int], list[tuple[int, int, TileEstimate]]] = {}  # unjudged cells above the noise σ
     for i, t in enumerate(grid):
         px = to_float(handle.read_region(level, region.x + t.x, region.y + t.y, t.width, t.height))
         # quarters localise a defect that covers only part of a tile (defects do not follow the tile grid)
-        hw, hh = max(t.width // 2, 1), max(t.height // 2, 1)
-        quarters = [(qx, qy, hw, hh) for qy in (0, t.height - hh) for qx in (0, t.width - hw)]
         ests = estimator.estimate([px[y : y + h, x : x + w] for x, y, w, h in quarters])
         qflags = [e.flags(thresholds, MIN_TISSUE) for e in ests]
-        flags = {k: any(f[k] for f in qflags) for k in DEFECTS}
-        task = TileQC(region.x + t.x, region.y + t.y, t.width, t.height, ests[0], flags).task()
         hit = [j for j, f in enumerate(qflags) if any(f.values())]
+        for j, (e, f) in enumerate(zip(ests, qflags)):
+            cell = (rows[t.y + quarters[j][1]], cols[t.x + quarters[j][0]])
+            if f["noisy"]:
+                noisy.add(cell)
+            elif e.tissue < MIN_TISSUE and e.noise_sigma > thresholds.noise:
+                glass.setdefault(cell, []).append((len(out), j, e))
+        flags = {k: any(f[k] for f in qflags) for k in DEFECTS}
         out.append(
             AutoTile(
                 region.x + t.x,
@@ -785,14 +896,95 @@ def plan_auto(
                 t.height,
                 tile_seed(seed, level, region.x + t.x, region.y + t.y),
                 flags,
-                task,
+                _tile_task(flags),
                 [quarters[j] for j in hit],
                 [ests[j] for j in hit],
+                mask=sum(1 << j for j in hit),
             )
         )
         if progress is not None:
             progress(i + 1, len(grid))
+    # glass reached from judged noisy quarters through glass that is itself noisy: flagged noisy too
+    todo = deque(noisy)
+    while todo:
+        r, c = todo.popleft()
+        for cell in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if cell in glass and cell not in noisy:
+                noisy.add(cell)
+                todo.append(cell)
+                for k, j, e in glass[cell]:
+                    at = out[k]
+                    at.mask |= 1 << j
+                    at.background |= 1 << j
+                    at.flags = {**at.flags, "noisy": True}
+                    at.task = _tile_task(at.flags)
+                    at.quarters.append(quarters[j])
+                    at.before.append(e)
+    for at in out:  # quarters in mask order, so a plan rebuilt from its mask is the same
+        order = sorted(range(len(at.quarters)), key=lambda n: quarters.index(at.quarters[n]))
+        at.quarters = [at.quarters[n] for n in order]
+        at.before = [at.before[n] for n in order]
     return out
+
+
+def auto_engine_for_record(
+    desc: dict[str, Any], *, level: int, seed: int, model: str | None = None, trust_pickle: bool = False
+) -> AutoEngine:
+    """The :class:`AutoEngine` an ``--auto`` output's provenance (its ``engine`` block) records, for
+    ``lpfm reproduce``: the recorded plan (flagged tiles, tasks, quarters) and each task's engine, rebuilt as
+    ``lpfm reproduce`` rebuilds any engine. No tile is scored again: the plan is taken as recorded.
+    """
+    from lpfm_toolkit.errors import ProvenanceError
+    from lpfm_toolkit.tiling import tile_seed
+    from lpfm_toolkit.verify import engine_for_record
+
+    plan = desc.get("plan")
+    if not isinstance(plan, dict) or not isinstance(plan.get("tiles"), list) or not plan.get("tile_size"):
+        raise ProvenanceError(
+            "this --auto output does not record its plan (it was made before lpfm recorded it)",
+            "make it again with `lpfm enhance --auto --force`, then reproduce that",
+        )
+    unknown = {str(p[2]) for p in plan["tiles"]} - set(TASK_KINDS)
+    if unknown or not isinstance(desc.get("engines"), dict):
+        raise ProvenanceError(
+            f"the --auto plan names tasks {', '.join(sorted(unknown)) or '(no engines)'} this version does not know",
+            "reproduce it with the lpfm-toolkit version that made it",
+        )
+    engines = {name: engine_for_record(sub, model, trust_pickle) for name, sub in desc["engines"].items()}
+    tw, th = (int(v) for v in plan["tile_size"])
+    quarters = tile_quarters(tw, th)
+    tiles = []
+    for x, y, task, mask in plan["tiles"]:
+        hit = [j for j in range(len(quarters)) if int(mask) >> j & 1]
+        tiles.append(
+            AutoTile(
+                int(x),
+                int(y),
+                tw,
+                th,
+                tile_seed(seed, level, int(x), int(y)),
+                {},
+                str(task),
+                [quarters[j] for j in hit],
+                [],
+                mask=int(mask),
+            )
+        )
+    missing = {t.task for t in tiles} - set(engines)
+    if missing:
+        raise ProvenanceError(
+            f"the --auto plan uses {', '.join(sorted(str(m) for m in missing))} but records no engine for it",
+            "the record was edited; make the output again",
+        )
+    return AutoEngine(  # the tiling is the record's (``lpfm reproduce`` passes it to the pipeline)
+        tiles,
+        engines,
+        None,
+        Thresholds(**desc.get("thresholds", {})),
+        tw,
+        0,
+        estimator_description=desc.get("estimator"),
+    )
 
 
 @dataclass
@@ -802,6 +994,10 @@ class AutoResult:
     result: Any  # None when no tile was flagged: nothing is written
     report: dict[str, Any]
 
+    @property
+    def skipped(self) -> bool:
+        return self.result is not None and self.result.skipped
+
 
 def auto_enhance(
     handle: ImageHandle,
@@ -810,23 +1006,27 @@ def auto_enhance(
     *,
     level: int = 0,
     region: Region | None = None,
+    annotation: Any = None,
     seed: int = 0,
     estimator: Any = None,
     thresholds: Thresholds | None = None,
     tile_size: int | None = None,
     overlap: int | None = None,
     force: bool = False,
+    verify: str = "quick",
     qc_progress: ProgressFn | None = None,
     progress: ProgressFn | None = None,
 ) -> AutoResult:
     """Enhance only the tiles QC flags, each with its matching task, into one output of the whole region.
 
     blur → deblur, noise or JPEG → denoise, blur with either → restore; every other pixel is the input's.
-    ``engine_factory(task)`` makes the engine for one task (the engine ``lpfm enhance`` would use for it). The
-    enhanced tiles are scored again with the same estimator; provenance (``engine.qc``) and the returned
-    report hold before/after per region and for the whole region.
+    ``engine_factory(task)`` makes the engine for one task (the engine ``lpfm enhance`` would use for it; see
+    :func:`engine_factory`). ``annotation``: enhance its bounding box at ``level`` instead of ``region`` (QuPath
+    classes, OMERO ROIs). The enhanced tiles are scored again with the same estimator; provenance
+    (``engine.qc``, ``engine.plan``) and the returned report hold before/after per region and for the whole
+    region, and the plan ``lpfm reproduce`` re-runs.
     """
-    from lpfm_toolkit.pipeline import WorkItem, run_item
+    from lpfm_toolkit.pipeline import WorkItem, plan, run_item
 
     if not 0 <= level < len(handle.levels):
         from lpfm_toolkit.errors import RegionError
@@ -834,6 +1034,9 @@ def auto_enhance(
         raise RegionError(
             f"level {level} does not exist in {handle.name}", f"choose a level from 0 to {len(handle.levels) - 1}"
         )
+    task = _auto_task()
+    if annotation is not None:
+        region = plan(handle, task, level=level, annotations=[annotation], seed=seed)[0].region
     region = region or handle.full_region(level)
     handle.check_region(level, region)
     thresholds = thresholds or Thresholds()
@@ -857,7 +1060,7 @@ def auto_enhance(
         return AutoResult(None, AutoEngine(tiles, {}, estimator, thresholds, tile, ovl).report())
     engines = {name: probe if name == "restore" else engine_factory(_task(name)) for name in needed}
     auto = AutoEngine(tiles, engines, estimator, thresholds, tile, ovl)
-    item = WorkItem(level, region, _auto_task(), seed)
+    item = WorkItem(level, region, task, seed, annotation)
     result = run_item(
         handle,
         item,
@@ -867,6 +1070,8 @@ def auto_enhance(
         overlap=ovl,
         force=force,  # type: ignore[arg-type]
         progress=progress,
+        verify=verify,
     )
-    report = result.provenance.engine.get("qc") or auto.report()
+    recorded = result.provenance.engine.get("qc")
+    report = recorded if result.skipped and recorded else auto.report()
     return AutoResult(result, report)

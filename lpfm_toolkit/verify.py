@@ -558,7 +558,14 @@ def reproduce(
     if file_fingerprint(path) != src.get("fingerprint"):
         notes.append(f"{path.name} has changed since the output was made")
     file_problems = check_output(rec.tiff, prov, full=True) if rec.tiff.is_file() else [f"{rec.tiff} is missing"]
-    engine = engine_for_record(prov.engine, model, trust_pickle)
+    if prov.engine.get("name") == "auto":  # lpfm enhance --auto: the recorded plan and each task's engine
+        from lpfm_toolkit.qc import auto_engine_for_record
+
+        engine = auto_engine_for_record(
+            prov.engine, level=int(src["level"]), seed=int(prov.seed), model=model, trust_pickle=trust_pickle
+        )
+    else:
+        engine = engine_for_record(prov.engine, model, trust_pickle)
     item = WorkItem(int(src["level"]), Region(*src["region"]), Task.from_dict(prov.task), int(prov.seed))
     tiling = prov.tiling
     with open_image(path) as handle:

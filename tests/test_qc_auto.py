@@ -122,3 +122,92 @@ def test_cli_enhance_auto_bad_input(args: list[str], message: str, sample_slide:
     res = CliRunner().invoke(cli, ["enhance", str(sample_slide), *args, "--out", str(tmp_path)])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_auto_output_records_its_plan_and_reproduces(
+    slide: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """Provenance holds every flagged tile's task and quarters, each task's engine options and before/after per
+    region and per slide; `lpfm reproduce` re-runs exactly that plan and finds the same pixels."""
+    import json
+
+    from click.testing import CliRunner
+
+    from lpfm_toolkit.cli.main import cli
+
+    path, _, _ = slide
+    out = tmp_path / "auto.ome.tiff"
+    res = CliRunner().invoke(cli, ["enhance", str(path), "--auto", "--engine", "classical", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    prov = json.loads(out.with_name("auto.lpfm.json").read_text())
+    eng = prov["engine"]
+    plan, qc = eng["plan"], eng["qc"]
+    assert len(plan["tiles"]) == qc["flagged_tiles"] > 0
+    assert {t[2] for t in plan["tiles"]} == set(qc["tasks"]) and all(0 < t[3] < 16 for t in plan["tiles"])
+    assert all(e["options"]["engine"] == "classical" for e in eng["engines"].values())
+    slide_qc = qc["slide"]
+    assert slide_qc["flagged_before"] == qc["flagged_tiles"] and slide_qc["flagged_after"] == qc["still_flagged"]
+    assert slide_qc["flagged_fraction_after"] < slide_qc["flagged_fraction_before"]
+    assert all(r["before"] and r["after"] for r in qc["regions"])
+    rep = CliRunner().invoke(cli, ["reproduce", str(out)])
+    assert rep.exit_code == 0, rep.output
+    assert "identical pixels" in rep.output
+
+
+def test_reproduce_runs_the_recorded_plan_not_a_new_one(
+    slide: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """A record whose plan was changed (one flagged tile dropped) reproduces to other pixels: the plan is used."""
+    import json
+
+    from lpfm_toolkit.errors import ProvenanceError
+    from lpfm_toolkit.qc import auto_engine_for_record
+
+    path, _, _ = slide
+    with open_image(path) as h:
+        from lpfm_toolkit.qc import auto_enhance
+
+        res = auto_enhance(h, ArraySink(), lambda task: ClassicalEngine())
+    desc = json.loads(json.dumps(res.result.provenance.engine))
+    engine = auto_engine_for_record(desc, level=0, seed=0)
+    assert sorted(engine.tiles) == sorted(s for s, t in engine.tiles.items() if t.task)
+    assert len(engine.tiles) == res.report["flagged_tiles"]
+    desc["plan"]["tiles"][0][3] = 0 if desc["plan"]["tiles"][0][3] != 0 else 1
+    changed = auto_engine_for_record(desc, level=0, seed=0)
+    first = min(changed.tiles.values(), key=lambda t: (t.y, t.x))
+    assert first.mask == desc["plan"]["tiles"][0][3]
+    del desc["plan"]
+    with pytest.raises(ProvenanceError, match="does not record its plan"):
+        auto_engine_for_record(desc, level=0, seed=0)
+
+
+def _glass(shape: tuple[int, int]) -> np.ndarray:
+    return np.full((*shape, 3), (243, 242, 244), np.uint8)
+
+
+def test_glass_inside_a_noisy_area_is_denoised_with_it(tmp_path: Path) -> None:
+    """Glass (too little tissue to judge) with noise σ 15 next to noisy tissue is denoised too; noisy-looking glass
+    that touches no judged noisy quarter is left exactly as it is."""
+    import tifffile
+
+    from lpfm_toolkit.qc import auto_enhance
+
+    clean = tissue_mosaic(sample_tissue("holdout"), 512, 1024, seed=4, min_tissue=0.6)
+    clean[:256, :384] = _glass((256, 384))  # glass in the top of the noisy left part
+    clean[:, 736:] = _glass((512, 288))  # glass along the right edge, away from the noisy part
+    img = clean.copy()
+    rng = np.random.default_rng(1)
+    img[:, :512] = degrade_region(clean, (0, 0, 512, 512), 0.0, 15.0, 0, rng)
+    img[:, 800:] = degrade_region(clean, (800, 0, 224, 512), 0.0, 15.0, 0, rng)  # isolated noisy glass
+    path = tmp_path / "glass.tiff"
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb")
+    with open_image(path) as h:
+        res = auto_enhance(h, ArraySink(), lambda task: ClassicalEngine())
+    out = res.result.output.extra["pixels"]
+    assert res.report["slide"]["background_quarters"] > 0
+    inner_glass = (slice(16, 200), slice(16, 320))
+    before = np.std(img[inner_glass].astype(np.float64) - clean[inner_glass])
+    after = np.std(out[inner_glass].astype(np.float64) - clean[inner_glass])
+    assert after < 0.5 * before, (before, after)
+    far = (slice(0, 512), slice(832, 1024))
+    assert np.array_equal(out[far], img[far])  # noisy glass with no noisy tissue beside it: not judged, untouched

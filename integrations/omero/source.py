@@ -229,13 +229,37 @@ def roi_annotations(rois: list[Any], image_uri: str) -> list[Annotation]:
     return out
 
 
+def image_uri(session: OmeroSession, image_id: int) -> str:
+    """``omero://host/image/ID``: how provenance and annotations name an OMERO image."""
+    return f"omero://{session.host}/image/{image_id}"
+
+
+def find_rois(session: OmeroSession, image_id: int) -> list[Any]:
+    """The ROIs of image ``image_id`` as ``omero.model.RoiI`` with their shapes (in the current group)."""
+    result = session.call(
+        lambda c: c.getRoiService().findByImage(image_id, None, c.SERVICE_OPTS), f"read the ROIs of image {image_id}"
+    )
+    return list(result.rois)
+
+
+def list_rois(session: OmeroSession, image_id: int) -> tuple[str, list[Any]]:
+    """The name and ROIs of an image, read without opening its pixels (what choosing ROIs by class needs);
+    give the ROIs to :class:`OmeroImageHandle` (``rois=``) to open the image once for the run."""
+    image = session.get_image(image_id)
+    session.use_group_of(image)  # the ROIs are read in the image's own group, as the handle reads them
+    return str(image.getName() or f"Image {image_id}"), find_rois(session, image_id)
+
+
 # -- the handle -----------------------------------------------------------------------------------------------
 class OmeroImageHandle(StoredMetadataHandle):
     """An OMERO image (plane ``z``, ``t``): pyramid levels, channels, pixel size, tiles and ROIs."""
 
     system = "omero"
 
-    def __init__(self, session: OmeroSession, image_id: int, *, z: int = 0, t: int = 0) -> None:
+    def __init__(
+        self, session: OmeroSession, image_id: int, *, z: int = 0, t: int = 0, rois: list[Any] | None = None
+    ) -> None:
+        """Open image ``image_id`` (plane ``z``, ``t``); ``rois``: its ROIs when already read (see :func:`list_rois`)."""
         self.session = session
         image = session.get_image(image_id)
         session.use_group_of(image)  # reads and writes then act in the image's own group
@@ -264,7 +288,7 @@ class OmeroImageHandle(StoredMetadataHandle):
         self._rps: Any = None
         self._rps_conn: Any = None
         self._rps_level: int | None = None
-        self._rois: list[Any] | None = None
+        self._rois: list[Any] | None = list(rois) if rois is not None else None
         self._uuid: str | None = None
         self._levels: list[Level] = []
         self._limits: ReadLimits | None = None
@@ -295,7 +319,7 @@ class OmeroImageHandle(StoredMetadataHandle):
 
     @property
     def uri(self) -> str:
-        return f"omero://{self.session.host}/image/{self.image_id}"
+        return image_uri(self.session, self.image_id)
 
     @property
     def name(self) -> str:
@@ -433,11 +457,7 @@ class OmeroImageHandle(StoredMetadataHandle):
     def roi_objects(self) -> list[Any]:
         """The image's ROIs as ``omero.model.RoiI`` with their shapes (fetched once)."""
         if self._rois is None:
-            result = self.session.call(
-                lambda c: c.getRoiService().findByImage(self.image_id, None, c.SERVICE_OPTS),
-                f"read the ROIs of image {self.image_id}",
-            )
-            self._rois = list(result.rois)
+            self._rois = find_rois(self.session, self.image_id)
         return self._rois
 
     def annotations(self) -> list[Annotation]:

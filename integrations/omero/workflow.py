@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lpfm_toolkit.batch import BatchProgressFn, KeptOpen, Outcome, Status, run_items
@@ -76,6 +76,8 @@ class ImageItem:
     annotation: Any = None
     nothing: str | None = None
     error: BaseException | None = None
+    #: the image's ROIs as read while selecting (shared by its items): the run opens the image once, with them
+    rois: Any = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -90,8 +92,12 @@ class ImageItem:
 
 
 def select_items(session: OmeroSession, image_ids: Sequence[int], roi_classes: Sequence[str] = ()) -> list[ImageItem]:
-    """The items of a run: each image, or each of its ROIs of ``roi_classes`` (images are opened to find them)."""
-    from lpfm_toolkit.integrations.omero.source import OmeroImageHandle
+    """The items of a run: each image, or each of its ROIs of ``roi_classes``.
+
+    ROIs are read without opening the images' pixels; the items keep them (``rois``), so that the run opens each
+    image once and copies the very ROIs it selected.
+    """
+    from lpfm_toolkit.integrations.omero.source import image_uri, list_rois, roi_annotations
 
     if not roi_classes:
         return [ImageItem(i, f"image {i}") for i in image_ids]
@@ -102,26 +108,30 @@ def select_items(session: OmeroSession, image_ids: Sequence[int], roi_classes: S
             items.append(ImageItem(image_id, f"image {image_id}"))
             continue
         try:
-            with OmeroImageHandle(session, image_id) as handle:
-                anns = select_annotations(handle.annotations(), roi_classes)
-                name = handle.name
+            name, rois = list_rois(session, image_id)
+            anns = select_annotations(roi_annotations(rois, image_uri(session, image_id)), roi_classes)
         except (LpfmError, *server_error_types()) as exc:
             items.append(ImageItem(image_id, f"image {image_id}", error=exc))
             lost = _halt(exc) is not None
             continue
         if not anns:
             items.append(ImageItem(image_id, name, nothing=f"no ROI of class {', '.join(roi_classes)}"))
-        items += [ImageItem(image_id, name, annotation=a) for a in anns]
+        items += [ImageItem(image_id, name, annotation=a, rois=rois) for a in anns]
     return items
 
 
-def _open_image(session: OmeroSession, output: str, target_dataset: int | str | None) -> Any:
-    """``open(image_id) -> (handle, sink)`` for :class:`~lpfm_toolkit.batch.KeptOpen`."""
+def _open_image(
+    session: OmeroSession, output: str, target_dataset: int | str | None, rois: dict[int, Any] | None = None
+) -> Any:
+    """``open(image_id) -> (handle, sink)`` for :class:`~lpfm_toolkit.batch.KeptOpen`; ``rois``: the ROIs already
+    read, by image id (the handle then does not read them again)."""
     from lpfm_toolkit.integrations.omero.sink import OmeroSink
     from lpfm_toolkit.integrations.omero.source import OmeroImageHandle
 
+    known = rois if rois is not None else {}
+
     def open_(image_id: int) -> tuple[Any, Any]:
-        handle = OmeroImageHandle(session, image_id)
+        handle = OmeroImageHandle(session, image_id, rois=known.get(image_id))
         try:
             return handle, OmeroSink(session, handle, mode=output, dataset=target_dataset)
         except BaseException:
@@ -174,8 +184,9 @@ def enhance_omero(
         engine = build_engine(options, task)  # the engine is loaded only when there is work
     if uncertainty is None:
         uncertainty = options is not None and options.samples > 1
+    listed: dict[int, Any] = {}  # ROIs read while selecting, by image: each image is opened once
     current: KeptOpen[int, tuple[Any, Any]] = KeptOpen(
-        _open_image(session, output, target_dataset), lambda opened: opened[0].close()
+        _open_image(session, output, target_dataset, listed), lambda opened: opened[0].close()
     )
 
     run = {"tile_size": tile_size, "overlap": overlap, "force": force, "samples_uncertainty": uncertainty}
@@ -199,6 +210,7 @@ def enhance_omero(
 
     with session.keepalive():
         items = select_items(session, ids, roi_classes)
+        listed.update((item.image_id, item.rois) for item in items if item.rois is not None)
         with current:
             outcomes = run_items(
                 items,

@@ -30,6 +30,40 @@ def sample_slide_path() -> Path:
 
 
 FILE_SUFFIXES = (".ome.tiff", ".ome.tif")
+#: ``--out`` names that are files, not folders (lpfm writes only OME-TIFF)
+_FILE_LIKE = (".tif", ".tiff", ".btf", ".png", ".jpg", ".jpeg", ".svs")
+NAME_HELP = (
+    "Output file name template: {stem} {task} {prompt} {engine} {method} {region} {level} {key}; [...] is left out "
+    "when a placeholder in it is empty (default: {stem}_{task}_{engine}[_{region}].{key})."
+)
+
+
+def name_option(func: Any) -> Any:
+    """``--name TEMPLATE``: how output files are named (:class:`~lpfm_toolkit.sinks.ometiff.NameTemplate`)."""
+    return click.option("--name", "name", default=None, metavar="TEMPLATE", help=NAME_HELP)(func)
+
+
+def check_name(name: str | None) -> str | None:
+    """``--name`` checked before anything runs (one ``error:`` line for a bad template); returns it."""
+    if name is not None:
+        from lpfm_toolkit.sinks.ometiff import NameTemplate
+
+        NameTemplate(name)
+    return name
+
+
+def check_out_folder(out: str | Path | None) -> None:
+    """Refuse an ``--out`` that names a file where a folder is wanted (``--out x.tif`` would make a folder)."""
+    from lpfm_toolkit.errors import OutputExistsError
+
+    if not out:
+        return
+    path = Path(out).expanduser()
+    if not path.is_dir() and path.name.lower().endswith(FILE_SUFFIXES + _FILE_LIKE):
+        raise OutputExistsError(
+            f"--out {path.name} looks like a file name, but this command writes one OME-TIFF per result into a folder",
+            "give a folder with --out, and name the files with --name",
+        )
 
 
 def check_out(out: str, task: Any, force: bool, uncertainty: bool) -> tuple[Path, bool]:
@@ -41,7 +75,7 @@ def check_out(out: str, task: Any, force: bool, uncertainty: bool) -> tuple[Path
     if path.name.lower().endswith(FILE_SUFFIXES):
         check_target(path, force=force, uncertainty=uncertainty)
         return path, True
-    if path.suffix.lower() in (".tif", ".tiff", ".btf", ".png", ".jpg", ".jpeg", ".svs"):
+    if path.suffix.lower() in _FILE_LIKE and not path.is_dir():
         stem = path.name[: -len(path.suffix)]
         raise OutputExistsError(
             f"--out {path.name} looks like a file name, but lpfm writes pyramidal OME-TIFF with its provenance",
@@ -66,11 +100,12 @@ def run_local(
     preview: str | None = None,
     verify: bool = False,
     progress: Any = None,
+    name: str | None = None,
 ) -> Any:
     """Check everything that needs no model, then load the engine and run one enhancement.
 
     ``options``: the :class:`~lpfm_toolkit.options.EngineOptions`; ``settings``: seed, tiling and output settings;
-    ``progress(done, total)``: the tiles.
+    ``progress(done, total)``: the tiles; ``name``: the output file name template (``--name``).
     """
     from lpfm_toolkit.config import check_mpp
     from lpfm_toolkit.options import build_engine as build
@@ -84,6 +119,11 @@ def run_local(
     region = Region.parse(region_text) if region_text else None
     uncertainty = options.samples > 1
     target, is_file = check_out(out or settings.output_dir, task, force, uncertainty)
+    check_name(name)
+    if name is not None and is_file:
+        from lpfm_toolkit.errors import ConfigError
+
+        raise ConfigError(f"--name and --out {target.name} both name the file", "give --out a folder, or drop --name")
     if preview:
         from lpfm_toolkit.preview import is_preview
         from lpfm_toolkit.verify import check_writable_file
@@ -95,7 +135,7 @@ def run_local(
         if is_file:
             sink = OmeTiffSink(path=target, compression=settings.compression, tile=settings.tiff_tile, overwrite=force)
         else:
-            sink = OmeTiffSink(target, compression=settings.compression, tile=settings.tiff_tile)
+            sink = OmeTiffSink(target, compression=settings.compression, tile=settings.tiff_tile, name=name)
         from lpfm_toolkit.jobs.scratch import clean_scratch
 
         for left in clean_scratch(target.parent if is_file else target):  # a killed earlier run's leftovers
@@ -194,6 +234,7 @@ def info(slide: Path, mpp: float | None, as_json: bool) -> None:
 @click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to read.")
 @click.option("--region", "region_text", default=None, help="x,y,width,height in pixels of the level (default: all).")
 @click.option("--out", default=None, help="Output folder, or a file name ending in .ome.tiff (default: lpfm-out/).")
+@name_option
 @click.option("--mpp", type=float, default=None, help="Pixel size in µm for images that do not record it.")
 @click.option("--preview", default=None, help="Also write a before/after PNG of the centre of the region here.")
 @click.option(
@@ -211,6 +252,7 @@ def enhance(
     level: int,
     region_text: str | None,
     out: str | None,
+    name: str | None,
     mpp: float | None,
     preview: str | None,
     verify: bool,
@@ -225,18 +267,20 @@ def enhance(
         from lpfm_toolkit.cli.qc import run_auto
         from lpfm_toolkit.errors import ConfigError
 
-        if not auto or prompt is not None or preview:
+        if not auto or prompt is not None or preview or name is not None:
             what = (
                 "no prompt given"
                 if prompt is None and not auto
                 else "give -p PROMPT or --auto, not both"
                 if prompt is not None
                 else "--preview is not available with --auto"
+                if preview
+                else "--name is not available with --auto (its outputs are named {stem}_{task}_{engine}_{region})"
             )
-            raise ConfigError(what, 'e.g. -p "sr x2", -p denoise, or --auto without -p and --preview')
+            raise ConfigError(what, 'e.g. -p "sr x2", -p denoise, or --auto without -p, --preview and --name')
         run_auto(slide, mpp=mpp, **common)
         return
-    run_and_report(slide, prompt, mpp=mpp, preview=preview, verify=verify, **common)
+    run_and_report(slide, prompt, mpp=mpp, preview=preview, verify=verify, name=name, **common)
 
 
 @click.command()
@@ -353,20 +397,33 @@ def verify(output: Path, quick: bool) -> None:
 
 
 @click.command()
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output")
 @click.option("--model", default=None, help="The bundle folder the output was made with, if it has moved.")
 @click.option("--trust-pickle", is_flag=True)
 @handle_errors
-def reproduce(output: Path, model: str | None, trust_pickle: bool) -> None:
-    """Check OUTPUT's file, re-run it from its provenance and compare the pixels (exit 1 if anything differs)."""
+def reproduce(output: str, model: str | None, trust_pickle: bool) -> None:
+    """Check OUTPUT's stored pixels, re-run it from its provenance and compare the pixels (exit 1 if anything differs).
+
+    OUTPUT is an lpfm output file (also one added to a QuPath project), or an OMERO result as
+    omero://HOST/image/ID, read with OMERO_SESSION_KEY (or OMERO_USER and OMERO_PASSWORD) from the environment;
+    `lpfm omero reproduce ID` takes the usual OMERO login options.
+    """
+    from lpfm_toolkit.verify import is_omero_uri
     from lpfm_toolkit.verify import reproduce as reproduce_output
 
-    with progress_bar(f"reproducing {output.name}") as update:
-        rep = reproduce_output(output, model=model, trust_pickle=trust_pickle, progress=update)
+    target: str | Path = output if is_omero_uri(output) else Path(output)
+    label = output if isinstance(target, str) else target.name
+    with progress_bar(f"reproducing {label}") as update:
+        rep = reproduce_output(target, model=model, trust_pickle=trust_pickle, progress=update)
+    print_reproduce_report(rep)
+
+
+def print_reproduce_report(rep: Any) -> None:
+    """The lines of a :class:`~lpfm_toolkit.verify.ReproduceReport`; exit 1 unless the pixels are identical."""
     for note in rep.notes:
         console.print(f"warning: {note}", style="yellow")
     for problem in rep.file_problems:
-        err_console.print(f"file damaged: {problem}", style="bold red", markup=False)
+        err_console.print(f"{rep.kind} damaged: {problem}", style="bold red", markup=False)
     console.print(f"recorded output sha256 {rep.recorded_sha256}")
     console.print(f"reproduced          {rep.reproduced_sha256}")
     same = rep.recorded_sha256 == rep.reproduced_sha256

@@ -140,3 +140,26 @@ def enhance(ctx: click.Context, image_ids: tuple[int, ...], dataset_id: int | No
                                  options=options, level=level, seed=settings.seed, tile_size=settings.tile_size,
                                  overlap=settings.overlap, force=force, progress=progress)
     report_batch(outcomes, f"lpfm omero enhance · {prompt}")
+
+
+@omero.command("reproduce")
+@click.argument("image")
+@click.option("--model", default=None, help="The bundle folder the result was made with, if it has moved.")
+@click.option("--trust-pickle", is_flag=True)
+@click.pass_context
+@handle_errors
+def reproduce(ctx: click.Context, image: str, model: str | None, trust_pickle: bool) -> None:
+    """Re-run result IMAGE (an id, or omero://HOST/image/ID) from its provenance and compare its pixels (exit 1
+    if they differ): the source image is read again, nothing is written to the server."""
+    from lpfm_toolkit.cli.common import progress_bar
+    from lpfm_toolkit.cli.local import print_reproduce_report
+    from lpfm_toolkit.integrations.omero.reproduce import parse_image_ref, reproduce_uri
+    from lpfm_toolkit.integrations.omero.session import OmeroSession
+
+    host, port, _ = parse_image_ref(image)
+    flags = ctx.obj.setdefault("omero_flags", {})
+    if host is not None and flags.get("host") is None:  # the server the URI names, unless --host says otherwise
+        flags.update(host=host, port=flags.get("port") or port)
+    with OmeroSession(_settings(ctx)) as session, session.keepalive(), progress_bar(f"reproducing {image}") as update:
+        rep = reproduce_uri(image, session=session, model=model, trust_pickle=trust_pickle, progress=update)
+    print_reproduce_report(rep)

@@ -457,13 +457,18 @@ class _DigestOnlySink(Sink):
 
 @dataclass
 class ReproduceReport:
-    """What ``reproduce`` found: the file's own state, and a re-run compared with the record."""
+    """What ``reproduce`` found: the output's own state, and a re-run compared with the record.
 
-    output: Path
+    ``output`` is the file, or the ``omero://`` URI of an OMERO result; ``file_problems`` are what is wrong with
+    the stored pixels (a damaged file, pixels changed on the server), ``kind`` says which (``file``/``image``).
+    """
+
+    output: Path | str
     recorded_sha256: str | None
     reproduced_sha256: str | None
     file_problems: list[str]
     notes: list[str] = field(default_factory=list)
+    kind: str = "file"
 
     @property
     def identical(self) -> bool:
@@ -517,17 +522,80 @@ def source_path(uri: str) -> Path:
     return Path(uri)
 
 
+def is_omero_uri(output: str | Path) -> bool:
+    """True for an OMERO result given as ``omero://host/image/ID`` (as its provenance records it)."""
+    return isinstance(output, str) and output.startswith("omero://")
+
+
+def rerun_digest(
+    handle: Any,
+    prov: Provenance,
+    *,
+    model: str | None = None,
+    trust_pickle: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> str:
+    """Re-run ``prov``'s region, task and seed of ``handle`` with its recorded engine and tiling; the pixels'
+    checksum (nothing is kept: memory is one band). The engine is built here, after every other check."""
+    from lpfm_toolkit.pipeline import WorkItem, run_item
+    from lpfm_toolkit.prompts import Task
+    from lpfm_toolkit.sources import Region
+
+    src = prov.source
+    if prov.engine.get("name") == "auto":  # lpfm enhance --auto: the recorded plan and each task's engine
+        from lpfm_toolkit.qc import auto_engine_for_record
+
+        engine = auto_engine_for_record(
+            prov.engine, level=int(src["level"]), seed=int(prov.seed), model=model, trust_pickle=trust_pickle
+        )
+    else:
+        engine = engine_for_record(prov.engine, model, trust_pickle)
+    item = WorkItem(int(src["level"]), Region(*src["region"]), Task.from_dict(prov.task), int(prov.seed))
+    result = run_item(
+        handle,
+        item,
+        engine,
+        _DigestOnlySink(),
+        tile_size=prov.tiling.get("tile"),
+        overlap=prov.tiling.get("overlap"),
+        force=True,
+        samples_uncertainty=int(prov.engine.get("samples", 1)) > 1,
+        progress=progress,
+    )
+    digest = result.provenance.output_sha256
+    assert digest is not None  # run_item always records the checksum of what it made
+    return digest
+
+
+def require_comparable(prov: Provenance, name: str) -> None:
+    """:class:`ConfigError` when ``prov`` records its checksum in a form a re-run cannot be compared with."""
+    if prov.tiling.get("checksums") != DIGEST_SCHEME:
+        raise ConfigError(
+            f"{name} records its checksum in an older form, which cannot be compared",
+            "re-make it with `lpfm enhance ... --force`, then reproduce that",
+        )
+
+
 def reproduce(
     output: str | Path,
     *,
     model: str | None = None,
     trust_pickle: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    session: Any = None,
 ) -> ReproduceReport:
-    """Check ``output``'s file fully, re-run it from its record and compare the pixel checksums."""
-    from lpfm_toolkit.pipeline import WorkItem, run_item
-    from lpfm_toolkit.prompts import Task
-    from lpfm_toolkit.sources import Region, open_image
+    """Check ``output``'s stored pixels fully, re-run it from its record and compare the pixel checksums.
+
+    ``output``: an OME-TIFF output (or its ``.lpfm.json``), also one added to a QuPath project, or an OMERO
+    result as ``omero://host/image/ID``. For OMERO, ``session`` is an open
+    :class:`~lpfm_toolkit.integrations.omero.session.OmeroSession`; without one, a session is opened from the
+    environment (``OMERO_SESSION_KEY``, or ``OMERO_USER`` with ``OMERO_PASSWORD``) and the settings file.
+    """
+    if is_omero_uri(output):
+        from lpfm_toolkit.integrations.omero.reproduce import reproduce_uri  # omero-py only when asked for
+
+        return reproduce_uri(str(output), session=session, model=model, trust_pickle=trust_pickle, progress=progress)
+    from lpfm_toolkit.sources import open_image
     from lpfm_toolkit.sources.local import file_fingerprint
 
     rec = read_output(output)
@@ -537,17 +605,17 @@ def reproduce(
             "one was edited; `lpfm verify` says which file",
         )
     prov = rec.provenance
-    if prov.tiling.get("checksums") != DIGEST_SCHEME:
-        raise ConfigError(
-            f"{rec.tiff.name} records its checksum in an older form, which cannot be compared",
-            "re-make it with `lpfm enhance ... --force`, then reproduce that",
-        )
+    require_comparable(prov, rec.tiff.name)
     src = prov.source
+    if src.get("system") == "omero":
+        raise SlideNotFoundError(
+            f"the source of {rec.tiff.name} is an OMERO image ({src.get('uri')}), but the output is a file",
+            "lpfm writes OMERO results back to OMERO: reproduce the result image, `lpfm reproduce omero://HOST/image/ID`",
+        )
     if src.get("system") not in ("file", "qupath"):
         raise SlideNotFoundError(
-            f"the source of {rec.tiff.name} is on {src.get('system')}",
-            "only file and QuPath outputs can be reproduced so far; for OMERO, re-run `lpfm omero enhance` "
-            "with the recorded settings into a test dataset and compare the recorded checksums",
+            f"the source of {rec.tiff.name} is on {src.get('system')}, which lpfm cannot re-open",
+            "only file, QuPath and OMERO outputs can be reproduced",
         )
     # a QuPath entry's pixels are its image file's (the entry adds annotations and metadata, not pixels)
     path = source_path(str(src["uri"]))
@@ -558,26 +626,6 @@ def reproduce(
     if file_fingerprint(path) != src.get("fingerprint"):
         notes.append(f"{path.name} has changed since the output was made")
     file_problems = check_output(rec.tiff, prov, full=True) if rec.tiff.is_file() else [f"{rec.tiff} is missing"]
-    if prov.engine.get("name") == "auto":  # lpfm enhance --auto: the recorded plan and each task's engine
-        from lpfm_toolkit.qc import auto_engine_for_record
-
-        engine = auto_engine_for_record(
-            prov.engine, level=int(src["level"]), seed=int(prov.seed), model=model, trust_pickle=trust_pickle
-        )
-    else:
-        engine = engine_for_record(prov.engine, model, trust_pickle)
-    item = WorkItem(int(src["level"]), Region(*src["region"]), Task.from_dict(prov.task), int(prov.seed))
-    tiling = prov.tiling
     with open_image(path) as handle:
-        result = run_item(
-            handle,
-            item,
-            engine,
-            _DigestOnlySink(),
-            tile_size=tiling.get("tile"),
-            overlap=tiling.get("overlap"),
-            force=True,
-            samples_uncertainty=int(prov.engine.get("samples", 1)) > 1,
-            progress=progress,
-        )
-    return ReproduceReport(rec.tiff, prov.output_sha256, result.provenance.output_sha256, file_problems, notes)
+        digest = rerun_digest(handle, prov, model=model, trust_pickle=trust_pickle, progress=progress)
+    return ReproduceReport(rec.tiff, prov.output_sha256, digest, file_problems, notes)

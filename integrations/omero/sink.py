@@ -49,6 +49,8 @@ STATE = "lpfm.state"
 #: who is uploading a partial image: ``host:pid:token`` (token: random per process)
 WRITER = "lpfm.writer"
 MODES = ("new", "channels")
+#: the idempotency key of a ``channels`` result: the same work as a plain one, a different image
+CHANNELS_KEY_SUFFIX = ":channels"
 #: results up to this many bytes (and within the server's plane size) go through createImageFromNumpySeq
 SMALL_BYTES = 64 * 1024 * 1024
 #: above this many bytes, rows are spooled to a temporary file instead of memory
@@ -365,7 +367,7 @@ class OmeroSink(Sink):
 
     def _mode_key(self, key: str) -> str:
         # the same work written as a channels image is a different result from a plain one
-        return key if self.mode == "new" else f"{key}:channels"
+        return key if self.mode == "new" else key + CHANNELS_KEY_SUFFIX
 
     def _read_provenance(self, image_id: int) -> tuple[dict[str, str], Provenance | None]:
         """The key-value pairs of our marker annotation, and the provenance file (None when absent)."""

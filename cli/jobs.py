@@ -85,6 +85,24 @@ def _template(prompt: str, out: str | None, level: int, region: tuple[int, int, 
                    tiff_tile=st.tiff_tile, **JobSpec.options_fields(options))
 
 
+def auto_option(func: Any) -> Any:
+    return click.option("--auto", is_flag=True, help="Enhance only what lpfm qc flags, each region with its task "
+                        "(as `lpfm enhance --auto`; the same as -p auto).")(func)
+
+
+def _auto_prompt(prompt: str | None, auto: bool, required: bool = False) -> str | None:
+    """The job prompt: ``auto`` for ``--auto``; refuses both, or (``required``) neither."""
+    from lpfm_toolkit.jobs.auto import AUTO_PROMPT, is_auto
+
+    if auto and prompt is not None and not is_auto(prompt):
+        raise ConfigError("give -p PROMPT or --auto, not both", "--auto lets QC choose each region's task")
+    if auto:
+        return AUTO_PROMPT
+    if required and not prompt:
+        raise ConfigError("no prompt given", 'give -p PROMPT (e.g. -p "sr x2") or --auto')
+    return prompt
+
+
 def _open_store(path: Path, *, create: bool = False, readonly: bool = False) -> Any:
     """The job store at ``path``; ``create`` makes a missing one (commands that add work), ``readonly``: status."""
     from lpfm_toolkit.jobs import JobStore
@@ -111,20 +129,22 @@ def jobs() -> None:
 
 @jobs.command("add")
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", required=True, help='What to do, e.g. "sr x2", "denoise".')
+@click.option("-p", "--prompt", default=None, help='What to do, e.g. "sr x2", "denoise" (or --auto).')
+@auto_option
 @click.option("--out", default=None, help="Output folder (default: the output_dir setting, lpfm-out/).")
 @click.option("--region", "region_text", default=None, help="x,y,width,height at the level (default: all).")
 @spec_options
 @store_option
 @handle_errors
 def add(slides: tuple[Path, ...], prompt: str, out: str | None, region_text: str | None, level: int,
-        trust_pickle: bool, store_path: Path, **flags: Any) -> None:
+        trust_pickle: bool, store_path: Path, auto: bool = False, **flags: Any) -> None:
     """Queue SLIDES (files, or folders of slides) for enhancement by PROMPT."""
     import dataclasses
 
     from lpfm_toolkit.jobs import add_jobs, scan_folder
     from lpfm_toolkit.sources import Region
 
+    prompt = _auto_prompt(prompt, auto, required=True)
     region = Region.parse(region_text).as_tuple() if region_text else None
     template = _template(prompt, out, level, region, trust_pickle, flags)
     files: list[Path] = []
@@ -140,7 +160,8 @@ def add(slides: tuple[Path, ...], prompt: str, out: str | None, region_text: str
 @jobs.command("add-qupath")
 @click.argument("project", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", default=None,
-              help="The prompt (for --image entries, or entries whose flag is just 'true').")
+              help="The prompt (for --image entries, or entries whose flag is just 'true'); a flag 'auto' is --auto.")
+@auto_option
 @click.option("--image", "images", multiple=True, help="Entry ID or name (repeatable). Default: flagged entries.")
 @click.option("--flag-key", default="lpfm.enhance", show_default=True,
               help="Metadata key that flags an entry; its value is the prompt.")
@@ -150,7 +171,7 @@ def add(slides: tuple[Path, ...], prompt: str, out: str | None, region_text: str
 @store_option
 @handle_errors
 def add_qupath(project: Path, prompt: str | None, images: tuple[str, ...], flag_key: str, out: str | None,
-               remaps: tuple[str, ...], level: int, trust_pickle: bool, store_path: Path, **flags: Any) -> None:
+               remaps: tuple[str, ...], level: int, trust_pickle: bool, store_path: Path, auto: bool = False, **flags: Any) -> None:
     """Queue entries of a QuPath PROJECT: those flagged in their metadata (lpfm.enhance = prompt), or --image ones.
 
     Each result is added to the project as a new entry when its job finishes (close the project in QuPath).
@@ -159,6 +180,7 @@ def add_qupath(project: Path, prompt: str | None, images: tuple[str, ...], flag_
 
     from lpfm_toolkit.jobs import add_jobs, qupath_specs
 
+    prompt = _auto_prompt(prompt, auto)
     if images and not prompt:
         raise ConfigError("--image needs --prompt", "say what to do with the chosen entries")
     template = dataclasses.replace(_template(prompt or "", out or "", level, None, trust_pickle, flags),
@@ -212,6 +234,7 @@ def _omero_template(prompt: str, level: int, trust_pickle: bool, flags: dict[str
 
 @jobs.command("add-omero")
 @click.option("-p", "--prompt", default=None, help='What to do with --image/--dataset/--project images, e.g. "sr x2".')
+@auto_option
 @click.option("--image", "image_ids", type=int, multiple=True, help="OMERO image id (repeatable).")
 @click.option("--dataset", "dataset_ids", type=int, multiple=True, help="Every image of this dataset (repeatable).")
 @click.option("--project", "project_ids", type=int, multiple=True, help="Every image of this project (repeatable).")
@@ -224,7 +247,7 @@ def _omero_template(prompt: str, level: int, trust_pickle: bool, flags: dict[str
 def add_omero(prompt: str | None, image_ids: tuple[int, ...], dataset_ids: tuple[int, ...],
               project_ids: tuple[int, ...], tagged: bool, omero_host: str | None, omero_port: int | None,
               roi_classes: tuple[str, ...], output_mode: str, target_dataset: str | None, level: int,
-              trust_pickle: bool, store_path: Path, **flags: Any) -> None:
+              trust_pickle: bool, store_path: Path, auto: bool = False, **flags: Any) -> None:
     """Queue OMERO images (--image, --dataset, --project) for PROMPT, and/or the images users tagged (--tagged).
 
     Results become new OMERO images next to the originals (as `lpfm omero enhance` makes them); each original
@@ -239,6 +262,7 @@ def add_omero(prompt: str | None, image_ids: tuple[int, ...], dataset_ids: tuple
         session_for,
     )
 
+    prompt = _auto_prompt(prompt, auto)
     if not (image_ids or dataset_ids or project_ids or tagged):
         raise ConfigError("nothing selected", "give --image, --dataset or --project with -p, or --tagged")
     if (image_ids or dataset_ids or project_ids) and not prompt:
@@ -410,6 +434,7 @@ def retry(keys: tuple[str, ...], all_failed: bool, store_path: Path) -> None:
 @click.option("--qupath", "projects", multiple=True, type=click.Path(path_type=Path),
               help="Also watch this QuPath project for entries flagged with --flag-key (repeatable).")
 @click.option("-p", "--prompt", default=None, help="What to do with new slides (and entries flagged 'true').")
+@auto_option
 @click.option("--out", default=None, help="Output folder (default: the output_dir setting; for QuPath, "
               "the project's lpfm-outputs/).")
 @click.option("--every", type=float, default=300, show_default=True, help="Seconds between looks.")
@@ -432,7 +457,7 @@ def watch(folders: tuple[Path, ...], projects: tuple[Path, ...], prompt: str | N
           watch_omero_server: bool, region_text: str | None, omero_host: str | None, omero_port: int | None,
           roi_classes: tuple[str, ...], output_mode: str, target_dataset: str | None, level: int,
           trust_pickle: bool, workers: int, dask_scheduler: str | None,
-          slurm: bool, max_attempts: int, lease_s: float, store_path: Path, **opts: Any) -> None:
+          slurm: bool, max_attempts: int, lease_s: float, store_path: Path, auto: bool = False, **opts: Any) -> None:
     """Find new slides in FOLDERS (flagged QuPath entries, tagged OMERO images), queue and run them; repeat."""
     import dataclasses
     import sys
@@ -440,6 +465,7 @@ def watch(folders: tuple[Path, ...], projects: tuple[Path, ...], prompt: str | N
     from lpfm_toolkit.jobs import SLIDE_EXTENSIONS, watch_folder, watch_qupath
     from lpfm_toolkit.sources import Region
 
+    prompt = _auto_prompt(prompt, auto)
     if not folders and not projects and not watch_omero_server:
         raise ConfigError("nothing to watch", "give a FOLDER, --qupath PROJECT or --omero")
     if folders and not prompt:

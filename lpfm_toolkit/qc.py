@@ -595,6 +595,13 @@ def check_auto_options(options: Any) -> None:
         )
 
 
+def resolve_auto_options(options: Any, channel_names: Sequence[str]) -> dict[str, Any]:
+    """``options`` resolved and checked for each task ``--auto`` may choose (``deblur``, ``denoise``,
+    ``restore``), without loading a model."""
+    check_auto_options(options)
+    return {name: options.resolved(_task(name), channel_names) for name in TASK_KINDS}
+
+
 def engine_factory(options: Any, channel_names: Sequence[str]) -> Callable[[Any], Any]:
     """``build(task)`` for :func:`auto_enhance`: the engine ``options`` give each task ``--auto`` may choose.
 
@@ -602,18 +609,15 @@ def engine_factory(options: Any, channel_names: Sequence[str]) -> Callable[[Any]
     use and kept (one per task), so a batch of images loads each model once.
     """
     from lpfm_toolkit.options import build_engine
-    from lpfm_toolkit.prompts import TaskKind
 
-    check_auto_options(options)
-    resolved = {
-        getattr(TaskKind, kind): options.resolved(_task(name), channel_names) for name, kind in TASK_KINDS.items()
-    }
-    built: dict[Any, Any] = {}
+    resolved = resolve_auto_options(options, channel_names)
+    built: dict[str, Any] = {}
 
     def build(task: Any) -> Any:
-        if task.kind not in built:
-            built[task.kind] = build_engine(resolved[task.kind], task)
-        return built[task.kind]
+        name = task.kind.value
+        if name not in built:
+            built[name] = build_engine(resolved[name], task)
+        return built[name]
 
     return build
 

@@ -37,6 +37,8 @@ class QuPathSource:
         """Add the result as a new entry (once: an entry with the same key is reused); ``<file>#entry=<ID>``."""
         from lpfm_toolkit.integrations.qupath import QuPathProject, parse_remaps
 
+        if not result.uri:  # an --auto job that QC found nothing to enhance in: no output, no entry
+            return ""
         with QuPathProject.open(spec.source, backend="file", remaps=parse_remaps(list(spec.remaps))) as project:
             entry = project.entry(spec.entry or "")
             ref = project.sink(entry, self.output_dir(spec), compression=spec.compression, tile=spec.tiff_tile).find(

@@ -113,6 +113,13 @@ class JobSpec:
         return cls(**d)
 
     @property
+    def auto(self) -> bool:
+        """An ``--auto`` job (prompt ``auto``): QC picks the tiles and their tasks (:mod:`lpfm_toolkit.jobs.auto`)."""
+        from lpfm_toolkit.jobs.auto import is_auto
+
+        return is_auto(self.prompt)
+
+    @property
     def options(self) -> EngineOptions:
         """The job's engine options (checked as any options are; hashable, so equal ones share an engine)."""
         return EngineOptions.from_dict({name: getattr(self, name) for name in SPEC_OPTIONS})
@@ -230,6 +237,10 @@ def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
     """
     from lpfm_toolkit.pipeline import key_for
 
+    if spec.auto:
+        from lpfm_toolkit.jobs.auto import prepare_auto
+
+        return prepare_auto(spec)
     handle = _source(spec).open(spec)
     with handle:
         items = _items(handle, spec)
@@ -281,6 +292,10 @@ def compute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) 
     from lpfm_toolkit.pipeline import output_name, run_item
 
     spec = spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
+    if spec.auto:
+        from lpfm_toolkit.jobs.auto import compute_auto
+
+        return compute_auto(spec, progress)
     source = _source(spec)
     t0 = time.perf_counter()
     engine = engine_for(spec)
@@ -309,7 +324,12 @@ def finalize(spec: JobSpec | dict[str, Any], result: JobResult) -> str:
     OMERO jobs it marks the original ``lpfm:done``.
     """
     spec = spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
-    return str(_source(spec).finalize(spec, result))
+    uri = str(_source(spec).finalize(spec, result))
+    if not uri and spec.auto:  # QC flagged nothing: there is no output
+        from lpfm_toolkit.jobs.auto import NOTHING_FLAGGED
+
+        return NOTHING_FLAGGED
+    return uri
 
 
 def failed_for_good(spec: JobSpec | dict[str, Any], error: str) -> None:

@@ -1,0 +1,172 @@
+"""``--auto`` jobs: QC picks the tiles and their tasks (:func:`lpfm_toolkit.qc.auto_enhance`) in a job.
+
+A job whose prompt is ``auto`` (``lpfm jobs add --auto``, a QuPath entry flagged ``lpfm.enhance = auto``, an
+OMERO image tagged ``lpfm:auto``) runs here instead of with one task. Its store key cannot be the output's
+idempotency key, which depends on the QC plan (known only once every tile is scored); it is a digest of what
+decides the plan and the pixels — the source's identity, level, region or ROIs, seed, tiling, the estimator
+and thresholds, each task's resolved engine options and the output settings — with ``auto`` in it, so it
+never equals a prompt job's key. Workers run it as any job (:func:`lpfm_toolkit.jobs.spec.compute`), so
+``lpfm jobs run`` reports it with the same outcomes and exit codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import threading
+import time
+from typing import Any
+
+from lpfm_toolkit.pipeline import ProgressFn
+
+#: the prompt that makes a job an ``--auto`` job
+AUTO_PROMPT = "auto"
+#: what a finished ``--auto`` job that found nothing to enhance records as its result
+NOTHING_FLAGGED = "nothing flagged: no output (the image needs no enhancement)"
+
+_cache = threading.local()
+
+
+def is_auto(prompt: str | None) -> bool:
+    """True for the prompt of an ``--auto`` job."""
+    return (prompt or "").strip().lower() == AUTO_PROMPT
+
+
+def _factory(spec: Any, channel_names: list[str]) -> Any:
+    """The per-task engine builder of ``spec``'s options for these channels, kept per thread (models load once)."""
+    from lpfm_toolkit.qc import engine_factory
+
+    cache: dict[Any, Any] = getattr(_cache, "factories", None) or {}
+    _cache.factories = cache
+    key = (spec.options, tuple(channel_names))
+    if key not in cache:
+        cache[key] = engine_factory(spec.options, channel_names)
+    return cache[key]
+
+
+def _estimator(brightfield: bool) -> Any:
+    from lpfm_toolkit.qc import get_estimator
+
+    cache: dict[bool, Any] = getattr(_cache, "estimators", None) or {}
+    _cache.estimators = cache
+    if brightfield not in cache:
+        cache[brightfield] = get_estimator("auto", brightfield=brightfield)
+    return cache[brightfield]
+
+
+def _selections(handle: Any, spec: Any) -> list[dict[str, Any]]:
+    """What each ``auto_enhance`` call of the job covers: its region, or one ROI of ``roi_classes`` each."""
+    from lpfm_toolkit.sources import Region
+
+    if spec.roi_classes:
+        from lpfm_toolkit.errors import RegionError
+
+        wanted = {c.strip().lower() for c in spec.roi_classes}
+        anns = [a for a in handle.annotations() if a.class_name and a.class_name.strip().lower() in wanted]
+        if not anns:
+            raise RegionError(
+                f"{handle.name} has no ROI of class {', '.join(spec.roi_classes)}",
+                "draw or class ROIs, or queue the whole image",
+            )
+        return [{"annotation": a} for a in anns]
+    region = Region(*spec.region) if spec.region is not None else None
+    if region is not None:
+        handle.check_region(spec.level, region)
+    return [{"region": region}]
+
+
+def prepare_auto(spec: Any) -> tuple[Any, str]:
+    """:func:`lpfm_toolkit.jobs.spec.prepare` for an ``--auto`` job: checks and its store key (see the module)."""
+    from lpfm_toolkit.jobs.spec import _source
+    from lpfm_toolkit.qc import resolve_auto_options
+
+    source = _source(spec)
+    with source.open(spec) as handle:
+        if not 0 <= spec.level < len(handle.levels):
+            from lpfm_toolkit.errors import RegionError
+
+            raise RegionError(
+                f"level {spec.level} does not exist in {handle.name}",
+                f"choose a level from 0 to {len(handle.levels) - 1}",
+            )
+        selections = _selections(handle, spec)
+        resolved = resolve_auto_options(spec.options, handle.channel_names)
+        names = {o.engine for o in resolved.values()}
+        if spec.engine == "auto" and len(names) == 1:  # every worker runs the same engine
+            spec = dataclasses.replace(spec, engine=names.pop())
+        estimator = _estimator(handle.is_rgb)
+        source.sink(spec, handle)  # the output folder is checked here, not by the first worker
+        blob = {
+            "auto": True,
+            "identity": {"system": handle.system, "fingerprint": handle.fingerprint()},
+            "level": spec.level,
+            "selections": [
+                list(s["region"].as_tuple())
+                if s.get("region") is not None
+                else s["annotation"].id
+                if "annotation" in s
+                else None
+                for s in selections
+            ],
+            "seed": spec.seed,
+            "tiling": {"tile": spec.tile, "overlap": spec.overlap},
+            "estimator": estimator.describe(),
+            "engines": {k: _key_options(o) for k, o in sorted(resolved.items())},
+            "output": {
+                "compression": spec.compression,
+                "tiff_tile": spec.tiff_tile,
+                "name": getattr(spec, "name", None),
+            },
+        }
+    return spec, "auto-" + hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _key_options(options: Any) -> dict[str, Any]:
+    """The options that change pixels (not the device, threads or the trust flag)."""
+    return {k: v for k, v in options.to_dict().items() if k not in ("device", "threads", "trust_pickle", "compile")}
+
+
+def compute_auto(spec: Any, progress: ProgressFn | None = None) -> Any:
+    """:func:`lpfm_toolkit.jobs.spec.compute` for an ``--auto`` job: one :func:`~lpfm_toolkit.qc.auto_enhance`
+    per selection; a selection where QC flags nothing writes nothing (``uri`` empty)."""
+    from lpfm_toolkit.jobs.scratch import clean_scratch
+    from lpfm_toolkit.jobs.spec import JobResult, _job_key, _source
+    from lpfm_toolkit.jobs.store import worker_id
+    from lpfm_toolkit.qc import auto_enhance
+
+    source = _source(spec)
+    t0 = time.perf_counter()
+    folder = source.output_dir(spec)
+    if folder is not None:
+        clean_scratch(folder)
+    with source.open(spec) as handle:
+        sink = source.sink(spec, handle)
+        build = _factory(spec, list(handle.channel_names))
+        estimator = _estimator(handle.is_rgb)
+        runs = [
+            auto_enhance(
+                handle,
+                sink,
+                build,
+                level=spec.level,
+                seed=spec.seed,
+                estimator=estimator,
+                tile_size=spec.tile,
+                overlap=spec.overlap,
+                verify=spec.verify,
+                progress=progress,
+                **selection,
+            )
+            for selection in _selections(handle, spec)
+        ]
+    made = [r.result for r in runs if r.result is not None]
+    return JobResult(
+        key=_job_key([r.provenance.idempotency_key for r in made]) if made else "",
+        uri=" ".join(r.output.uri for r in made),
+        name=" ".join(r.provenance.output.get("name", "") for r in made),
+        skipped=bool(made) and all(r.skipped for r in made),
+        seconds=round(time.perf_counter() - t0, 3),
+        worker=worker_id(),
+        remade="; ".join(r.remade for r in made if getattr(r, "remade", None)) or None,
+    )

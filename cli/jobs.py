@@ -14,6 +14,7 @@ from rich.table import Table
 
 from lpfm_toolkit.cli.batch import batch_progress, eta_text, summary_table
 from lpfm_toolkit.cli.common import console, err_console, fail, handle_errors
+from lpfm_toolkit.cli.local import check_out_folder, name_option
 from lpfm_toolkit.cli.options import engine_flag_list, options_from_flags
 from lpfm_toolkit.errors import ConfigError
 
@@ -75,14 +76,16 @@ def run_options(func: Any) -> Any:
 
 
 def _template(prompt: str, out: str | None, level: int, region: tuple[int, int, int, int] | None,
-              trust_pickle: bool | None, flags: dict[str, Any]) -> Any:
-    """A :class:`JobSpec` without a source, from the options and the user's settings."""
+              trust_pickle: bool | None, flags: dict[str, Any], name: str | None = None) -> Any:
+    """A :class:`JobSpec` without a source, from the options and the user's settings; ``name``: ``--name``
+    (checked here, before any model loads)."""
     from lpfm_toolkit.jobs import JobSpec
 
+    check_out_folder(out)
     options, st = options_from_flags({**flags, "trust_pickle": trust_pickle})
     return JobSpec(source="", prompt=prompt, out=out if out is not None else st.output_dir, level=level,
                    region=region, seed=st.seed, tile=st.tile_size, overlap=st.overlap, compression=st.compression,
-                   tiff_tile=st.tiff_tile, **JobSpec.options_fields(options))
+                   tiff_tile=st.tiff_tile, name=name, **JobSpec.options_fields(options))
 
 
 def auto_option(func: Any) -> Any:
@@ -133,11 +136,12 @@ def jobs() -> None:
 @auto_option
 @click.option("--out", default=None, help="Output folder (default: the output_dir setting, lpfm-out/).")
 @click.option("--region", "region_text", default=None, help="x,y,width,height at the level (default: all).")
+@name_option
 @spec_options
 @store_option
 @handle_errors
-def add(slides: tuple[Path, ...], prompt: str, out: str | None, region_text: str | None, level: int,
-        trust_pickle: bool, store_path: Path, auto: bool = False, **flags: Any) -> None:
+def add(slides: tuple[Path, ...], prompt: str, out: str | None, region_text: str | None, name: str | None,
+        level: int, trust_pickle: bool, store_path: Path, auto: bool = False, **flags: Any) -> None:
     """Queue SLIDES (files, or folders of slides) for enhancement by PROMPT."""
     import dataclasses
 
@@ -146,7 +150,7 @@ def add(slides: tuple[Path, ...], prompt: str, out: str | None, region_text: str
 
     prompt = _auto_prompt(prompt, auto, required=True)
     region = Region.parse(region_text).as_tuple() if region_text else None
-    template = _template(prompt, out, level, region, trust_pickle, flags)
+    template = _template(prompt, out, level, region, trust_pickle, flags, name)
     files: list[Path] = []
     for s in slides:
         files += scan_folder(s) if s.is_dir() else [s]
@@ -167,11 +171,13 @@ def add(slides: tuple[Path, ...], prompt: str, out: str | None, region_text: str
               help="Metadata key that flags an entry; its value is the prompt.")
 @click.option("--out", default=None, help="Output folder (default: the project's lpfm-outputs/).")
 @click.option("--remap", "remaps", multiple=True, metavar="OLD=NEW", help="Where moved images are now.")
+@name_option
 @spec_options
 @store_option
 @handle_errors
 def add_qupath(project: Path, prompt: str | None, images: tuple[str, ...], flag_key: str, out: str | None,
-               remaps: tuple[str, ...], level: int, trust_pickle: bool, store_path: Path, auto: bool = False, **flags: Any) -> None:
+               remaps: tuple[str, ...], name: str | None, level: int, trust_pickle: bool, store_path: Path,
+               auto: bool = False, **flags: Any) -> None:
     """Queue entries of a QuPath PROJECT: those flagged in their metadata (lpfm.enhance = prompt), or --image ones.
 
     Each result is added to the project as a new entry when its job finishes (close the project in QuPath).
@@ -183,7 +189,7 @@ def add_qupath(project: Path, prompt: str | None, images: tuple[str, ...], flag_
     prompt = _auto_prompt(prompt, auto)
     if images and not prompt:
         raise ConfigError("--image needs --prompt", "say what to do with the chosen entries")
-    template = dataclasses.replace(_template(prompt or "", out or "", level, None, trust_pickle, flags),
+    template = dataclasses.replace(_template(prompt or "", out or "", level, None, trust_pickle, flags, name),
                                    remaps=tuple(remaps))
     specs = qupath_specs(project, template, prompt=prompt, images=list(images) or None, flag_key=flag_key)
     if not specs:
@@ -447,6 +453,7 @@ def retry(keys: tuple[str, ...], all_failed: bool, store_path: Path) -> None:
 @click.option("--omero", "watch_omero_server", is_flag=True,
               help="Also queue OMERO images tagged lpfm:<prompt> or with the pair lpfm.enhance = <prompt>.")
 @click.option("--region", "region_text", default=None, help="x,y,width,height at the level (default: all).")
+@name_option
 @omero_options
 @spec_options
 @run_options
@@ -454,7 +461,8 @@ def retry(keys: tuple[str, ...], all_failed: bool, store_path: Path) -> None:
 @handle_errors
 def watch(folders: tuple[Path, ...], projects: tuple[Path, ...], prompt: str | None, out: str | None, every: float,
           once: bool, settle_s: float, extensions: tuple[str, ...], recursive: bool, flag_key: str,
-          watch_omero_server: bool, region_text: str | None, omero_host: str | None, omero_port: int | None,
+          watch_omero_server: bool, region_text: str | None, name: str | None, omero_host: str | None,
+          omero_port: int | None,
           roi_classes: tuple[str, ...], output_mode: str, target_dataset: str | None, level: int,
           trust_pickle: bool, workers: int, dask_scheduler: str | None,
           slurm: bool, max_attempts: int, lease_s: float, store_path: Path, auto: bool = False, **opts: Any) -> None:
@@ -473,7 +481,7 @@ def watch(folders: tuple[Path, ...], projects: tuple[Path, ...], prompt: str | N
     slurm_opts = {k: v for k, v in opts.items() if k.startswith("slurm_")}
     flags = {k: v for k, v in opts.items() if not k.startswith("slurm_")}
     region = Region.parse(region_text).as_tuple() if region_text else None
-    template = _template(prompt or "", out, level, region, trust_pickle, flags)
+    template = _template(prompt or "", out, level, region, trust_pickle, flags, name)  # --name: files only
     qupath_template = dataclasses.replace(template, out=out or "")
     omero_settings = _omero_settings(omero_host, omero_port) if watch_omero_server else None
     omero_template = _omero_template(prompt or "", level, trust_pickle, flags, roi_classes, output_mode,

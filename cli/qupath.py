@@ -11,6 +11,7 @@ from rich.text import Text
 
 from lpfm_toolkit.cli.batch import batch_progress, report_batch
 from lpfm_toolkit.cli.common import console, handle_errors
+from lpfm_toolkit.cli.local import check_name, check_out_folder, name_option
 from lpfm_toolkit.cli.options import engine_flags, options_from_flags
 
 
@@ -125,6 +126,7 @@ def list_entries(project: Path, backend: str, remaps: tuple[str, ...], annotatio
     default=None,
     help="Folder for the OME-TIFFs (default: <project>/lpfm-outputs).",
 )
+@name_option
 @project_options
 @engine_flags
 @handle_errors
@@ -136,6 +138,7 @@ def enhance(
     annotation_refs: tuple[str, ...],
     level: int,
     output_dir: Path | None,
+    name: str | None,
     backend: str,
     remaps: tuple[str, ...],
     annotations: Path | None,
@@ -150,6 +153,8 @@ def enhance(
 
     task = parse_prompt(prompt)
     options, settings = options_from_flags(flags)
+    check_out_folder(output_dir)
+    check_name(name)
     with _open(project, backend, remaps, annotations) as proj:
         if annotations is not None and annotations.is_file() and len(proj.select(images)) != 1:
             raise ConfigError(
@@ -178,6 +183,7 @@ def enhance(
                 force=force,
                 samples_uncertainty=options.samples > 1,
                 progress=progress,
+                name=name,
             )
     report_batch(outcomes, f"lpfm qupath enhance · {prompt}")
 

@@ -294,6 +294,21 @@ def output_name(handle: ImageHandle, task: Task, item: WorkItem) -> str:
     return f"{handle.name}{suffix} [lpfm {task.label}]"
 
 
+def output_fields(handle: ImageHandle, item: WorkItem, engine: Engine) -> dict[str, str]:
+    """What file sinks name the result's file from (:func:`~lpfm_toolkit.sinks.ometiff.name_fields`): the image's
+    stem, task, engine and, when a region or annotation restricts the work, the region (``x-y-w-h``, or the
+    annotation's class and name)."""
+    from lpfm_toolkit.sinks.ometiff import name_fields
+
+    region = None
+    if item.annotation is not None:
+        ann = item.annotation
+        region = " ".join(str(v) for v in (ann.class_name, ann.name or ann.id or "annotation") if v)
+    elif item.region != handle.full_region(item.level):
+        region = "-".join(str(v) for v in item.region.as_tuple())
+    return name_fields(handle.name, item.task, engine.describe(), item.level, region)
+
+
 def output_options(
     handle: ImageHandle,
     item: WorkItem,
@@ -566,6 +581,7 @@ def output_spec(handle: ImageHandle, item: WorkItem, engine: Engine, name: str, 
         dtype=np.dtype(handle.dtype) if same_kind else np.dtype(np.uint8),
         mpp=(mpp_in[0] / task.scale, mpp_in[1] / task.scale) if mpp_in else None,
         uncertainty=uncertainty,
+        file_fields=output_fields(handle, item, engine),
     )
 
 
@@ -853,8 +869,9 @@ def run_item(
         jpeg=jpeg,
     )
     name = output_name(handle, task, item)
+    spec = output_spec(handle, item, engine, name, samples_uncertainty)
     remade = None
-    found = None if force else sink.find(key, name)
+    found = None if force else sink.find_spec(key, spec)
     if found is not None:
         path = _local_file(found)
         problems = _verify.check_output(path, found.provenance, full=verify == "full") if path else []
@@ -868,12 +885,11 @@ def run_item(
             sink.overwrite = True  # type: ignore[attr-defined]
     target = getattr(sink, "target", None)
     if callable(target):  # a file sink: never write over the original, nor any file lpfm did not make
-        final = Path(target(key, name))
+        final = Path(target(key, spec))
         if handle.system == "file" and final.exists() and final.resolve() == Path(handle.uri).resolve():
             raise OutputExistsError(f"refusing to write over the original {final}", "choose another --out")
         _verify.check_target(final, force=True, uncertainty=samples_uncertainty)
 
-    spec = output_spec(handle, item, engine, name, samples_uncertainty)
     source = source_record(handle, item)
     t_start = time.perf_counter()
     runner = StripeRunner(handle, item, engine, spec, tiling, progress=progress)

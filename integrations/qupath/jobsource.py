@@ -31,7 +31,7 @@ class QuPathSource:
     def sink(self, spec: Any, handle: Any) -> Any:
         from lpfm_toolkit.jobs.spec import marked_sink
 
-        return marked_sink(self.output_dir(spec), spec.compression, spec.tiff_tile)
+        return marked_sink(self.output_dir(spec), spec.compression, spec.tiff_tile, spec.name)
 
     def finalize(self, spec: Any, result: Any) -> str:
         """Add the result as a new entry (once: an entry with the same key is reused); ``<file>#entry=<ID>``."""
@@ -41,9 +41,11 @@ class QuPathSource:
             return ""
         with QuPathProject.open(spec.source, backend="file", remaps=parse_remaps(list(spec.remaps))) as project:
             entry = project.entry(spec.entry or "")
-            ref = project.sink(entry, self.output_dir(spec), compression=spec.compression, tile=spec.tiff_tile).find(
-                result.key, result.name
+            sink = project.sink(
+                entry, self.output_dir(spec), compression=spec.compression, tile=spec.tiff_tile, name=spec.name
             )
+            image = Path(result.uri)  # where the worker wrote it, whatever the file name template
+            ref = sink.find_file(result.key, image) if image.is_file() else sink.find(result.key, result.name)
         if ref is None:
             raise ProjectError(
                 f"the result {result.uri} of entry {spec.entry} disappeared before it was added", "retry the job"

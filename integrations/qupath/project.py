@@ -241,16 +241,17 @@ class QuPathProject:
         return entry
 
     def sink(self, entry: ProjectEntry, output_dir: str | Path | None = None, *, compression: str = "auto",
-             tile: int = 512, carry: Sequence[Annotation] | None = None) -> Any:
+             tile: int = 512, carry: Sequence[Annotation] | None = None, name: str | None = None) -> Any:
         """A :class:`~lpfm_toolkit.integrations.qupath.sink.QuPathSink` adding results of ``entry`` here.
 
         ``carry``: annotations copied (clipped, shifted, rescaled) onto each result; default: all of the entry's.
+        ``name``: the output file name template (``--name``; default ``{stem}_{task}_{engine}[_{region}].{key}``).
         """
         from lpfm_toolkit.integrations.qupath.sink import QuPathSink
 
         out = Path(output_dir) if output_dir is not None else self.directory / DEFAULT_OUTPUT_DIR
         anns = list(carry) if carry is not None else self.annotations(entry)
-        return QuPathSink(self, entry, out, annotations=anns, compression=compression, tile=tile)
+        return QuPathSink(self, entry, out, annotations=anns, compression=compression, tile=tile, name=name)
 
     def close(self) -> None:
         self._backend.close()

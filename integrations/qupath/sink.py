@@ -85,12 +85,13 @@ class QuPathSink(Sink):
     """Adds each result of one source entry to the project as a new entry."""
 
     def __init__(self, project: Any, entry: ProjectEntry, directory: Path, *,
-                 annotations: Sequence[Annotation] = (), compression: str = "auto", tile: int = 512) -> None:
+                 annotations: Sequence[Annotation] = (), compression: str = "auto", tile: int = 512,
+                 name: str | None = None) -> None:
         self.project = project
         self.entry = entry
         self.directory = Path(directory)
         self.annotations = list(annotations)
-        self.files = OmeTiffSink(self.directory, compression=compression, tile=tile)
+        self.files = OmeTiffSink(self.directory, compression=compression, tile=tile, name=name)
 
     def _rel(self, path: Path) -> str:
         from lpfm_toolkit.integrations.qupath.project import relative_to_project
@@ -115,10 +116,21 @@ class QuPathSink(Sink):
                                 "sidecar": side, "annotations": entry.metadata.get(KEY_ANNOTATIONS)})
 
     def find(self, idempotency_key: str, spec_name: str) -> OutputRef | None:
+        return self._find(idempotency_key, lambda: self.files.find(idempotency_key, spec_name))
+
+    def find_spec(self, idempotency_key: str, spec: OutputSpec) -> OutputRef | None:
+        return self._find(idempotency_key, lambda: self.files.find_spec(idempotency_key, spec))
+
+    def find_file(self, idempotency_key: str, image: Path) -> OutputRef | None:
+        """The entry of this key, else the finished file ``image`` of this key (its entry added now), else None."""
+        return self._find(idempotency_key, lambda: self.files.find_file(idempotency_key, image))
+
+    def _find(self, idempotency_key: str, find_file: Any) -> OutputRef | None:
+        """The result entry of this key; else its file (``find_file()``), whose missing entry is added now."""
         entry = self.project.find_result(idempotency_key)
         if entry is not None:
             return self._ref(entry, idempotency_key)
-        ref = self.files.find(idempotency_key, spec_name)
+        ref = find_file()
         if ref is None:
             return None
         log.info("%s exists without a project entry (interrupted run?): adding the entry", ref.uri)

@@ -99,13 +99,15 @@ def select_items(
     return items
 
 
-def _open_entry(project: QuPathProject, output_dir: str | Path | None, compression: str, tile: int) -> Any:
+def _open_entry(
+    project: QuPathProject, output_dir: str | Path | None, compression: str, tile: int, name: str | None = None
+) -> Any:
     """``open(entry) -> (handle, sink)`` for :class:`~lpfm_toolkit.batch.KeptOpen`."""
 
     def open_(entry: ProjectEntry) -> tuple[Any, Any]:
         handle = project.open_entry(entry)
         try:
-            return handle, project.sink(entry, output_dir, compression=compression, tile=tile)
+            return handle, project.sink(entry, output_dir, compression=compression, tile=tile, name=name)
         except BaseException:
             handle.close()
             raise
@@ -132,18 +134,20 @@ def enhance_project(
     samples_uncertainty: bool = False,
     progress: BatchProgressFn | None = None,
     items: Sequence[EntryItem] | None = None,
+    name: str | None = None,
 ) -> list[Outcome]:
     """Enhance the selected entries (or their annotations of ``classes`` / ``annotation_refs``) into new entries.
 
     One :class:`~lpfm_toolkit.batch.Outcome` per item (see :func:`select_items`; ``items`` when already
     selected); ``Outcome.detail`` holds ``entry_id``, ``region`` and, for results, ``result_entry_id`` and
-    ``output`` (the OME-TIFF).
+    ``output`` (the OME-TIFF). ``name``: the OME-TIFFs' file name template (``--name``; default
+    ``{stem}_{task}_{engine}[_{region}].{key}``).
     """
     task = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     if items is None:
         items = select_items(project, images=images, classes=classes, annotation_refs=annotation_refs, level=level)
     current: KeptOpen[ProjectEntry, tuple[Any, Any]] = KeptOpen(
-        _open_entry(project, output_dir, compression, tiff_tile), lambda opened: opened[0].close()
+        _open_entry(project, output_dir, compression, tiff_tile, name), lambda opened: opened[0].close()
     )
 
     run = {"tile_size": tile_size, "overlap": overlap, "force": force, "samples_uncertainty": samples_uncertainty}

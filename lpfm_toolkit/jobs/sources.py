@@ -91,7 +91,7 @@ class FileSource:
 
         folder = self.output_dir(spec)
         assert folder is not None
-        return marked_sink(folder, spec.compression, spec.tiff_tile)
+        return marked_sink(folder, spec.compression, spec.tiff_tile, spec.name)
 
     def finalize(self, spec: JobSpec, result: JobResult) -> str:
         return result.uri

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: fields added after the first release: left out of :meth:`JobSpec.to_dict` at their defaults, so specs
 #: (and the watcher's recipes) written before them stay the same
 _LATER_FIELDS = {"roi_classes": (), "output_mode": "new", "target_dataset": None, "verify": "quick",
-                 "sampler": None, "tta": False, "compile": False}
+                 "sampler": None, "tta": False, "compile": False, "name": None}
 #: the engine options a job stores (an :class:`~lpfm_toolkit.options.EngineOptions` less ``threads``, which is
 #: the runner's: each worker gets its share of the host's cores)
 SPEC_OPTIONS = ("engine", "method", "model", "device", "steps", "samples", "sampler", "tta", "trust_pickle", "compile")
@@ -48,7 +48,8 @@ class JobSpec:
     ``source`` is the server (``omero://host:port``) and ``entry`` the image ID; results become new OMERO
     images (``output_mode``, ``target_dataset`` as in ``lpfm omero enhance``), one per ROI of
     ``roi_classes`` when given. ``region`` is x, y, width, height at ``level`` (``None``: the whole level).
-    ``out``: the output folder. Kinds are resolved through :mod:`lpfm_toolkit.jobs.sources`.
+    ``out``: the output folder, ``name`` the output file name template (``--name``; None: the default).
+    Kinds are resolved through :mod:`lpfm_toolkit.jobs.sources`.
     """
 
     source: str
@@ -78,12 +79,17 @@ class JobSpec:
     sampler: str | None = None  # engine options added after the first release (see SPEC_OPTIONS)
     tta: bool = False
     compile: bool = False
+    name: str | None = None  # file sources: the output file name template (--name); None: the default
 
     def __post_init__(self) -> None:
         from lpfm_toolkit.jobs.sources import kinds
 
         if self.kind not in kinds():
             raise ConfigError(f"unknown job kind {self.kind!r}", f"use one of {', '.join(kinds())}")
+        if self.name is not None:
+            from lpfm_toolkit.sinks.ometiff import NameTemplate
+
+            NameTemplate(self.name)  # one clear line for a bad template, when the job is made
         needs = {"qupath": "an entry ID", "omero": "an image ID"}
         if self.kind in needs and not self.entry:
             raise ConfigError(f"a {self.kind} job needs {needs[self.kind]}", "give the item of the source to enhance")
@@ -250,7 +256,18 @@ def prepare(spec: JobSpec) -> tuple[JobSpec, str]:
             _engines.cache[spec.options] = engine
         engine.check(items[0].task, handle.channel_names)
         sink = _source(spec).sink(spec, handle)
-        return spec, _job_key([_key(key_for, handle, item, engine, spec, sink) for item in items])
+        return spec, _named_key(_job_key([_key(key_for, handle, item, engine, spec, sink) for item in items]), spec)
+
+
+def _named_key(key: str, spec: JobSpec) -> str:
+    """The store key of a job: the pipeline's key, and the file name template only when one other than the default
+    is given — so default names keep every key as it was, and asking for the same result under another name is a
+    new job (it writes that file) instead of one already done."""
+    from lpfm_toolkit.sinks.ometiff import NameTemplate
+
+    if spec.name is None or NameTemplate(spec.name).is_default:
+        return key
+    return hashlib.sha256(f"{key} name={spec.name}".encode()).hexdigest()
 
 
 def job_key(spec: JobSpec) -> str:
@@ -263,8 +280,9 @@ def output_dir(spec: JobSpec) -> Path | None:
     return _source(spec).output_dir(spec)
 
 
-def marked_sink(folder: Path, compression: str, tile: int) -> Any:
-    """An OME-TIFF sink whose writers mark their scratch folder with this process (see :mod:`.scratch`)."""
+def marked_sink(folder: Path, compression: str, tile: int, name: str | None = None) -> Any:
+    """An OME-TIFF sink whose writers mark their scratch folder with this process (see :mod:`.scratch`);
+    ``name``: its file name template (``--name``)."""
     from lpfm_toolkit.jobs.scratch import mark_scratch, signals_deferred
     from lpfm_toolkit.sinks.ometiff import OmeTiffSink
 
@@ -277,7 +295,7 @@ def marked_sink(folder: Path, compression: str, tile: int) -> Any:
                     mark_scratch(scratch)
             return writer
 
-    return MarkedSink(folder, compression=compression, tile=tile)
+    return MarkedSink(folder, compression=compression, tile=tile, name=name)
 
 
 def compute(spec: JobSpec | dict[str, Any], progress: ProgressFn | None = None) -> JobResult:

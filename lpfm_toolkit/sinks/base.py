@@ -29,6 +29,9 @@ class OutputSpec:
     dtype: np.dtype
     mpp: tuple[float, float] | None  # µm per pixel of the output (source mpp / scale)
     uncertainty: bool = False  # writer also receives a float32 (H, W, 1) uncertainty row stream
+    #: what file sinks name the file from (``{stem}``, ``{task}``, …: :data:`~lpfm_toolkit.sinks.ometiff.NAME_FIELDS`);
+    #: ``None``: a spec made without them, named from ``name`` as before
+    file_fields: dict[str, str] | None = None
 
     @property
     def is_rgb(self) -> bool:
@@ -80,6 +83,10 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def find(self, idempotency_key: str, spec_name: str) -> OutputRef | None:
         """A result already committed for this key, if any (then the work is skipped)."""
+
+    def find_spec(self, idempotency_key: str, spec: OutputSpec) -> OutputRef | None:
+        """:meth:`find` given the whole spec (what the pipeline calls); file sinks name their files from it."""
+        return self.find(idempotency_key, spec.name)
 
     @abc.abstractmethod
     def open(self, spec: OutputSpec, idempotency_key: str, source: dict[str, Any]) -> SinkWriter:

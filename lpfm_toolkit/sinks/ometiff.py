@@ -53,10 +53,206 @@ _TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
 
 
 def safe_filename(name: str) -> str:
-    """A portable file name from a result name: ``CMU-1 [lpfm sr×2]`` → ``CMU-1_lpfm_srx2``."""
+    """A portable file name from a result name: ``CMU-1 [lpfm sr×2]`` → ``CMU-1_lpfm_srx2``.
+
+    How outputs were named before name templates (:data:`DEFAULT_NAME`); still looked up, so re-runs find
+    results written by older versions (:meth:`OmeTiffSink.find_spec`).
+    """
     name = name.replace("×", "x").replace("→", "-to-").replace("&", "and")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
     return name[:120] or "lpfm-output"
+
+
+# ------------------------------------------------------------------------------------------- output names
+
+#: the placeholders of an output name template (``--name``), each with what it becomes
+NAME_FIELDS: dict[str, str] = {
+    "stem": "the image's name without its extensions: CMU-1.svs -> CMU-1",
+    "task": "the task however the prompt was worded: srx2, deblur, denoise, restore, AF-to-HE, stain-normalize",
+    "prompt": "the prompt as typed, made file-name safe: sr_x2",
+    "engine": "the engine that ran: lpfm, classical, identity",
+    "method": "the classical method, or the lpfm engine's model bundle",
+    "region": "x-y-w-h of a --region, or the annotation's class-name; empty when the whole level is enhanced",
+    "level": "the pyramid level read: 0, 1, ...",
+    "key": "the first 10 hex digits of the idempotency key",
+}
+#: how outputs are named unless ``--name`` says otherwise; ``[...]`` is left out when a placeholder in it is empty
+DEFAULT_NAME = "{stem}_{task}_{engine}[_{region}].{key}"
+#: longest output name (before ``.ome.tiff``): room for ``.uncertainty.ome.tiff`` within 255 bytes
+MAX_NAME = 200
+_FIELD_MAX = {"stem": 80, "region": 48, "prompt": 48, "method": 48}
+_OPTIONAL = re.compile(r"\[([^\[\]]*)\]")
+_IMAGE_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".btf",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".czi",
+    ".qptiff",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".dcm",
+    ".zarr",
+    ".isyntax",
+    ".vsi",
+    ".nd2",
+    ".lif",
+)
+_STAIN_SLUG = {"H&E": "HE", "AF": "AF", "fluorescence": "fluo"}
+
+
+def _ascii(text: str) -> str:
+    """``Färbung ×2 → H&E`` → ``Farbung x2 -to- HandE``: accents dropped, the signs lpfm names use spelled out."""
+    import unicodedata
+
+    text = text.replace("×", "x").replace("→", "-to-").replace("&", "and")
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    """One name field: ``Tumor: t 1`` → ``Tumor-t-1`` (``_`` stays free to separate fields)."""
+    text = _ascii(text)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-.")[:limit].strip("-.")
+
+
+def _words(text: str) -> str:
+    """Free text as a file name part: ``my slide (1)`` → ``my_slide_1``, ``AF -> H&E`` → ``AF_-_HandE``."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", _ascii(text)).strip("._")
+
+
+def image_stem(name: str) -> str:
+    """``CMU-1.svs`` → ``CMU-1``, ``a b.ome.tiff`` → ``a_b``; an earlier lpfm output also loses its ``.<key>``."""
+    lower = name.lower()
+    for ext in (".ome.tiff", ".ome.tif", ".ome.zarr", ".ome.btf", *_IMAGE_SUFFIXES):
+        if lower.endswith(ext) and len(name) > len(ext):
+            name = name[: -len(ext)]
+            break
+    name = re.sub(r"\.[0-9a-f]{10}$", "", name)  # x.<key>.ome.tiff, enhanced again
+    return _words(name)[: _FIELD_MAX["stem"]].strip("._") or "image"
+
+
+def task_slug(task: Any) -> str:
+    """The task as a file name part, independent of how the prompt was worded: ``srx2``, ``AF-to-HE``."""
+    kind = task.kind.value
+    if kind == "super_resolution":
+        return f"srx{task.scale}"
+    if kind == "virtual_stain":
+        src, dst = (_STAIN_SLUG.get(s.value, _slug(s.value)) for s in (task.source_stain, task.target_stain))
+        return f"{src}-to-{dst}"
+    return kind.replace("_", "-")
+
+
+def name_fields(image_name: str, task: Any, engine: dict[str, Any], level: int, region: str | None) -> dict[str, str]:
+    """Every placeholder of :data:`NAME_FIELDS` but ``key``, made file-name safe.
+
+    ``engine``: the engine's ``describe()``; ``region``: what restricts the work (``x-y-w-h`` or an annotation's
+    class and name), ``None`` for a whole level.
+    """
+    engine_name = _slug(str(engine.get("name") or "engine"))
+    method = engine.get("method") or engine.get("model") or engine_name
+    slug = task_slug(task)
+    return {
+        "stem": image_stem(image_name),
+        "task": slug,
+        "prompt": _words(str(task.prompt or ""))[: _FIELD_MAX["prompt"]].strip("._") or slug,
+        "engine": engine_name,
+        "method": _slug(str(method), _FIELD_MAX["method"]) or engine_name,
+        "region": _slug(region, _FIELD_MAX["region"]) if region else "",
+        "level": str(int(level)),
+    }
+
+
+class NameTemplate:
+    """A checked output name template: placeholders from :data:`NAME_FIELDS`, ``[...]`` for optional parts.
+
+    ``NameTemplate("{stem}_{task}[_{region}].{key}")``: ``CMU-1_srx2.1a2b3c4d5e`` for a whole slide,
+    ``CMU-1_srx2_0-0-512-512.1a2b3c4d5e`` for a region. :class:`ConfigError` (one line) for a template that
+    names an unknown placeholder, holds a path separator, or can give an empty name.
+    """
+
+    def __init__(self, text: str | None = None) -> None:
+        text = DEFAULT_NAME if text is None else text
+        self.text = text
+        for ext in (".ome.tiff", ".ome.tif"):  # the extension is the writer's; tolerate it
+            if text.lower().endswith(ext):
+                text = text[: -len(ext)]
+        self._body = text
+        fix = (
+            "e.g. --name '{stem}_{task}_{engine}[_{region}].{key}' (placeholders: "
+            + ", ".join("{" + n + "}" for n in NAME_FIELDS)
+            + ")"
+        )
+        if not text.strip():
+            raise ConfigError("--name is empty", fix)
+        if "/" in text or "\\" in text or "\0" in text:
+            raise ConfigError(
+                f"--name {self.text!r} holds a path separator; it names a file, not a folder",
+                "give the folder with --out, and a file name with --name",
+            )
+        if _OPTIONAL.sub("", text).count("[") or _OPTIONAL.sub("", text).count("]"):
+            raise ConfigError(
+                f"--name {self.text!r} has an unmatched [ or ] (or one inside another)",
+                "write optional parts as [_{region}], not nested",
+            )
+        self.names = self._placeholders(text, fix)
+        unknown = [n for n in self.names if n not in NAME_FIELDS]
+        if unknown:
+            raise ConfigError(f"--name {self.text!r}: unknown placeholder {{{unknown[0]}}}", fix)
+        sample = {n: "x" for n in NAME_FIELDS} | {"region": ""}  # only {region} can be empty
+        if not self.render(sample, "0" * 64):
+            raise ConfigError(
+                f"--name {self.text!r} gives an empty file name when the whole image is enhanced",
+                "add {stem} or {key}, e.g. --name '{stem}[_{region}].{key}'",
+            )
+
+    @staticmethod
+    def _placeholders(text: str, fix: str) -> list[str]:
+        import string
+
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise ConfigError(f"--name {text!r} is not a valid template ({exc})", fix) from None
+        names = []
+        for _, field, spec, conversion in parsed:
+            if field is None:
+                continue
+            if spec or conversion or field == "" or field.isdigit():
+                raise ConfigError(f"--name {text!r}: write placeholders plainly, like {{stem}}", fix)
+            names.append(field)
+        return names
+
+    @property
+    def is_default(self) -> bool:
+        return self._body == DEFAULT_NAME
+
+    @property
+    def has_key(self) -> bool:
+        """Whether names hold the key: without it, results of other settings would share one name."""
+        return "key" in self.names
+
+    def render(self, fields: dict[str, str], key: str) -> str:
+        """The file name (without ``.ome.tiff``) for ``fields`` (:func:`name_fields`) and the idempotency key."""
+        values = {**fields, "key": key[:10]}
+
+        def optional(match: re.Match[str]) -> str:
+            inner = match.group(1)
+            return inner.format_map(values) if all(values.get(n) for n in self._placeholders(inner, "")) else ""
+
+        name = _OPTIONAL.sub(optional, self._body).format_map(values)
+        name = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._-")
+        return name[:MAX_NAME].rstrip("._-")
+
+    def __repr__(self) -> str:
+        return f"NameTemplate({self.text!r})"
 
 
 def _split_suffix(path: Path) -> tuple[str, str]:
@@ -519,11 +715,24 @@ def resolve_compression(compression: str, spec: OutputSpec) -> str:
 
 
 class OmeTiffSink(Sink):
-    """Writes each result as ``<directory>/<name>.<key>.ome.tiff`` (or to one given ``path``) + a JSON sidecar."""
+    """Writes each result as ``<directory>/<name>.ome.tiff`` (or to one given ``path``) + a JSON sidecar.
 
-    def __init__(self, directory: str | Path | None = None, *, path: str | Path | None = None,
-                 compression: str = "auto", tile: int = 512, overwrite: bool = False,
-                 jpeg_quality: int = JPEG_QUALITY, jpeg_subsampling: str = JPEG_SUBSAMPLING) -> None:
+    ``<name>`` comes from the ``name`` template (:class:`NameTemplate`; default :data:`DEFAULT_NAME`,
+    ``{stem}_{task}_{engine}[_{region}].{key}``) filled from the spec's ``file_fields``.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        *,
+        path: str | Path | None = None,
+        compression: str = "auto",
+        tile: int = 512,
+        overwrite: bool = False,
+        jpeg_quality: int = JPEG_QUALITY,
+        jpeg_subsampling: str = JPEG_SUBSAMPLING,
+        name: str | NameTemplate | None = None,
+    ) -> None:
         if (directory is None) == (path is None):
             raise ValueError("give exactly one of directory or path")
         if compression not in COMPRESSIONS:
@@ -534,16 +743,45 @@ class OmeTiffSink(Sink):
         self.path = Path(path) if path is not None else None
         self.compression, self.tile, self.overwrite = compression, tile, overwrite
         self.jpeg_quality, self.jpeg_subsampling = jpeg_quality, jpeg_subsampling
+        self.naming = name if isinstance(name, NameTemplate) else NameTemplate(name)
 
-    def target(self, key: str, name: str) -> Path:
+    def target(self, key: str, spec: OutputSpec | str) -> Path:
+        """Where the result of ``key`` goes: the template filled from ``spec.file_fields``; a bare name (or a
+        spec without fields) gives the name older versions used (:meth:`legacy_target`)."""
         if self.path is not None:
             p = self.path
             return p if p.name.lower().endswith((".ome.tiff", ".ome.tif")) else p.with_name(p.name + ".ome.tiff")
         assert self.directory is not None
+        if isinstance(spec, OutputSpec) and spec.file_fields is not None:
+            return self.directory / f"{self.naming.render(spec.file_fields, key)}.ome.tiff"
+        return self.legacy_target(key, spec.name if isinstance(spec, OutputSpec) else spec)
+
+    def legacy_target(self, key: str, name: str) -> Path:
+        """``<safe display name>.<key>.ome.tiff``: how results were named before name templates."""
+        assert self.directory is not None
         return self.directory / f"{safe_filename(name)}.{key[:10]}.ome.tiff"
 
     def find(self, idempotency_key: str, spec_name: str) -> OutputRef | None:
-        final = self.target(idempotency_key, spec_name)
+        return self._find_at(self.target(idempotency_key, spec_name), idempotency_key)
+
+    def find_spec(self, idempotency_key: str, spec: OutputSpec) -> OutputRef | None:
+        """The result of this key under its name, else (default names only) under the name older versions gave
+        it, so a re-run skips results made before name templates."""
+        final = self.target(idempotency_key, spec)
+        found = self._find_at(final, idempotency_key)
+        if found is None and self.path is None and self.naming.is_default:
+            legacy = self.legacy_target(idempotency_key, spec.name)
+            if legacy != final:
+                found = self._find_at(legacy, idempotency_key, shared=False)
+        return found
+
+    def find_file(self, idempotency_key: str, path: Path) -> OutputRef | None:
+        """The result of this key at ``path`` (e.g. a path a worker reported), if complete."""
+        return self._find_at(Path(path), idempotency_key, shared=False)
+
+    def _find_at(self, final: Path, idempotency_key: str, shared: bool | None = None) -> OutputRef | None:
+        """The complete result of ``idempotency_key`` at ``final``. When the name does not hold the key
+        (``shared``: a ``path`` sink, or a template without ``{key}``), a result of another run there is refused."""
         side = sidecar_path(final)
         if not (final.exists() and side.exists()):
             return None
@@ -553,20 +791,36 @@ class OmeTiffSink(Sink):
             return None
         if prov.idempotency_key == idempotency_key:
             return OutputRef(uri=str(final), provenance=prov, extra={"sidecar": str(side)})
-        if self.path is not None and not self.overwrite:
-            raise OutputExistsError(f"{final} exists and was made by a different run",
-                                    "choose another --out, or add --force to replace it")
+        shared = (self.path is not None or not self.naming.has_key) if shared is None else shared
+        if shared and not self.overwrite:
+            if self.path is not None:
+                raise OutputExistsError(
+                    f"{final} exists and was made by a different run",
+                    "choose another --out, or add --force to replace it",
+                )
+            raise OutputExistsError(
+                f"{final} exists and was made by a different run (--name {self.naming.text!r} has no {{key}})",
+                "add {key} or {region} to --name, or --force to replace it",
+            )
         return None
 
     def open(self, spec: OutputSpec, idempotency_key: str, source: dict[str, Any]) -> OmeTiffWriter:
-        final = self.target(idempotency_key, spec.name)
+        final = self.target(idempotency_key, spec)
         if source.get("system") == "file" and Path(str(source.get("uri", ""))).resolve() == final.resolve():
             raise OutputExistsError(f"refusing to write over the original {final}", "choose another --out")
         if self.path is not None and not self.overwrite and final.exists():
-            raise OutputExistsError(f"{final} exists and is not an lpfm output of this run",
-                                    "choose another --out, or add --force to replace it")
-        return OmeTiffWriter(final, spec, self.tile, self.compression, jpeg_quality=self.jpeg_quality,
-                             jpeg_subsampling=self.jpeg_subsampling)
+            raise OutputExistsError(
+                f"{final} exists and is not an lpfm output of this run",
+                "choose another --out, or add --force to replace it",
+            )
+        return OmeTiffWriter(
+            final,
+            spec,
+            self.tile,
+            self.compression,
+            jpeg_quality=self.jpeg_quality,
+            jpeg_subsampling=self.jpeg_subsampling,
+        )
 
 
 def read_provenance(path: str | Path) -> Provenance:

@@ -609,8 +609,9 @@ def reproduce(
     src = prov.source
     if src.get("system") == "omero":
         raise SlideNotFoundError(
-            f"the source of {rec.tiff.name} is an OMERO image ({src.get('uri')}), but the output is a file",
-            "lpfm writes OMERO results back to OMERO: reproduce the result image, `lpfm reproduce omero://HOST/image/ID`",
+            f"{rec.tiff.name} was made from an OMERO image ({src.get('uri')}) into a file, which reproduce does not "
+            "re-open",
+            "results of `lpfm omero enhance` are reproduced on the server: `lpfm reproduce omero://HOST/image/ID`",
         )
     if src.get("system") not in ("file", "qupath"):
         raise SlideNotFoundError(

@@ -178,3 +178,21 @@ def test_import_lpfm_and_verify_do_not_import_omero() -> None:
         "or m.startswith('lpfm_toolkit.integrations')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_dropped_connection_is_resumed_and_a_server_error_is_one_line(server, settings, original) -> None:
+    import Ice
+
+    from lpfm_toolkit.integrations.omero.session import OmeroSession
+    from lpfm_toolkit.verify import reproduce
+
+    (new,) = _enhance(server, original, "--prompt", "sr x2")
+    server.inject("getTile", Ice.ConnectionLostException(), after=4)  # mid-way through the re-run's reads
+    with OmeroSession(settings) as session:
+        rep = reproduce(f"omero://{HOST}/image/{new}", session=session)
+        assert session.reconnects == 1
+    assert rep.identical
+    server.inject("getAnnotationLinks", omero.InternalException(None, None, "database hiccup"))
+    res = _omero("reproduce", str(new))
+    _one_line_error(res, "OMERO failed while reproducing image")
+    assert "InternalException: database hiccup" in res.output

@@ -172,6 +172,9 @@ class Provenance:
             "lpfm.seed": str(self.seed),
             "lpfm.input.sha256": self.input_sha256 or "",
             "lpfm.output.sha256": self.output_sha256 or "",
+            "lpfm.output.compression": str(self.output.get("compression") or ""),
+            "lpfm.output.jpeg_quality": str(self.output.get("jpeg_quality") or ""),
+            "lpfm.output.jpeg_subsampling": str(self.output.get("jpeg_subsampling") or ""),
             "lpfm.idempotency_key": self.idempotency_key,
         }
         return {k: v for k, v in pairs.items() if v != ""}

@@ -66,6 +66,9 @@ def test_ome_xml_validates_and_carries_provenance(sample_slide: Path, tmp_path: 
     kv = {m.k: m.value for m in map_ann.value.ms}
     assert kv["lpfm.task"] == "super_resolution" and kv["lpfm.task.scale"] == "2"
     assert kv["lpfm.idempotency_key"] == res.provenance.idempotency_key
+    # how the pixels were stored is in the summary that OMERO and QuPath users see, not only in the sidecar
+    assert (kv["lpfm.output.compression"], kv["lpfm.output.jpeg_quality"], kv["lpfm.output.jpeg_subsampling"]) == (
+        "jpeg", "98", "4:4:4")
     sidecar = json.loads(Path(res.output.extra["sidecar"]).read_text())
     assert sidecar["idempotency_key"] == res.provenance.idempotency_key
     assert sidecar["source"]["region"] == [500, 700, 600, 400]

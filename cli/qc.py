@@ -387,13 +387,13 @@ def run_auto(
     return res
 
 
-def _auto_report(report: dict[str, Any]) -> None:
+def _auto_report(report: dict[str, Any], what: str = "lpfm enhance --auto") -> None:
     def fmt(e: dict[str, Any] | None, key: str, digits: int = 1) -> str:
         if not e or e.get(key) is None:
             return "-"
         return f"{e[key]:.{digits}f}"
 
-    table = Table(title=f"lpfm enhance --auto: {report['flagged_tiles']} of {report['tiles']} tiles enhanced")
+    table = Table(title=f"{what}: {report['flagged_tiles']} of {report['tiles']} tiles enhanced")
     for col in (
         "region (x,y,w,h)",
         "task",
@@ -424,3 +424,73 @@ def _auto_report(report: dict[str, Any]) -> None:
             str(r["still_flagged"]),
         )
     console.print(table)
+
+
+def check_auto_prompt(prompt: str | None, auto: bool) -> None:
+    """One line when ``-p`` and ``--auto`` are both given, or neither."""
+    if auto and prompt is not None:
+        raise ConfigError("give -p PROMPT or --auto, not both", "--auto lets QC choose each region's task")
+    if not auto and prompt is None:
+        raise ConfigError("no prompt given", 'give -p PROMPT (e.g. -p "sr x2", -p denoise) or --auto')
+
+
+def report_auto_outcomes(outcomes: list[Any]) -> None:
+    """The before/after table of each item of a batch that ran (or found) an ``--auto`` result."""
+    for o in outcomes:
+        report = o.detail.get("qc")
+        if report and report.get("flagged_tiles"):
+            _auto_report(report, o.item)
+
+
+def run_qupath_auto(
+    project: Path,
+    *,
+    images: tuple[str, ...],
+    classes: tuple[str, ...],
+    annotation_refs: tuple[str, ...],
+    level: int,
+    output_dir: Path | None,
+    backend: str,
+    remaps: tuple[str, ...],
+    annotations: Path | None,
+    force: bool,
+    flags: dict[str, Any],
+) -> None:
+    """``lpfm qupath enhance PROJECT --auto``: QC each selected entry (or annotation), enhance what it flags."""
+    from lpfm_toolkit.cli.batch import batch_progress, report_batch
+    from lpfm_toolkit.cli.options import options_from_flags
+    from lpfm_toolkit.cli.qupath import _channels, _open
+    from lpfm_toolkit.integrations.qupath import select_items
+    from lpfm_toolkit.integrations.qupath.qc import auto_enhance_project
+    from lpfm_toolkit.qc import check_auto_options, resolve_auto_options
+
+    options, settings = options_from_flags(flags)
+    check_auto_options(options)
+    with _open(project, backend, remaps, annotations) as proj:
+        if annotations is not None and annotations.is_file() and len(proj.select(images)) != 1:
+            raise ConfigError(
+                f"--annotations {annotations} is one file but {len(proj.select(images))} entries are selected",
+                "select one entry with --image, or give a folder of <entryID>.geojson",
+            )
+        items = select_items(
+            proj, images=images or None, classes=classes or None, annotation_refs=annotation_refs or None, level=level
+        )
+        channels = _channels(proj, items)
+        if channels is not None:  # every task's options, checked on the first image before any model loads
+            resolve_auto_options(options, channels)
+        with batch_progress("lpfm qupath enhance · auto") as progress:
+            outcomes = auto_enhance_project(
+                proj,
+                options,
+                items=items,
+                seed=settings.seed,
+                output_dir=output_dir,
+                tile_size=settings.tile_size,
+                overlap=settings.overlap,
+                compression=settings.compression,
+                tiff_tile=settings.tiff_tile,
+                force=force,
+                progress=progress,
+            )
+    report_auto_outcomes(outcomes)
+    report_batch(outcomes, "lpfm qupath enhance · auto")

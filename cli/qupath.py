@@ -96,7 +96,8 @@ def list_entries(project: Path, backend: str, remaps: tuple[str, ...], annotatio
 
 @qupath.command("enhance")
 @click.argument("project", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", required=True, help='What to do, e.g. "sr x2", "denoise".')
+@click.option("-p", "--prompt", default=None, help='What to do, e.g. "sr x2", "denoise" (or --auto).')
+@click.option("--auto", is_flag=True, help="Enhance only what lpfm qc flags, each region with its task (docs/qc.md).")
 @click.option(
     "--image",
     "images",
@@ -143,9 +144,28 @@ def enhance(
     remaps: tuple[str, ...],
     annotations: Path | None,
     force: bool,
+    auto: bool = False,
     **flags: Any,
 ) -> None:
     """Enhance images of PROJECT (or their annotated regions) by PROMPT; each result is a new entry."""
+    from lpfm_toolkit.cli.qc import check_auto_prompt, run_qupath_auto
+
+    check_auto_prompt(prompt, auto)
+    if auto:  # QC picks the regions and their tasks (lpfm_toolkit.integrations.qupath.qc.auto_enhance_project)
+        run_qupath_auto(
+            project,
+            images=images,
+            classes=classes,
+            annotation_refs=annotation_refs,
+            level=level,
+            output_dir=output_dir,
+            backend=backend,
+            remaps=remaps,
+            annotations=annotations,
+            force=force,
+            flags=flags,
+        )
+        return
     from lpfm_toolkit.errors import ConfigError
     from lpfm_toolkit.integrations.qupath import enhance_project, select_items
     from lpfm_toolkit.options import build_engine

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lpfm_toolkit.batch import BatchProgressFn, KeptOpen, Outcome, Status, run_items
 from lpfm_toolkit.engine.estimate import Thresholds
 from lpfm_toolkit.errors import LpfmError, ProjectError
 from lpfm_toolkit.integrations.qupath.entries import (
@@ -201,3 +202,86 @@ def _qc_entry(
         except LpfmError as exc:
             return EntryQC(entry, "failed", qc, files=files, error=str(exc))
     return EntryQC(entry, "done", qc, qc_entry=f"{added.id}: {added.name}", files=files)
+
+
+def auto_enhance_project(
+    project: QuPathProject,
+    options: Any,
+    *,
+    images: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    annotation_refs: Sequence[str] | None = None,
+    level: int = 0,
+    seed: int = 0,
+    output_dir: str | Path | None = None,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    compression: str = "auto",
+    tiff_tile: int = 512,
+    force: bool = False,
+    estimator: Any = None,
+    thresholds: Thresholds | None = None,
+    progress: BatchProgressFn | None = None,
+    items: Sequence[Any] | None = None,
+) -> list[Outcome]:
+    """``lpfm qupath enhance --auto``: in each selected entry (or each annotation of ``classes`` /
+    ``annotation_refs``), enhance only what QC flags, each region with its task, into a new entry ``<image>
+    [lpfm auto]`` (:func:`lpfm_toolkit.qc.auto_enhance`).
+
+    ``options``: the :class:`~lpfm_toolkit.options.EngineOptions` each task's engine is built from (checked
+    against the first entry's channels before any model loads; models load once for the whole run).
+    ``estimator``: default the learned one when it loads (:func:`lpfm_toolkit.qc.get_estimator`). One
+    :class:`~lpfm_toolkit.batch.Outcome` per item, through the one batch runner; an item QC flags nothing in
+    is ``nothing to do``. ``Outcome.detail`` holds ``entry_id``, ``region``, the ``qc`` report and, for
+    results, ``result_entry_id`` and ``output``.
+    """
+    from lpfm_toolkit.integrations.qupath.workflow import _open_entry, select_items
+    from lpfm_toolkit.qc import auto_enhance, check_auto_options, engine_factory, get_estimator
+
+    check_auto_options(options)
+    if items is None:
+        items = select_items(project, images=images, classes=classes, annotation_refs=annotation_refs, level=level)
+    current: KeptOpen[ProjectEntry, tuple[Any, Any]] = KeptOpen(
+        _open_entry(project, output_dir, compression, tiff_tile), lambda opened: opened[0].close()
+    )
+    builders: dict[tuple[str, ...], Any] = {}
+    estimators: dict[bool, Any] = {}
+
+    def run_one(item: Any, tiles: Callable[[int, int], None]) -> Outcome:
+        if item.nothing:
+            return Outcome(item.label, Status.NOTHING, error=item.nothing)
+        handle, sink = current.get(item.entry)
+        channels = tuple(handle.channel_names)
+        if channels not in builders:  # each task's options checked against these channels before a model loads
+            builders[channels] = engine_factory(options, channels)
+        if handle.is_rgb not in estimators:
+            estimators[handle.is_rgb] = estimator or get_estimator("auto", brightfield=handle.is_rgb)
+        res = auto_enhance(
+            handle,
+            sink,
+            builders[channels],
+            level=item.level,
+            annotation=item.annotation,
+            seed=seed,
+            estimator=estimators[handle.is_rgb],
+            thresholds=thresholds,
+            tile_size=tile_size,
+            overlap=overlap,
+            force=force,
+            progress=tiles,
+        )
+        if res.result is None:
+            return Outcome(item.label, Status.NOTHING, error="QC flags nothing here", detail={"qc": res.report})
+        extra = res.result.output.extra
+        return Outcome(
+            item.label,
+            Status.SKIPPED if res.result.skipped else Status.DONE,
+            result=f"entry {extra.get('entry_id')}: {extra.get('entry_name')}",
+            detail={"result_entry_id": extra.get("entry_id"), "output": res.result.output.uri, "qc": res.report},
+        )
+
+    with current:
+        outcomes = run_items(items, run_one, progress=progress)
+    for item, outcome in zip(items, outcomes, strict=True):
+        outcome.detail = {"entry_id": item.entry.id, "region": item.region, **outcome.detail}
+    return outcomes

@@ -34,8 +34,14 @@ def downsample2(img: np.ndarray) -> np.ndarray:
         acc += 2
         acc >>= 2
         return acc.astype(img.dtype)
-    f = img.astype(np.float32)
+    if img.dtype.kind in "ui":  # other integers (int8/16, int32, uint32): exact in int64, same rounding
+        acc = img[0::2, 0::2].astype(np.int64)
+        acc += img[1::2, 0::2]
+        acc += img[0::2, 1::2]
+        acc += img[1::2, 1::2]
+        acc += 2
+        acc >>= 2  # an arithmetic shift floors negative sums too
+        return acc.astype(img.dtype)
+    f = img if img.dtype == np.float64 else img.astype(np.float32)  # float64 stays float64
     out = 0.25 * (f[0::2, 0::2] + f[1::2, 0::2] + f[0::2, 1::2] + f[1::2, 1::2])
-    if img.dtype.kind in "ui":
-        return np.floor(out + 0.5).astype(img.dtype)
     return out.astype(img.dtype)

@@ -138,8 +138,9 @@ def result_provenance(session: OmeroSession, image_id: int) -> Provenance:
 def stored_problems(session: OmeroSession, image_id: int, prov: Provenance) -> list[str]:
     """What is wrong with the result's pixels on the server (empty: they are the ones recorded).
 
-    The enhanced channels are read back band by band and their checksum compared with ``output_sha256``; in
-    ``channels`` mode the original (and uncertainty) channels beside them are left out, as the record does.
+    The enhanced channels are read back band by band and their checksum compared with ``output_sha256``. In
+    ``channels`` mode the original channels beside them (pixel-replicated, in the source's pixel type) are
+    compared with the source pixels the run read (``input_sha256``); the uncertainty channel has no checksum.
     """
     from lpfm_toolkit.integrations.omero.source import OmeroImageHandle
 
@@ -159,18 +160,32 @@ def stored_problems(session: OmeroSession, image_id: int, prov: Provenance) -> l
             return [f"its pixel type is {handle.dtype}, {out['dtype']} was written"]
         if not prov.output_sha256:
             return ["no checksum of its pixels was recorded, so they cannot be checked"]
-        k = have[2] - n_orig - n_unc
-        digest = PixelDigest(lv.height, lv.width, k, handle.dtype)
+        n_out = have[2] - n_orig - n_unc
+        digest = PixelDigest(lv.height, lv.width, n_out, handle.dtype)
+        _, _, rw, rh = prov.source["region"]
+        scale = lv.width // rw if lv.width % rw == 0 and lv.height == rh * (lv.width // rw) else 0
+        originals = None  # the original channels, one pixel of each scale×scale block: the source region itself
+        if n_orig and scale and prov.input_sha256 and str(prov.source.get("dtype")) == str(handle.dtype):
+            originals = PixelDigest(rh, rw, n_orig, handle.dtype)
+        replicated = True
         rows = max(1, _BAND_BYTES // max(1, lv.width * have[2] * handle.dtype.itemsize))
+        rows = max(1, scale) * max(1, rows // max(1, scale))  # bands start on a block of replicated rows
         try:
             for y in range(0, lv.height, rows):
                 band = handle.read_region(0, 0, y, lv.width, min(rows, lv.height - y))
-                digest.update(0, band[:, :, n_orig : n_orig + k])
+                digest.update(0, band[:, :, n_orig : n_orig + n_out])
+                if originals is not None:
+                    sub = band[::scale, ::scale, :n_orig]
+                    originals.update(0, sub)
+                    replicated &= bool((sub.repeat(scale, 0).repeat(scale, 1) == band[:, :, :n_orig]).all())
         except LpfmError as exc:
             return [f"its pixels cannot be read ({exc.message})"]
+    problems = []
     if digest.hexdigest() != prov.output_sha256:
-        return ["its pixels on the server differ from the recorded output sha256 (changed after it was made)"]
-    return []
+        problems.append("its pixels on the server differ from the recorded output sha256 (changed after it was made)")
+    if originals is not None and (originals.hexdigest() != prov.input_sha256 or not replicated):
+        problems.append("its original channels differ from the source pixels recorded (input sha256)")
+    return problems
 
 
 def reproduce_image(

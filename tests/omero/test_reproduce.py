@@ -96,16 +96,22 @@ def test_pixels_changed_on_the_server_or_in_the_source_are_reported_with_exit_1(
 
 def test_roi_and_channels_results_are_reproduced(server, original) -> None:
     tumours = _enhance(server, original, "--roi-class", "Tumor", "--prompt", "sr x2")
-    (channels,) = _enhance(server, original, "--roi-class", "Stroma", "--prompt", "denoise", "--output", "channels")
+    (channels,) = _enhance(server, original, "--roi-class", "Stroma", "--prompt", "sr x2", "--output", "channels")
     assert len(tumours) == 2 and server.pixels_of(channels).shape[2] == 6
     for image_id in (*tumours, channels):
         res = _omero("reproduce", str(image_id))
         assert res.exit_code == 0 and "identical pixels" in res.output, res.output
-    server.images[channels].levels[0][3, 3, 0] ^= 1  # an original channel: not what the record's checksum covers
-    assert _omero("reproduce", str(channels)).exit_code == 0
-    server.images[channels].levels[0][3, 3, 4] ^= 1  # an enhanced one
+    server.images[channels].levels[0][3, 3, 4] ^= 1  # an enhanced channel
     res = _omero("reproduce", str(channels))
     assert res.exit_code == 1 and "differ from the recorded output sha256" in res.output, res.output
+    assert "original channels" not in res.output
+    server.images[channels].levels[0][3, 3, 4] ^= 1
+    for y, x in ((4, 4), (3, 5)):  # an original channel beside it (each pixel of a replicated block is checked)
+        server.images[channels].levels[0][y, x, 0] ^= 1
+        res = _omero("reproduce", str(channels))
+        assert res.exit_code == 1 and "image damaged: its original channels differ" in res.output, res.output
+        assert "output sha256 (changed" not in res.output
+        server.images[channels].levels[0][y, x, 0] ^= 1
 
 
 def test_missing_or_damaged_provenance_is_one_clear_line(server, original) -> None:

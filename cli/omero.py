@@ -112,7 +112,8 @@ def info(ctx: click.Context, image_id: int, as_json: bool) -> None:
 @click.option("--dataset", "dataset_id", type=int, default=None, help="Every image of this dataset.")
 @click.option("--roi-class", "roi_classes", multiple=True,
               help="Only the ROIs of this class (shape text, else ROI name); one new image per ROI (repeatable).")
-@click.option("--prompt", "-p", required=True, help='What to do, e.g. "sr x2", "denoise", "AF -> H&E".')
+@click.option("--prompt", "-p", default=None, help='What to do, e.g. "sr x2", "denoise", "AF -> H&E" (or --auto).')
+@click.option("--auto", is_flag=True, help="Enhance only what lpfm qc flags, each region with its task (docs/qc.md).")
 @click.option("--output", type=click.Choice(["new", "channels"]), default="new", show_default=True,
               help="new: the enhanced image; channels: original + enhanced (+ uncertainty) as one image.")
 @click.option("--target-dataset", default=None,
@@ -122,8 +123,10 @@ def info(ctx: click.Context, image_id: int, as_json: bool) -> None:
 @click.pass_context
 @handle_errors
 def enhance(ctx: click.Context, image_ids: tuple[int, ...], dataset_id: int | None, roi_classes: tuple[str, ...],
-            prompt: str, output: str, target_dataset: str | None, level: int, force: bool, **flags: Any) -> None:
+            prompt: str | None, output: str, target_dataset: str | None, level: int, force: bool, auto: bool = False,
+            **flags: Any) -> None:
     """Enhance OMERO images (--image … or --dataset), or only their ROIs of a class, into new images."""
+    from lpfm_toolkit.cli.qc import check_auto_prompt, report_auto_outcomes
     from lpfm_toolkit.errors import RegionError
     from lpfm_toolkit.integrations.omero.session import OmeroSession
     from lpfm_toolkit.integrations.omero.workflow import enhance_omero
@@ -131,6 +134,22 @@ def enhance(ctx: click.Context, image_ids: tuple[int, ...], dataset_id: int | No
 
     if not image_ids and dataset_id is None:
         raise RegionError("nothing selected", "give --image ID (repeatable) or --dataset ID")
+    check_auto_prompt(prompt, auto)
+    if auto:  # QC picks the regions and their tasks (lpfm_toolkit.integrations.omero.qc.auto_enhance_omero)
+        from lpfm_toolkit.integrations.omero.qc import auto_enhance_omero
+        from lpfm_toolkit.qc import check_auto_options
+
+        options, settings = options_from_flags(flags)
+        check_auto_options(options)
+        with OmeroSession(_settings(ctx)) as session, batch_progress("lpfm omero enhance · auto") as progress:
+            outcomes = auto_enhance_omero(session, options, image_ids=image_ids, dataset_id=dataset_id,
+                                          roi_classes=roi_classes, output=output, target_dataset=target_dataset,
+                                          level=level, seed=settings.seed, tile_size=settings.tile_size,
+                                          overlap=settings.overlap, force=force, progress=progress)
+        report_auto_outcomes(outcomes)
+        report_batch(outcomes, "lpfm omero enhance · auto")
+        return
+    assert prompt is not None
     task = parse_prompt(prompt)
     options, settings = options_from_flags(flags)
     omero_settings = _settings(ctx)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lpfm_toolkit.batch import BatchProgressFn, KeptOpen, Outcome, Status, run_items
 from lpfm_toolkit.engine.estimate import Thresholds
 from lpfm_toolkit.errors import LpfmError, RegionError
 from lpfm_toolkit.integrations.omero.session import (
@@ -266,3 +267,108 @@ def qc_omero(
     if dataset_id is not None and write and results:
         run.table_file_id = write_dataset_table(session, int(dataset_id), results)
     return run
+
+
+def auto_enhance_omero(
+    session: OmeroSession,
+    options: Any,
+    *,
+    image_ids: Sequence[int] = (),
+    dataset_id: int | None = None,
+    roi_classes: Sequence[str] = (),
+    output: str = "new",
+    target_dataset: int | str | None = None,
+    level: int = 0,
+    seed: int = 0,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    force: bool = False,
+    estimator: Any = None,
+    thresholds: Thresholds | None = None,
+    time_budget_s: float | None = None,
+    progress: BatchProgressFn | None = None,
+) -> list[Outcome]:
+    """``lpfm omero enhance --auto``: in each image (or each ROI of ``roi_classes``), enhance only what QC
+    flags, each region with its task, into a new OMERO image next to it (:func:`lpfm_toolkit.qc.auto_enhance`).
+
+    The items, sinks, error handling, halting on a lost session and time budget are those of
+    :func:`~lpfm_toolkit.integrations.omero.workflow.enhance_omero`, through the one batch runner. ``options``:
+    the :class:`~lpfm_toolkit.options.EngineOptions` each task's engine is built from (models load once, when
+    the first item needs them). An item QC flags nothing in is ``nothing to do``. ``Outcome.detail`` holds
+    ``image_id``, the ``qc`` report and, for results, ``new_image_id`` and ``name``.
+    """
+    from lpfm_toolkit.integrations.omero.workflow import (
+        _halt,
+        _open_image,
+        _text,
+        dataset_image_ids,
+        select_items,
+    )
+    from lpfm_toolkit.qc import auto_enhance, check_auto_options, engine_factory, get_estimator
+
+    check_auto_options(options)
+    ids = [int(i) for i in image_ids]
+    if dataset_id is not None:
+        ids += [i for i in dataset_image_ids(session, int(dataset_id)) if i not in ids]
+    if not ids:
+        raise RegionError("no images to enhance", "give --image IDs or a --dataset that holds images")
+    listed: dict[int, Any] = {}  # ROIs read while selecting, by image: each image is opened once
+    current: KeptOpen[int, tuple[Any, Any]] = KeptOpen(
+        _open_image(session, output, target_dataset, listed), lambda opened: opened[0].close()
+    )
+    builders: dict[tuple[str, ...], Any] = {}
+    estimators: dict[bool, Any] = {}
+
+    def run_one(item: Any, tiles: Callable[[int, int], None]) -> Outcome:
+        if item.error is not None:
+            raise item.error
+        if item.nothing:
+            return Outcome(item.label, Status.NOTHING, error=item.nothing)
+        handle, sink = current.get(item.image_id)
+        channels = tuple(handle.channel_names)
+        if channels not in builders:  # each task's options checked against these channels before a model loads
+            builders[channels] = engine_factory(options, channels)
+        if handle.is_rgb not in estimators:
+            estimators[handle.is_rgb] = estimator or get_estimator("auto", brightfield=handle.is_rgb)
+        res = auto_enhance(
+            handle,
+            sink,
+            builders[channels],
+            level=level,
+            annotation=item.annotation,
+            seed=seed,
+            estimator=estimators[handle.is_rgb],
+            thresholds=thresholds,
+            tile_size=tile_size,
+            overlap=overlap,
+            force=force,
+            progress=tiles,
+        )
+        if res.result is None:
+            return Outcome(item.label, Status.NOTHING, error="QC flags nothing here", detail={"qc": res.report})
+        new_id = res.result.output.extra.get("image_id")
+        return Outcome(
+            item.label,
+            Status.SKIPPED if res.result.skipped else Status.DONE,
+            result=f"image {new_id}" if new_id is not None else res.result.output.uri,
+            detail={"new_image_id": new_id, "name": res.result.output.extra.get("name"), "qc": res.report},
+        )
+
+    with session.keepalive():
+        items = select_items(session, ids, roi_classes)
+        listed.update((item.image_id, item.rois) for item in items if item.rois is not None)
+        with current:
+            outcomes = run_items(
+                items,
+                run_one,
+                progress=progress,
+                catch=(LpfmError, *server_error_types()),
+                describe=_text,
+                halt=_halt,
+                budget_s=time_budget_s,
+            )
+    for item, outcome in zip(items, outcomes, strict=True):
+        outcome.detail = {"image_id": item.image_id, **outcome.detail}
+        if outcome.status is Status.FAILED:
+            log.error("%s failed: %s", outcome.item, outcome.error)
+    return outcomes

@@ -56,6 +56,7 @@ def key_of(tiff: Path) -> str:
         ("Slide.OME.TIF", "Slide"),
         ("my slide (1).ndpi", "my_slide_1"),
         ("a.b.v2.tif", "a.b.v2"),
+        ("CMU-1.svs.ome.tif", "CMU-1"),
         ("CMU-1_srx2_lpfm.0123456789.ome.tiff", "CMU-1_srx2_lpfm"),  # an lpfm output enhanced again
         ("Färbung µ×2.svs", "Farbung_x2"),
         ("細胞.svs", "image"),

@@ -82,29 +82,12 @@ DEFAULT_NAME = "{stem}_{task}_{engine}[_{region}].{key}"
 MAX_NAME = 200
 _FIELD_MAX = {"stem": 80, "region": 48, "prompt": 48, "method": 48}
 _OPTIONAL = re.compile(r"\[([^\[\]]*)\]")
-_IMAGE_SUFFIXES = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".btf",
-    ".ndpi",
-    ".vms",
-    ".vmu",
-    ".scn",
-    ".mrxs",
-    ".svslide",
-    ".bif",
-    ".czi",
-    ".qptiff",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".dcm",
-    ".zarr",
-    ".isyntax",
-    ".vsi",
-    ".nd2",
-    ".lif",
+#: image extensions dropped from ``{stem}``
+_IMAGE_SUFFIXES = tuple(
+    (
+        ".svs .tif .tiff .btf .ndpi .vms .vmu .scn .mrxs .svslide .bif .czi .qptiff .png .jpg .jpeg .dcm .zarr .isyntax "
+        ".vsi .nd2 .lif"
+    ).split()
 )
 _STAIN_SLUG = {"H&E": "HE", "AF": "AF", "fluorescence": "fluo"}
 
@@ -129,12 +112,15 @@ def _words(text: str) -> str:
 
 
 def image_stem(name: str) -> str:
-    """``CMU-1.svs`` → ``CMU-1``, ``a b.ome.tiff`` → ``a_b``; an earlier lpfm output also loses its ``.<key>``."""
-    lower = name.lower()
-    for ext in (".ome.tiff", ".ome.tif", ".ome.zarr", ".ome.btf", *_IMAGE_SUFFIXES):
-        if lower.endswith(ext) and len(name) > len(ext):
-            name = name[: -len(ext)]
-            break
+    """``CMU-1.svs`` → ``CMU-1``, ``a b.ome.tiff`` → ``a_b``, ``x.svs.tif`` → ``x``; an earlier lpfm output also
+    loses its ``.<key>``."""
+    stripped = True
+    while stripped:  # slide.svs.tif → slide
+        stripped = False
+        for ext in (".ome.tiff", ".ome.tif", ".ome.zarr", ".ome.btf", *_IMAGE_SUFFIXES):
+            if name.lower().endswith(ext) and len(name) > len(ext):
+                name, stripped = name[: -len(ext)], True
+                break
     name = re.sub(r"\.[0-9a-f]{10}$", "", name)  # x.<key>.ome.tiff, enhanced again
     return _words(name)[: _FIELD_MAX["stem"]].strip("._") or "image"
 

@@ -82,3 +82,24 @@ def test_cli_omero_enhance_auto(server: Any, noisy_tissue: tuple[np.ndarray, np.
     for bad, message in ((["--auto", "-p", "denoise"], "not both"), ([], "no prompt given")):
         res = CliRunner().invoke(cli, [*LOGIN, "enhance", "--image", str(iid), *bad], env=ENV)
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+
+
+def test_the_omero_script_runs_auto(
+    server: Any, settings: Any, noisy_tissue: tuple[np.ndarray, np.ndarray], make_pyramid: Any
+) -> None:
+    """Prompt "auto" in the LPFM_Enhance OMERO.script runs --auto."""
+    import importlib.util
+    from importlib import resources
+
+    path = resources.files("lpfm_toolkit.integrations.omero") / "scripts" / "LPFM_Enhance.py"
+    spec = importlib.util.spec_from_file_location("LPFM_Enhance_auto", str(path))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, img = noisy_tissue
+    iid = server.add_image("noisy.svs", make_pyramid(img, 2), dataset=server.add_dataset("s"), rgb_colours=True)
+    conn = server.make_gateway(settings)
+    conn.connect()
+    params = {"Data_Type": "Image", "IDs": [iid], "Prompt": "auto", "Model": "classical", "Output_Mode": "new"}
+    message, new_ids, outcomes = script.run(conn, params)
+    assert message == "lpfm: 1 done" and len(new_ids) == 1, message
+    assert server.map_of(new_ids[0])["lpfm.engine"] == "auto" and outcomes[0].detail["qc"]["flagged_tiles"] > 0

@@ -34,7 +34,8 @@ def parameters() -> list:
                        values=[rstring("Image"), rstring("Dataset")], default="Image"),
         scripts.List("IDs", optional=False, grouping="2", description="Image or dataset IDs").ofType(rlong(0)),
         scripts.String("Prompt", optional=False, grouping="3", default="sr x2",
-                       description='What to do, e.g. "sr x2", "super-resolve x4", "denoise", "deblur", "AF -> H&E"'),
+                       description='What to do, e.g. "sr x2", "super-resolve x4", "denoise", "deblur", "AF -> H&E"; '
+                                   '"auto": only the regions lpfm qc flags, each with its task'),
         scripts.String("Model", optional=True, grouping="4", default="auto",
                        description="auto, classical (no weights), or the name or folder of a model bundle"),
         scripts.String("ROI_Class", optional=True, grouping="5",
@@ -75,14 +76,20 @@ def run(conn: BlitzGateway, params: dict) -> tuple[str, list[int], list]:
     started = time.monotonic()
     session = OmeroSession(conn=conn)  # the script's own session: used, never closed here
     outcomes: list = []
+    auto = str(params["Prompt"]).strip().lower() == "auto"  # lpfm enhance --auto: QC picks regions and tasks
     with session:
         targets = [(None, image_ids)] if image_ids else [(d, []) for d in dataset_ids]
         for dataset_id, images in targets:
             left = budget - (time.monotonic() - started)
-            outcomes += enhance_omero(session, prompt=str(params["Prompt"]), image_ids=images, dataset_id=dataset_id,
-                                      roi_classes=classes, output=str(params.get("Output_Mode") or "new"),
-                                      options=options, seed=int(params.get("Seed") or 0),
-                                      time_budget_s=max(0.0, left))
+            common = dict(image_ids=images, dataset_id=dataset_id, roi_classes=classes,
+                          output=str(params.get("Output_Mode") or "new"), seed=int(params.get("Seed") or 0),
+                          time_budget_s=max(0.0, left))
+            if auto:
+                from lpfm_toolkit.integrations.omero.qc import auto_enhance_omero
+
+                outcomes += auto_enhance_omero(session, options, **common)
+            else:
+                outcomes += enhance_omero(session, prompt=str(params["Prompt"]), options=options, **common)
     message = "lpfm: " + summary(outcomes)
     not_run = [o for o in outcomes if o.status is Status.NOT_RUN]
     if not_run:

@@ -94,10 +94,15 @@ def test_pixels_changed_on_the_server_or_in_the_source_are_reported_with_exit_1(
     assert res.exit_code == 1 and "pixels DIFFER" in res.output and "damaged" not in res.output, res.output
 
 
-def test_roi_and_channels_results_are_reproduced(server, original) -> None:
+def test_roi_and_channels_results_are_reproduced(server, original, monkeypatch) -> None:
+    from lpfm_toolkit.integrations.omero import reproduce as reproduce_mod
+
+    server.max_plane = (64, 64)  # results uploaded tile by tile, read back in 64-px requests
+    monkeypatch.setattr(reproduce_mod, "_BAND_BYTES", 8192)  # and checked in bands of a few rows
     tumours = _enhance(server, original, "--roi-class", "Tumor", "--prompt", "sr x2")
     (channels,) = _enhance(server, original, "--roi-class", "Stroma", "--prompt", "sr x2", "--output", "channels")
     assert len(tumours) == 2 and server.pixels_of(channels).shape[2] == 6
+    assert all(server.images[i].write_log for i in (*tumours, channels))  # the tiled upload path
     for image_id in (*tumours, channels):
         res = _omero("reproduce", str(image_id))
         assert res.exit_code == 0 and "identical pixels" in res.output, res.output

@@ -857,13 +857,14 @@ def plan_auto(
     estimator: Any,
     thresholds: Thresholds,
     progress: ProgressFn | None = None,
+    glass_from_neighbours: bool = True,
 ) -> list[AutoTile]:
     """Score every tile of the enhancement grid in quarters and choose its task (None: leave it as it is).
 
     A quarter with too little tissue to be judged (glass, fat) is still denoised when its own noise σ is
     above the threshold *and* it touches noisy quarters, directly or through other such quarters: the glass
     inside a noisy area is then not left noisy beside denoised tissue, while noisy-looking glass far from any
-    judged noise is left alone.
+    judged noise is left alone (``glass_from_neighbours=False``: glass is never flagged, as before).
     """
     from collections import deque
 
@@ -909,7 +910,7 @@ def plan_auto(
         if progress is not None:
             progress(i + 1, len(grid))
     # glass reached from judged noisy quarters through glass that is itself noisy: flagged noisy too
-    todo = deque(noisy)
+    todo = deque(noisy if glass_from_neighbours else ())
     while todo:
         r, c = todo.popleft()
         for cell in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
@@ -1020,6 +1021,7 @@ def auto_enhance(
     verify: str = "quick",
     qc_progress: ProgressFn | None = None,
     progress: ProgressFn | None = None,
+    glass_from_neighbours: bool = True,
 ) -> AutoResult:
     """Enhance only the tiles QC flags, each with its matching task, into one output of the whole region.
 
@@ -1028,7 +1030,7 @@ def auto_enhance(
     :func:`engine_factory`). ``annotation``: enhance its bounding box at ``level`` instead of ``region`` (QuPath
     classes, OMERO ROIs). The enhanced tiles are scored again with the same estimator; provenance
     (``engine.qc``, ``engine.plan``) and the returned report hold before/after per region and for the whole
-    region, and the plan ``lpfm reproduce`` re-runs.
+    region, and the plan ``lpfm reproduce`` re-runs. ``glass_from_neighbours``: see :func:`plan_auto`.
     """
     from lpfm_toolkit.pipeline import WorkItem, plan, run_item
 
@@ -1058,6 +1060,7 @@ def auto_enhance(
         estimator=estimator,
         thresholds=thresholds,
         progress=qc_progress,
+        glass_from_neighbours=glass_from_neighbours,
     )
     needed = sorted({t.task for t in tiles if t.task is not None})
     if not needed:

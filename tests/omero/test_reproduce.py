@@ -119,6 +119,17 @@ def test_roi_and_channels_results_are_reproduced(server, original, monkeypatch) 
         server.images[channels].levels[0][y, x, 0] ^= 1
 
 
+def test_an_auto_result_is_reproduced_from_its_recorded_plan(server, sample_pyramid, make_pyramid) -> None:
+    """`lpfm omero enhance --auto` results record their QC plan; reproduce re-runs that plan."""
+    img = sample_pyramid[0][1200:1456, 900:1284].astype(np.float32)  # tissue of the bundled sample slide
+    img[:, :192] += np.random.default_rng(0).normal(0, 30, img[:, :192].shape)  # its left half noisy
+    iid = server.add_image("noisy.svs", make_pyramid(np.clip(img + 0.5, 0, 255).astype(np.uint8), 2), rgb_colours=True)
+    (new,) = _enhance(server, iid, "--auto")
+    assert server.map_of(new)["lpfm.engine"] == "auto"
+    res = _omero("reproduce", str(new))
+    assert res.exit_code == 0 and "identical pixels" in res.output, res.output
+
+
 def test_missing_or_damaged_provenance_is_one_clear_line(server, original) -> None:
     _one_line_error(_omero("reproduce", str(original)), f"OMERO image {original} carries no lpfm provenance")
     _one_line_error(_omero("reproduce", "999999"), "does not exist or you cannot see it")

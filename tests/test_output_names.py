@@ -98,7 +98,9 @@ def test_default_name_has_the_region_only_when_one_restricts_the_work() -> None:
     assert NameTemplate().render(ann, key) == "CMU-1_srx2_lpfm_Tumor-t-1.0123456789"
     every = "{stem}|{task}|{prompt}|{engine}|{method}|{region}|{level}|{key}"
     assert NameTemplate(every).render(part, key) == "CMU-1_srx2_sr_x2_classical_bicubic_10-20-300-400_1_0123456789"
-    assert NameTemplate("{stem}.ome.tiff").render(whole, key) == "CMU-1"  # the extension is the writer's
+    for ext in (".ome.tiff", ".OME.TIF", ".tif"):  # the extension is the writer's (.ome.tiff)
+        assert NameTemplate("{stem}" + ext).render(whole, key) == "CMU-1"
+    assert NameTemplate(DEFAULT_NAME + ".ome.tiff").is_default and not NameTemplate("{stem}.{key}").is_default
 
 
 @pytest.mark.parametrize(

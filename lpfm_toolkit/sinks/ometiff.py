@@ -167,9 +167,10 @@ class NameTemplate:
     def __init__(self, text: str | None = None) -> None:
         text = DEFAULT_NAME if text is None else text
         self.text = text
-        for ext in (".ome.tiff", ".ome.tif"):  # the extension is the writer's; tolerate it
+        for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):  # the extension is the writer's: .ome.tiff
             if text.lower().endswith(ext):
                 text = text[: -len(ext)]
+                break
         self._body = text
         fix = (
             "e.g. --name '{stem}_{task}_{engine}[_{region}].{key}' (placeholders: "

@@ -103,3 +103,37 @@ def test_the_omero_script_runs_auto(
     message, new_ids, outcomes = script.run(conn, params)
     assert message == "lpfm: 1 done" and len(new_ids) == 1, message
     assert server.map_of(new_ids[0])["lpfm.engine"] == "auto" and outcomes[0].detail["qc"]["flagged_tiles"] > 0
+
+
+def test_an_image_tagged_lpfm_auto_is_an_auto_job(
+    server: Any,
+    noisy_tissue: tuple[np.ndarray, np.ndarray],
+    make_pyramid: Any,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tag ``lpfm:auto`` in OMERO.web → an --auto job with its own key; run, written back, original marked done."""
+    from lpfm_toolkit.integrations.omero import jobsource
+    from lpfm_toolkit.integrations.omero.session import OmeroSettings
+    from lpfm_toolkit.jobs import DONE, JobSpec, JobStore, LocalRunner, run_queued
+
+    for k, v in {"OMERO_HOST": "omero.example.org", "OMERO_USER": "alice", "OMERO_PASSWORD": "s3cret"}.items():
+        monkeypatch.setenv(k, v)
+    jobsource.close_sessions()
+    _, img = noisy_tissue
+    iid = server.add_image("noisy.svs", make_pyramid(img, 2), dataset=server.add_dataset("in"), rgb_colours=True)
+    server.tag_image(iid, "lpfm:auto")
+    before = set(server.images)
+    template = JobSpec(source="", prompt="", out="", engine="classical")
+    try:
+        with JobStore(tmp_path / "jobs.sqlite") as store:
+            added = jobsource.watch_omero(store, template, OmeroSettings.resolve())
+            assert len(added.added) == 1 and added.added[0].startswith("auto-"), added.rejected
+            summary = run_queued(store, LocalRunner(1))
+            assert summary.done == 1 and summary.failed == 0
+            (job,) = store.jobs(DONE)
+        (new,) = [i for i in server.images if i not in before]
+        assert server.map_of(new)["lpfm.engine"] == "auto" and job.result_uri.endswith(f"/image/{new}")
+        assert jobsource.DONE_TAG in server.tags_of(iid)
+    finally:
+        jobsource.close_sessions()

@@ -622,6 +622,41 @@ def engine_factory(options: Any, channel_names: Sequence[str]) -> Callable[[Any]
     return build
 
 
+class AutoRun:
+    """:func:`auto_enhance` over many images (QuPath entries, OMERO images, jobs): one engine builder per set of
+    channels (each model loads once, when first needed) and one estimator per kind of image.
+
+    ``estimator``: None for the default bundle's learned estimator when it loads (else the classical one).
+    """
+
+    def __init__(self, options: Any, *, estimator: Any = None, thresholds: Thresholds | None = None) -> None:
+        check_auto_options(options)
+        self.options, self.estimator, self.thresholds = options, estimator, thresholds
+        self._builders: dict[tuple[str, ...], Callable[[Any], Any]] = {}
+        self._estimators: dict[bool, Any] = {}
+
+    def estimator_for(self, brightfield: bool) -> Any:
+        """The estimator that plans images of this kind (RGB brightfield or not)."""
+        if brightfield not in self._estimators:
+            self._estimators[brightfield] = self.estimator or get_estimator("auto", brightfield=brightfield)
+        return self._estimators[brightfield]
+
+    def __call__(self, handle: ImageHandle, sink: Any, **kwargs: Any) -> AutoResult:
+        """:func:`auto_enhance` of ``handle`` into ``sink``; ``kwargs``: its keywords (level, region, annotation,
+        seed, tiling, force, verify, progress)."""
+        channels = tuple(handle.channel_names)
+        if channels not in self._builders:  # each task's options checked against these channels first
+            self._builders[channels] = engine_factory(self.options, channels)
+        return auto_enhance(
+            handle,
+            sink,
+            self._builders[channels],
+            estimator=self.estimator_for(handle.is_rgb),
+            thresholds=self.thresholds,
+            **kwargs,
+        )
+
+
 @dataclass
 class AutoTile:
     """One tile of the enhancement grid: where, its flags and task, and the estimates of its flagged
@@ -998,10 +1033,6 @@ class AutoResult:
 
     result: Any  # None when no tile was flagged: nothing is written
     report: dict[str, Any]
-
-    @property
-    def skipped(self) -> bool:
-        return self.result is not None and self.result.skipped
 
 
 def auto_enhance(

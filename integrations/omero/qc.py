@@ -304,9 +304,9 @@ def auto_enhance_omero(
         dataset_image_ids,
         select_items,
     )
-    from lpfm_toolkit.qc import auto_enhance, check_auto_options, engine_factory, get_estimator
+    from lpfm_toolkit.qc import AutoRun
 
-    check_auto_options(options)
+    auto = AutoRun(options, estimator=estimator, thresholds=thresholds)
     ids = [int(i) for i in image_ids]
     if dataset_id is not None:
         ids += [i for i in dataset_image_ids(session, int(dataset_id)) if i not in ids]
@@ -316,8 +316,6 @@ def auto_enhance_omero(
     current: KeptOpen[int, tuple[Any, Any]] = KeptOpen(
         _open_image(session, output, target_dataset, listed), lambda opened: opened[0].close()
     )
-    builders: dict[tuple[str, ...], Any] = {}
-    estimators: dict[bool, Any] = {}
 
     def run_one(item: Any, tiles: Callable[[int, int], None]) -> Outcome:
         if item.error is not None:
@@ -325,20 +323,12 @@ def auto_enhance_omero(
         if item.nothing:
             return Outcome(item.label, Status.NOTHING, error=item.nothing)
         handle, sink = current.get(item.image_id)
-        channels = tuple(handle.channel_names)
-        if channels not in builders:  # each task's options checked against these channels before a model loads
-            builders[channels] = engine_factory(options, channels)
-        if handle.is_rgb not in estimators:
-            estimators[handle.is_rgb] = estimator or get_estimator("auto", brightfield=handle.is_rgb)
-        res = auto_enhance(
+        res = auto(
             handle,
             sink,
-            builders[channels],
             level=level,
             annotation=item.annotation,
             seed=seed,
-            estimator=estimators[handle.is_rgb],
-            thresholds=thresholds,
             tile_size=tile_size,
             overlap=overlap,
             force=force,

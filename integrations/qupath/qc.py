@@ -236,35 +236,25 @@ def auto_enhance_project(
     results, ``result_entry_id`` and ``output``.
     """
     from lpfm_toolkit.integrations.qupath.workflow import _open_entry, select_items
-    from lpfm_toolkit.qc import auto_enhance, check_auto_options, engine_factory, get_estimator
+    from lpfm_toolkit.qc import AutoRun
 
-    check_auto_options(options)
+    auto = AutoRun(options, estimator=estimator, thresholds=thresholds)
     if items is None:
         items = select_items(project, images=images, classes=classes, annotation_refs=annotation_refs, level=level)
     current: KeptOpen[ProjectEntry, tuple[Any, Any]] = KeptOpen(
         _open_entry(project, output_dir, compression, tiff_tile), lambda opened: opened[0].close()
     )
-    builders: dict[tuple[str, ...], Any] = {}
-    estimators: dict[bool, Any] = {}
 
     def run_one(item: Any, tiles: Callable[[int, int], None]) -> Outcome:
         if item.nothing:
             return Outcome(item.label, Status.NOTHING, error=item.nothing)
         handle, sink = current.get(item.entry)
-        channels = tuple(handle.channel_names)
-        if channels not in builders:  # each task's options checked against these channels before a model loads
-            builders[channels] = engine_factory(options, channels)
-        if handle.is_rgb not in estimators:
-            estimators[handle.is_rgb] = estimator or get_estimator("auto", brightfield=handle.is_rgb)
-        res = auto_enhance(
+        res = auto(
             handle,
             sink,
-            builders[channels],
             level=item.level,
             annotation=item.annotation,
             seed=seed,
-            estimator=estimators[handle.is_rgb],
-            thresholds=thresholds,
             tile_size=tile_size,
             overlap=overlap,
             force=force,

@@ -33,26 +33,15 @@ def is_auto(prompt: str | None) -> bool:
     return (prompt or "").strip().lower() == AUTO_PROMPT
 
 
-def _factory(spec: Any, channel_names: list[str]) -> Any:
-    """The per-task engine builder of ``spec``'s options for these channels, kept per thread (models load once)."""
-    from lpfm_toolkit.qc import engine_factory
+def _runner(spec: Any) -> Any:
+    """The :class:`~lpfm_toolkit.qc.AutoRun` of ``spec``'s engine options, kept per thread (models load once)."""
+    from lpfm_toolkit.qc import AutoRun
 
-    cache: dict[Any, Any] = getattr(_cache, "factories", None) or {}
-    _cache.factories = cache
-    key = (spec.options, tuple(channel_names))
-    if key not in cache:
-        cache[key] = engine_factory(spec.options, channel_names)
-    return cache[key]
-
-
-def _estimator(brightfield: bool) -> Any:
-    from lpfm_toolkit.qc import get_estimator
-
-    cache: dict[bool, Any] = getattr(_cache, "estimators", None) or {}
-    _cache.estimators = cache
-    if brightfield not in cache:
-        cache[brightfield] = get_estimator("auto", brightfield=brightfield)
-    return cache[brightfield]
+    cache: dict[Any, Any] = getattr(_cache, "runs", None) or {}
+    _cache.runs = cache
+    if spec.options not in cache:
+        cache[spec.options] = AutoRun(spec.options)
+    return cache[spec.options]
 
 
 def _selections(handle: Any, spec: Any) -> list[dict[str, Any]]:
@@ -95,7 +84,7 @@ def prepare_auto(spec: Any) -> tuple[Any, str]:
         names = {o.engine for o in resolved.values()}
         if spec.engine == "auto" and len(names) == 1:  # every worker runs the same engine
             spec = dataclasses.replace(spec, engine=names.pop())
-        estimator = _estimator(handle.is_rgb)
+        estimator = _runner(spec).estimator_for(handle.is_rgb)
         source.sink(spec, handle)  # the output folder is checked here, not by the first worker
         blob = {
             "auto": True,
@@ -133,7 +122,6 @@ def compute_auto(spec: Any, progress: ProgressFn | None = None) -> Any:
     from lpfm_toolkit.jobs.scratch import clean_scratch
     from lpfm_toolkit.jobs.spec import JobResult, _job_key, _source
     from lpfm_toolkit.jobs.store import worker_id
-    from lpfm_toolkit.qc import auto_enhance
 
     source = _source(spec)
     t0 = time.perf_counter()
@@ -142,16 +130,13 @@ def compute_auto(spec: Any, progress: ProgressFn | None = None) -> Any:
         clean_scratch(folder)
     with source.open(spec) as handle:
         sink = source.sink(spec, handle)
-        build = _factory(spec, list(handle.channel_names))
-        estimator = _estimator(handle.is_rgb)
+        auto = _runner(spec)
         runs = [
-            auto_enhance(
+            auto(
                 handle,
                 sink,
-                build,
                 level=spec.level,
                 seed=spec.seed,
-                estimator=estimator,
                 tile_size=spec.tile,
                 overlap=spec.overlap,
                 verify=spec.verify,

@@ -54,7 +54,7 @@ def test_auto_jobs_have_their_own_key_and_run_like_other_jobs(noisy: Path, tmp_p
         done = {j.key: j.result_uri for j in s.jobs(DONE)}
     tiff = Path(done[auto_keys[0]])
     prov = json.loads(tiff.with_name(tiff.name.replace(".ome.tiff", ".lpfm.json")).read_text())
-    assert prov["engine"]["name"] == "auto" and prov["engine"]["qc"]["tasks"] == {"denoise": 3}
+    assert prov["engine"]["name"] == "auto" and set(prov["engine"]["qc"]["tasks"]) == {"denoise"}
     assert prov["engine"]["plan"]["tiles"] and "[lpfm auto]" in prov["output"]["name"]
     from lpfm_toolkit.jobs import compute
 

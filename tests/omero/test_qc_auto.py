@@ -51,7 +51,7 @@ def test_auto_enhances_only_flagged_tiles_into_a_new_image_and_a_rerun_skips(
     assert done.status is Status.DONE, done.error
     assert by_image[glass].status is Status.NOTHING and by_image[glass].detail["qc"]["flagged_tiles"] == 0
     new = done.detail["new_image_id"]
-    assert new in server.images_in(ds) and done.detail["qc"]["tasks"] == {"denoise": 3}
+    assert new in server.images_in(ds) and set(done.detail["qc"]["tasks"]) == {"denoise"}
     pairs = server.map_of(new)
     assert pairs["lpfm.state"] == "complete" and pairs["lpfm.engine"] == "auto" and pairs["lpfm.source.id"] == str(iid)
     out = server.pixels_of(new)

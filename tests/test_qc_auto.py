@@ -211,3 +211,20 @@ def test_glass_inside_a_noisy_area_is_denoised_with_it(tmp_path: Path) -> None:
     assert after < 0.5 * before, (before, after)
     far = (slice(0, 512), slice(832, 1024))
     assert np.array_equal(out[far], img[far])  # noisy glass with no noisy tissue beside it: not judged, untouched
+
+
+def test_auto_on_an_annotation_enhances_its_bounding_box(slide: tuple[Path, np.ndarray, np.ndarray]) -> None:
+    """QuPath classes and OMERO ROIs: --auto over an annotation's box, which provenance names."""
+    from shapely.geometry import box
+
+    from lpfm_toolkit.qc import auto_enhance
+    from lpfm_toolkit.sources.base import Annotation
+
+    path, img, _ = slide
+    ann = Annotation(box(100, 60, 420, 380), class_name="Tumor", id="a1", name="T1")
+    with open_image(path) as h:
+        res = auto_enhance(h, ArraySink(), lambda task: ClassicalEngine(), annotation=ann)
+    prov = res.result.provenance
+    assert prov.source["region"] == [100, 60, 320, 320] and prov.source["annotation"]["id"] == "a1"
+    assert res.result.output.extra["pixels"].shape == (320, 320, 3) and "Tumor T1 [lpfm auto]" in prov.output["name"]
+    assert "denoise" in res.report["tasks"]  # the box lies in the noisy quarter

@@ -90,14 +90,7 @@ def prepare_auto(spec: Any) -> tuple[Any, str]:
             "auto": True,
             "identity": {"system": handle.system, "fingerprint": handle.fingerprint()},
             "level": spec.level,
-            "selections": [
-                list(s["region"].as_tuple())
-                if s.get("region") is not None
-                else s["annotation"].id
-                if "annotation" in s
-                else None
-                for s in selections
-            ],
+            "selections": [_where(s) for s in selections],
             "seed": spec.seed,
             "tiling": {"tile": spec.tile, "overlap": spec.overlap},
             "estimator": estimator.describe(),
@@ -109,6 +102,15 @@ def prepare_auto(spec: Any) -> tuple[Any, str]:
             },
         }
     return spec, "auto-" + hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _where(selection: dict[str, Any]) -> Any:
+    """A selection as the key sees it: the region, an ROI's id and shape, or None (the whole level)."""
+    ann = selection.get("annotation")
+    if ann is not None:
+        return [ann.id, ann.geometry.wkt if ann.geometry is not None else None]
+    region = selection.get("region")
+    return list(region.as_tuple()) if region is not None else None
 
 
 def _key_options(options: Any) -> dict[str, Any]:

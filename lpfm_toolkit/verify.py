@@ -39,7 +39,9 @@ MAX_SIDECAR_BYTES = 16 << 20
 LOSSLESS = ("zlib", "zstd", "lzw", "none", "deflate", "adobe_deflate")
 #: rows decoded at a time when checksumming a stored level (bounds memory on big outputs)
 _BAND_ROWS = 512
-_INFLIGHT_BYTES = 64 << 20  # decoded bands held at once by level_digests
+_INFLIGHT_BYTES = 32 << 20  # decoded pieces held at once by level_digests
+_PIECE_BYTES = 8 << 20  # one piece decoded and hashed at a time (a band of _BAND_ROWS rows, cut into columns)
+_PIECE_ALIGN = 1024  # piece widths: whole 512-px tiles and whole DIGEST_BLOCK columns
 
 
 def sidecar_for(tiff: Path) -> Path:
@@ -306,21 +308,23 @@ def level_digests(path: Path, first: int = 0) -> list[str]:
             if level < first:
                 continue
             d = PixelDigest(lv.height, lv.width, len(handle.channel_names), handle.dtype)
-            ys = list(range(0, lv.height, _BAND_ROWS))
-            read = lambda y, lv=lv, level=level: handle.read_region(  # noqa: E731
-                level, 0, y, lv.width, min(_BAND_ROWS, lv.height - y)
+            # pieces of _BAND_ROWS rows × at most _PIECE_BYTES of decoded pixels (whole 512-px tiles, whole digest
+            # blocks), hashed in order; a few ahead, never more than _INFLIGHT_BYTES: memory does not grow with
+            # the width of the image (a 32k-wide band of 512 rows would be 50 MB of RGB)
+            row_bytes = _BAND_ROWS * len(handle.channel_names) * _itemsize(handle.dtype)
+            step = max(_PIECE_ALIGN, (_PIECE_BYTES // row_bytes) // _PIECE_ALIGN * _PIECE_ALIGN)
+            pieces = [(x, y) for y in range(0, lv.height, _BAND_ROWS) for x in range(0, lv.width, step)]
+            read = lambda xy, lv=lv, level=level, step=step: handle.read_region(  # noqa: E731
+                level, xy[0], xy[1], min(step, lv.width - xy[0]), min(_BAND_ROWS, lv.height - xy[1])
             )
-            # bands in flight: up to two per thread, but never more than _INFLIGHT_BYTES of decoded pixels, so
-            # memory does not grow with the width of the image (a 32k-wide band of 512 rows is 50 MB of RGB)
-            band_bytes = lv.width * _BAND_ROWS * len(handle.channel_names) * _itemsize(handle.dtype)
-            ahead = max(1, min(2 * workers, _INFLIGHT_BYTES // max(1, band_bytes)))
-            pending = [pool.submit(read, y) for y in ys[:ahead]]
-            for i in range(len(ys)):
-                band = pending[i].result()
-                if i + ahead < len(ys):
-                    pending.append(pool.submit(read, ys[i + ahead]))
-                pending[i] = None  # type: ignore[call-overload]  # free the band once hashed
-                d.update(0, band)
+            ahead = max(1, min(2 * workers, _INFLIGHT_BYTES // (step * row_bytes)))
+            pending = [pool.submit(read, xy) for xy in pieces[:ahead]]
+            for i, (x, _) in enumerate(pieces):
+                piece = pending[i].result()
+                if i + ahead < len(pieces):
+                    pending.append(pool.submit(read, pieces[i + ahead]))
+                pending[i] = None  # type: ignore[call-overload]  # free the piece once hashed
+                d.update(x, piece)
             out.append(d.hexdigest())
     return out
 

@@ -101,7 +101,7 @@ def test_cli_enhance_auto(slide: tuple[Path, np.ndarray, np.ndarray], tmp_path: 
     assert prov["engine"]["name"] == "auto" and prov["engine"]["qc"]["flagged_tiles"] > 0
     assert set(prov["engine"]["engines"]) >= {"denoise"}
     (tiff,) = out.glob("*.ome.tiff")
-    assert "[lpfm auto]" in prov["output"]["name"] and tiff.name.startswith("degraded")
+    assert "[lpfm auto]" in prov["output"]["name"] and tiff.name.startswith("degraded_auto_")
 
 
 @pytest.mark.parametrize(

@@ -127,6 +127,8 @@ def image_stem(name: str) -> str:
 
 def task_slug(task: Any) -> str:
     """The task as a file name part, independent of how the prompt was worded: ``srx2``, ``AF-to-HE``."""
+    if getattr(task, "label", None) == "auto":  # lpfm enhance --auto: each flagged tile has its own task
+        return "auto"
     kind = task.kind.value
     if kind == "super_resolution":
         return f"srx{task.scale}"

@@ -188,6 +188,10 @@ def jpeg_table(quality: float) -> np.ndarray:
 
 
 _TABLES = np.stack([jpeg_table(float(q)) for q in JPEG_QUALITIES])
+# per table, the coefficients it is scored on — steps smaller than the rounding noise of decoded 8-bit pixels
+# say nothing, nor does DC — and their steps
+_TABLE_INDEX = [np.flatnonzero((t >= 3).ravel() & (np.arange(64) > 0)) for t in _TABLES]
+_TABLE_STEPS = [t.ravel()[i] for t, i in zip(_TABLES, _TABLE_INDEX)]
 
 
 def _dct_matrix() -> np.ndarray:
@@ -202,6 +206,8 @@ _DCT = _dct_matrix()  # orthonormal DCT-II, the transform JPEG uses on 8×8 bloc
 
 def _dct_blocks(g: np.ndarray, oy: int, ox: int, limit: int | None = None) -> np.ndarray:
     h, w = (g.shape[0] - oy) // 8 * 8, (g.shape[1] - ox) // 8 * 8
+    if limit is not None and w >= 8:
+        h = min(h, -(-limit // (w // 8)) * 8)  # only the block rows the first ``limit`` blocks lie in
     b = g[oy : oy + h, ox : ox + w].reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 8, 8)
     if limit is not None:
         b = b[:limit]
@@ -224,17 +230,17 @@ def estimate_jpeg(gray: np.ndarray, max_blocks: int = 256) -> tuple[float, float
     ox = max(range(8), key=lambda o: float(np.mean(np.abs(_dct_blocks(g, 0, o, max_blocks)[:, :, 5:]) < 0.6)))
     oy = max(range(8), key=lambda o: float(np.mean(np.abs(_dct_blocks(g, o, ox, max_blocks)[:, 5:, :]) < 0.6)))
     offset = (oy, ox)
-    c = _dct_blocks(g, *offset, max_blocks)
+    c = _dct_blocks(g, *offset, max_blocks).reshape(-1, 64)
     scores = np.full(len(JPEG_QUALITIES), -1.0)
 
     def score(i: int) -> None:
-        table = _TABLES[i]
-        sel = table >= 3  # steps smaller than the rounding noise of decoded 8-bit pixels say nothing
-        sel[0, 0] = False
-        coef = c[:, sel]
-        step = np.broadcast_to(table[sel], coef.shape)
+        coef = c[:, _TABLE_INDEX[i]]
+        step = _TABLE_STEPS[i]
         big = np.abs(coef) >= 0.5 * step  # zeros are multiples of every step: they prove nothing
-        scores[i] = float(np.cos(2 * np.pi * coef[big] / step[big]).mean()) if int(big.sum()) >= 50 else 0.0
+        if int(big.sum()) < 50:
+            scores[i] = 0.0
+            return
+        scores[i] = float(np.cos(2 * np.pi * (coef / step)[big]).mean())
 
     # Scores change smoothly with quality: every 5th table first, then every table near the best two.
     for i in range(0, len(JPEG_QUALITIES), 5):

@@ -9,6 +9,7 @@ scanner's order — blur, then noise, then JPEG — so every tile has exactly on
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,21 +87,29 @@ def jpeg_roundtrip(u8: np.ndarray, quality: int) -> np.ndarray:
 
 
 def tissue_mosaic(
-    source: np.ndarray, height: int, width: int, seed: int = 0, patch: int = 512, min_tissue: float = 0.3
+    source: np.ndarray | Sequence[np.ndarray],
+    height: int,
+    width: int,
+    seed: int = 0,
+    patch: int = 512,
+    min_tissue: float = 0.3,
 ) -> np.ndarray:
-    """A ``height × width`` image of randomly flipped/rotated ``patch``-px crops of ``source`` (8-bit RGB),
-    each with at least ``min_tissue`` tissue (a few glass patches are kept, as on a real slide)."""
+    """A ``height × width`` image of randomly flipped/rotated ``patch``-px crops of ``source`` (8-bit RGB,
+    or several: each crop from a random one), each with at least ``min_tissue`` tissue (a few glass patches
+    are kept, as on a real slide)."""
     from lpfm_toolkit.engine.estimate import tissue_mask
 
     rng = np.random.default_rng(seed)
+    sources = [source] if isinstance(source, np.ndarray) else list(source)
     out = np.empty((height, width, 3), np.uint8)
-    sh, sw = source.shape[:2]
-    p = min(patch, sh, sw)
+    p = min([patch] + [min(s.shape[:2]) for s in sources])
     for y in range(0, height, p):
         for x in range(0, width, p):
             for _ in range(20):
+                src = sources[int(rng.integers(0, len(sources)))]
+                sh, sw = src.shape[:2]
                 cy, cx = int(rng.integers(0, sh - p + 1)), int(rng.integers(0, sw - p + 1))
-                crop = source[cy : cy + p, cx : cx + p]
+                crop = src[cy : cy + p, cx : cx + p, :3]
                 if tissue_mask(crop.astype(np.float32) / 255).mean() >= min_tissue or rng.random() < 0.1:
                     break
             crop = np.rot90(crop, int(rng.integers(0, 4)))
@@ -192,6 +201,61 @@ def sample_tissue(part: str = "holdout") -> np.ndarray:
         if part == "train":
             return h.read_region(0, 0, 0, lv.width, cut)
     raise ValueError(f"part {part!r} is not 'holdout' or 'train'")
+
+
+#: the repository's training and cross-source evaluation images (training_data/SOURCES.md); not in the wheel
+TRAINING_DATA = Path(__file__).resolve().parents[2] / "training_data"
+#: the pixel size every source is brought to (µm/px): the training slides' 20× scale
+TARGET_MPP = 0.5
+
+
+def _read_source(path: Path, mpp: float | None) -> np.ndarray:
+    """An image's full level 0 as 8-bit RGB, its grey glass (if any) brought to white, resampled (Lanczos)
+    to :data:`TARGET_MPP` when its pixel size is known and finer."""
+    from PIL import Image
+
+    from lpfm_toolkit.sources import open_image
+
+    with open_image(path) as h:
+        lv = h.levels[0]
+        img = h.read_region(0, 0, 0, lv.width, lv.height)[..., :3]
+        mpp = mpp or (h.mpp[0] if h.mpp else None)
+    white = np.percentile(img.reshape(-1, 3), 99.5, axis=0)
+    if float(white.max() - white.min()) < 16 and float(white.min()) > 180:
+        # grey glass darker than white (Hamamatsu ~229, Olympus ~216): brought to white, as the tissue
+        # mask's fixed optical-density threshold expects (docs/qc.md, limits)
+        img = np.clip(np.round(img.astype(np.float32) * (255.0 / white)), 0, 255).astype(np.uint8)
+    if mpp and mpp < TARGET_MPP * 0.95:
+        f = mpp / TARGET_MPP
+        size = (round(img.shape[1] * f), round(img.shape[0] * f))
+        img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size, Image.LANCZOS))
+    return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+def source_tissue(split: str) -> dict[str, np.ndarray]:
+    """The real tissue of one split, by file name, 8-bit RGB at about 0.5 µm/px.
+
+    ``train``: the bundled sample slide and ``training_data/train/`` (what the learned estimator is trained
+    on). ``eval``: ``training_data/eval/`` — other scanners (Hamamatsu, Olympus), other tissue and a real
+    Ki67 IHC stain, never used in training; scanned at 0.23–0.35 µm/px and resampled to 0.5 µm/px, the scale
+    QC reads a 20× slide at.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split {split!r} is not 'train' or 'eval'")
+    folder = TRAINING_DATA / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is missing: the training images live in the repository, not the wheel")
+    out: dict[str, np.ndarray] = {}
+    if split == "train":
+        from importlib import resources
+
+        out["cmu_small_region.svs"] = _read_source(
+            Path(str(resources.files("lpfm_toolkit") / "data" / "cmu_small_region.svs")), None
+        )
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in (".svs", ".tif", ".tiff", ".png"):
+            out[path.name] = _read_source(path, None)
+    return out
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lpfm_toolkit.batch import BatchProgressFn, KeptOpen, Outcome, Status, run_items
+from lpfm_toolkit.batch import BatchProgressFn, Outcome, Status
 from lpfm_toolkit.engine.estimate import Thresholds
 from lpfm_toolkit.errors import LpfmError, RegionError
 from lpfm_toolkit.integrations.omero.session import (
@@ -297,32 +297,13 @@ def auto_enhance_omero(
     the first item needs them). An item QC flags nothing in is ``nothing to do``. ``Outcome.detail`` holds
     ``image_id``, the ``qc`` report and, for results, ``new_image_id`` and ``name``.
     """
-    from lpfm_toolkit.integrations.omero.workflow import (
-        _halt,
-        _open_image,
-        _text,
-        dataset_image_ids,
-        select_items,
-    )
+    from lpfm_toolkit.integrations.omero.workflow import images_to_run, result_outcome, run_image_items
     from lpfm_toolkit.qc import AutoRun
 
     auto = AutoRun(options, estimator=estimator, thresholds=thresholds)
-    ids = [int(i) for i in image_ids]
-    if dataset_id is not None:
-        ids += [i for i in dataset_image_ids(session, int(dataset_id)) if i not in ids]
-    if not ids:
-        raise RegionError("no images to enhance", "give --image IDs or a --dataset that holds images")
-    listed: dict[int, Any] = {}  # ROIs read while selecting, by image: each image is opened once
-    current: KeptOpen[int, tuple[Any, Any]] = KeptOpen(
-        _open_image(session, output, target_dataset, listed), lambda opened: opened[0].close()
-    )
+    ids = images_to_run(session, image_ids, dataset_id)
 
-    def run_one(item: Any, tiles: Callable[[int, int], None]) -> Outcome:
-        if item.error is not None:
-            raise item.error
-        if item.nothing:
-            return Outcome(item.label, Status.NOTHING, error=item.nothing)
-        handle, sink = current.get(item.image_id)
+    def enhance_one(item: Any, handle: Any, sink: Any, tiles: Callable[[int, int], None]) -> Outcome:
         res = auto(
             handle,
             sink,
@@ -336,29 +317,7 @@ def auto_enhance_omero(
         )
         if res.result is None:
             return Outcome(item.label, Status.NOTHING, error="QC flags nothing here", detail={"qc": res.report})
-        new_id = res.result.output.extra.get("image_id")
-        return Outcome(
-            item.label,
-            Status.SKIPPED if res.result.skipped else Status.DONE,
-            result=f"image {new_id}" if new_id is not None else res.result.output.uri,
-            detail={"new_image_id": new_id, "name": res.result.output.extra.get("name"), "qc": res.report},
-        )
+        return result_outcome(item, res.result, qc=res.report)
 
-    with session.keepalive():
-        items = select_items(session, ids, roi_classes)
-        listed.update((item.image_id, item.rois) for item in items if item.rois is not None)
-        with current:
-            outcomes = run_items(
-                items,
-                run_one,
-                progress=progress,
-                catch=(LpfmError, *server_error_types()),
-                describe=_text,
-                halt=_halt,
-                budget_s=time_budget_s,
-            )
-    for item, outcome in zip(items, outcomes, strict=True):
-        outcome.detail = {"image_id": item.image_id, **outcome.detail}
-        if outcome.status is Status.FAILED:
-            log.error("%s failed: %s", outcome.item, outcome.error)
-    return outcomes
+    return run_image_items(session, ids, roi_classes, output, target_dataset, enhance_one,
+                           time_budget_s=time_budget_s, progress=progress)

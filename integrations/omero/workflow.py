@@ -172,11 +172,7 @@ def enhance_omero(
     from lpfm_toolkit.prompts import parse_prompt
 
     task = parse_prompt(prompt)
-    ids = [int(i) for i in image_ids]
-    if dataset_id is not None:
-        ids += [i for i in dataset_image_ids(session, int(dataset_id)) if i not in ids]
-    if not ids:
-        raise RegionError("no images to enhance", "give --image IDs or a --dataset that holds images")
+    ids = images_to_run(session, image_ids, dataset_id)
     if engine is None:
         from lpfm_toolkit.options import EngineOptions, build_engine
 
@@ -184,12 +180,57 @@ def enhance_omero(
         engine = build_engine(options, task)  # the engine is loaded only when there is work
     if uncertainty is None:
         uncertainty = options is not None and options.samples > 1
+    run = {"tile_size": tile_size, "overlap": overlap, "force": force, "samples_uncertainty": uncertainty}
+
+    def enhance_one(item: ImageItem, handle: Any, sink: Any, tiles: Callable[[int, int], None]) -> Outcome:
+        result = run_selection(
+            handle, sink, engine, task, level=level, annotation=item.annotation, seed=seed, progress=tiles, **run
+        )
+        return result_outcome(item, result)
+
+    return run_image_items(session, ids, roi_classes, output, target_dataset, enhance_one,
+                           time_budget_s=time_budget_s, progress=progress)
+
+
+def images_to_run(session: OmeroSession, image_ids: Sequence[int], dataset_id: int | None) -> list[int]:
+    """``image_ids`` and then the images of ``dataset_id`` (each once); none at all is an error."""
+    ids = [int(i) for i in image_ids]
+    if dataset_id is not None:
+        ids += [i for i in dataset_image_ids(session, int(dataset_id)) if i not in ids]
+    if not ids:
+        raise RegionError("no images to enhance", "give --image IDs or a --dataset that holds images")
+    return ids
+
+
+def result_outcome(item: ImageItem, result: Any, **detail: Any) -> Outcome:
+    """The :class:`Outcome` of an item whose result was written (or found) on the server."""
+    new_id = result.output.extra.get("image_id")
+    return Outcome(
+        item.label,
+        Status.SKIPPED if result.skipped else Status.DONE,
+        result=f"image {new_id}" if new_id is not None else result.output.uri,
+        detail={"new_image_id": new_id, "name": result.output.extra.get("name"), **detail},
+    )
+
+
+def run_image_items(
+    session: OmeroSession,
+    ids: Sequence[int],
+    roi_classes: Sequence[str],
+    output: str,
+    target_dataset: int | str | None,
+    enhance_one: Callable[[ImageItem, Any, Any, Callable[[int, int], None]], Outcome],
+    *,
+    time_budget_s: float | None = None,
+    progress: BatchProgressFn | None = None,
+) -> list[Outcome]:
+    """The loop of every OMERO enhancement: items of ``ids`` (one per ROI of ``roi_classes``), each image
+    opened once with its sink, ``enhance_one(item, handle, sink, tiles)`` run through the one batch runner
+    with the session kept alive, halting when the session is lost and at the time budget."""
     listed: dict[int, Any] = {}  # ROIs read while selecting, by image: each image is opened once
     current: KeptOpen[int, tuple[Any, Any]] = KeptOpen(
         _open_image(session, output, target_dataset, listed), lambda opened: opened[0].close()
     )
-
-    run = {"tile_size": tile_size, "overlap": overlap, "force": force, "samples_uncertainty": uncertainty}
 
     def run_one(item: ImageItem, tiles: Callable[[int, int], None]) -> Outcome:
         if item.error is not None:
@@ -197,16 +238,7 @@ def enhance_omero(
         if item.nothing:
             return Outcome(item.label, Status.NOTHING, error=item.nothing)
         handle, sink = current.get(item.image_id)
-        result = run_selection(
-            handle, sink, engine, task, level=level, annotation=item.annotation, seed=seed, progress=tiles, **run
-        )
-        new_id = result.output.extra.get("image_id")
-        return Outcome(
-            item.label,
-            Status.SKIPPED if result.skipped else Status.DONE,
-            result=f"image {new_id}" if new_id is not None else result.output.uri,
-            detail={"new_image_id": new_id, "name": result.output.extra.get("name")},
-        )
+        return enhance_one(item, handle, sink, tiles)
 
     with session.keepalive():
         items = select_items(session, ids, roi_classes)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lpfm_toolkit.batch import BatchProgressFn, KeptOpen, Outcome, Status, run_items
+from lpfm_toolkit.batch import BatchProgressFn, Outcome, Status
 from lpfm_toolkit.engine.estimate import Thresholds
 from lpfm_toolkit.errors import LpfmError, ProjectError
 from lpfm_toolkit.integrations.qupath.entries import (
@@ -235,20 +235,14 @@ def auto_enhance_project(
     is ``nothing to do``. ``Outcome.detail`` holds ``entry_id``, ``region``, the ``qc`` report and, for
     results, ``result_entry_id`` and ``output``.
     """
-    from lpfm_toolkit.integrations.qupath.workflow import _open_entry, select_items
+    from lpfm_toolkit.integrations.qupath.workflow import _open_entry, result_outcome, run_entry_items, select_items
     from lpfm_toolkit.qc import AutoRun
 
     auto = AutoRun(options, estimator=estimator, thresholds=thresholds)
     if items is None:
         items = select_items(project, images=images, classes=classes, annotation_refs=annotation_refs, level=level)
-    current: KeptOpen[ProjectEntry, tuple[Any, Any]] = KeptOpen(
-        _open_entry(project, output_dir, compression, tiff_tile), lambda opened: opened[0].close()
-    )
 
-    def run_one(item: Any, tiles: Callable[[int, int], None]) -> Outcome:
-        if item.nothing:
-            return Outcome(item.label, Status.NOTHING, error=item.nothing)
-        handle, sink = current.get(item.entry)
+    def enhance_one(item: Any, handle: Any, sink: Any, tiles: Callable[[int, int], None]) -> Outcome:
         res = auto(
             handle,
             sink,
@@ -262,16 +256,8 @@ def auto_enhance_project(
         )
         if res.result is None:
             return Outcome(item.label, Status.NOTHING, error="QC flags nothing here", detail={"qc": res.report})
-        extra = res.result.output.extra
-        return Outcome(
-            item.label,
-            Status.SKIPPED if res.result.skipped else Status.DONE,
-            result=f"entry {extra.get('entry_id')}: {extra.get('entry_name')}",
-            detail={"result_entry_id": extra.get("entry_id"), "output": res.result.output.uri, "qc": res.report},
-        )
+        return result_outcome(item, res.result, qc=res.report)
 
-    with current:
-        outcomes = run_items(items, run_one, progress=progress)
-    for item, outcome in zip(items, outcomes, strict=True):
-        outcome.detail = {"entry_id": item.entry.id, "region": item.region, **outcome.detail}
-    return outcomes
+    return run_entry_items(
+        project, items, _open_entry(project, output_dir, compression, tiff_tile), enhance_one, progress=progress
+    )

@@ -146,26 +146,47 @@ def enhance_project(
     task = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     if items is None:
         items = select_items(project, images=images, classes=classes, annotation_refs=annotation_refs, level=level)
-    current: KeptOpen[ProjectEntry, tuple[Any, Any]] = KeptOpen(
-        _open_entry(project, output_dir, compression, tiff_tile, name), lambda opened: opened[0].close()
+    run = {"tile_size": tile_size, "overlap": overlap, "force": force, "samples_uncertainty": samples_uncertainty}
+
+    def enhance_one(item: EntryItem, handle: Any, sink: Any, tiles: Callable[[int, int], None]) -> Outcome:
+        result = run_selection(
+            handle, sink, engine, task, level=item.level, annotation=item.annotation, seed=seed, progress=tiles, **run
+        )
+        return result_outcome(item, result)
+
+    return run_entry_items(
+        project, items, _open_entry(project, output_dir, compression, tiff_tile, name), enhance_one, progress=progress
     )
 
-    run = {"tile_size": tile_size, "overlap": overlap, "force": force, "samples_uncertainty": samples_uncertainty}
+
+def result_outcome(item: EntryItem, result: Any, **detail: Any) -> Outcome:
+    """The :class:`Outcome` of an item whose result was added to the project (or found there)."""
+    extra = result.output.extra
+    return Outcome(
+        item.label,
+        Status.SKIPPED if result.skipped else Status.DONE,
+        result=f"entry {extra.get('entry_id')}: {extra.get('entry_name')}",
+        detail={"result_entry_id": extra.get("entry_id"), "output": result.output.uri, **detail},
+    )
+
+
+def run_entry_items(
+    project: QuPathProject,
+    items: Sequence[EntryItem],
+    open_entry: Callable[[ProjectEntry], tuple[Any, Any]],
+    enhance_one: Callable[[EntryItem, Any, Any, Callable[[int, int], None]], Outcome],
+    *,
+    progress: BatchProgressFn | None = None,
+) -> list[Outcome]:
+    """The loop of every QuPath enhancement: each entry opened once (``open_entry`` → handle and sink), its
+    items run as ``enhance_one(item, handle, sink, tiles)`` through the one batch runner."""
+    current: KeptOpen[ProjectEntry, tuple[Any, Any]] = KeptOpen(open_entry, lambda opened: opened[0].close())
 
     def run_one(item: EntryItem, tiles: Callable[[int, int], None]) -> Outcome:
         if item.nothing:
             return Outcome(item.label, Status.NOTHING, error=item.nothing)
         handle, sink = current.get(item.entry)
-        result = run_selection(
-            handle, sink, engine, task, level=item.level, annotation=item.annotation, seed=seed, progress=tiles, **run
-        )
-        extra = result.output.extra
-        return Outcome(
-            item.label,
-            Status.SKIPPED if result.skipped else Status.DONE,
-            result=f"entry {extra.get('entry_id')}: {extra.get('entry_name')}",
-            detail={"result_entry_id": extra.get("entry_id"), "output": result.output.uri},
-        )
+        return enhance_one(item, handle, sink, tiles)
 
     with current:
         outcomes = run_items(items, run_one, progress=progress)  # LpfmError, OSError, ValueError, … are recorded

@@ -459,22 +459,14 @@ def run_qupath_auto(
     """``lpfm qupath enhance PROJECT --auto``: QC each selected entry (or annotation), enhance what it flags."""
     from lpfm_toolkit.cli.batch import batch_progress, report_batch
     from lpfm_toolkit.cli.options import options_from_flags
-    from lpfm_toolkit.cli.qupath import _channels, _open
-    from lpfm_toolkit.integrations.qupath import select_items
+    from lpfm_toolkit.cli.qupath import _channels, _open, _select
     from lpfm_toolkit.integrations.qupath.qc import auto_enhance_project
     from lpfm_toolkit.qc import check_auto_options, resolve_auto_options
 
     options, settings = options_from_flags(flags)
     check_auto_options(options)
     with _open(project, backend, remaps, annotations) as proj:
-        if annotations is not None and annotations.is_file() and len(proj.select(images)) != 1:
-            raise ConfigError(
-                f"--annotations {annotations} is one file but {len(proj.select(images))} entries are selected",
-                "select one entry with --image, or give a folder of <entryID>.geojson",
-            )
-        items = select_items(
-            proj, images=images or None, classes=classes or None, annotation_refs=annotation_refs or None, level=level
-        )
+        items = _select(proj, images, classes, annotation_refs, level, annotations)
         channels = _channels(proj, items)
         if channels is not None:  # every task's options, checked on the first image before any model loads
             resolve_auto_options(options, channels)

@@ -166,8 +166,7 @@ def enhance(
             flags=flags,
         )
         return
-    from lpfm_toolkit.errors import ConfigError
-    from lpfm_toolkit.integrations.qupath import enhance_project, select_items
+    from lpfm_toolkit.integrations.qupath import enhance_project
     from lpfm_toolkit.options import build_engine
     from lpfm_toolkit.prompts import parse_prompt
 
@@ -176,14 +175,7 @@ def enhance(
     check_out_folder(output_dir)
     check_name(name)
     with _open(project, backend, remaps, annotations) as proj:
-        if annotations is not None and annotations.is_file() and len(proj.select(images)) != 1:
-            raise ConfigError(
-                f"--annotations {annotations} is one file but {len(proj.select(images))} entries are selected",
-                "select one entry with --image, or give a folder of <entryID>.geojson",
-            )
-        items = select_items(
-            proj, images=images or None, classes=classes or None, annotation_refs=annotation_refs or None, level=level
-        )
+        items = _select(proj, images, classes, annotation_refs, level, annotations)
         channels = _channels(proj, items)
         if channels is not None:  # checked on the first image that opens; the others are checked as they run
             options = options.resolved(task, channels)
@@ -206,6 +198,28 @@ def enhance(
                 name=name,
             )
     report_batch(outcomes, f"lpfm qupath enhance · {prompt}")
+
+
+def _select(
+    proj: Any,
+    images: tuple[str, ...],
+    classes: tuple[str, ...],
+    annotation_refs: tuple[str, ...],
+    level: int,
+    annotations: Path | None,
+) -> list[Any]:
+    """The items ``lpfm qupath enhance`` (with or without ``--auto``) runs: entries or their annotations."""
+    from lpfm_toolkit.errors import ConfigError
+    from lpfm_toolkit.integrations.qupath import select_items
+
+    if annotations is not None and annotations.is_file() and len(proj.select(images)) != 1:
+        raise ConfigError(
+            f"--annotations {annotations} is one file but {len(proj.select(images))} entries are selected",
+            "select one entry with --image, or give a folder of <entryID>.geojson",
+        )
+    return select_items(
+        proj, images=images or None, classes=classes or None, annotation_refs=annotation_refs or None, level=level
+    )
 
 
 def _channels(project: Any, items: list[Any]) -> list[str] | None:

@@ -7,7 +7,8 @@
     python benchmarks/qc_bench.py speed      # QC vs enhancement per gigapixel → results/qc_speed.json,
                                              # QC peak memory per slide size → results/qc_memory.json
 
-Training uses the sample slide's top 80 %; every evaluation slide is built from its bottom 20 % (held out).
+Training uses training_data/train/ and the sample slide; every evaluation slide is built from
+training_data/eval/ (other scanners and stains, never trained on; training_data/SOURCES.md).
 Run at ``nice -n 10`` with one thread on a shared machine.
 """
 
@@ -342,7 +343,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
         for size in args.sizes:
             slide = write_synthetic_slide(Path(tmp) / f"synthetic-{size}.ome.tiff", size)
             out = subprocess.run(
-                [sys.executable, __file__, "_child", str(slide), "classical"],
+                [sys.executable, __file__, "_child", str(slide), args.memory_estimator],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -351,7 +352,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
             rec["size"] = size
             mem.append(rec)
             print(json.dumps(rec), flush=True)
-    text = json.dumps({"estimator": "classical", "tile": 256, "runs": mem}, indent=1)
+    text = json.dumps({"estimator": args.memory_estimator, "tile": 256, "runs": mem}, indent=1)
     (RESULTS / "qc_memory.json").write_text(text + "\n", encoding="utf-8")
 
 
@@ -362,15 +363,15 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     from PIL import Image, ImageDraw
 
     from lpfm_toolkit.engine import get_engine
-    from lpfm_toolkit.engine.estimate_synthetic import degrade_region, sample_tissue, synthetic_slide, tissue_mosaic
+    from lpfm_toolkit.engine.estimate_synthetic import degrade_region, source_tissue, synthetic_slide, tissue_mosaic
     from lpfm_toolkit.qc import assess, auto_enhance, get_estimator, write_heatmap
     from lpfm_toolkit.sinks.memory import ArraySink
     from lpfm_toolkit.sources import open_image
 
     RESULTS.mkdir(exist_ok=True)
     est = get_estimator(args.estimator)
-    src = sample_tissue("holdout")
-    slide = synthetic_slide(tissue_mosaic(src, 2048, 2048, seed=42), seed=42)
+    src = list(source_tissue("eval").values())  # other scanners and stains than the estimator's training
+    slide = synthetic_slide(tissue_mosaic(src, 2048, 2048, seed=42, patch=256), seed=42)
     with tempfile.TemporaryDirectory() as tmp:
         path = slide.write(Path(tmp) / "synthetic.ome.tiff")
         with open_image(path) as h:
@@ -394,7 +395,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
             d.text((t.x // 4 + 3, t.y // 4 + 3), label, fill=(0, 0, 0))
         truth.save(RESULTS / "qc_heatmap_truth.png")
         print(json.dumps(qc.summary(), indent=1))
-        clean = tissue_mosaic(src, 1024, 1024, seed=4, min_tissue=0.6)
+        clean = tissue_mosaic(src, 1024, 1024, seed=4, min_tissue=0.6, patch=256)
         img = clean.copy()
         rng = np.random.default_rng(0)
         for box, blur, noise in (((0, 0, 512, 512), 0.0, 30.0), ((512, 512, 512, 512), 3.0, 0.0)):
@@ -469,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--rounds", type=int, default=3)
     sp.add_argument("--sizes", type=int, nargs="*", default=[2048, 8192, 16384], help="none: skip the memory runs")
     sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--memory-estimator", default="learned", help="the estimator of the memory runs")
     pc = sub.add_parser("pictures")
     pc.add_argument("--estimator", default="auto")
     pc.add_argument("--engine", default="auto", help="the engine --auto enhances with (default: as lpfm enhance)")

@@ -108,7 +108,7 @@ def tissue_mask(tile: np.ndarray, brightfield: bool = True) -> np.ndarray:
         # summed optical density > TISSUE_OD  ⇔  the product of the channels < exp(-TISSUE_OD), no logarithms
         h, w = tile.shape[:2]
         hb, wb = -(-h // 4), -(-w // 4)
-        padded = np.pad(tile, ((0, hb * 4 - h), (0, wb * 4 - w), (0, 0)), mode="edge")
+        padded = tile if (h % 4, w % 4) == (0, 0) else np.pad(tile, ((0, hb * 4 - h), (0, wb * 4 - w), (0, 0)), "edge")
         small = padded.reshape(hb, 4, wb, 4, 3).mean(axis=(1, 3), dtype=np.float32)
         r, g, b = (np.maximum(small[..., c], 1 / 255) for c in range(3))
         dense = r * g * b < math.exp(-TISSUE_OD)
@@ -214,6 +214,28 @@ def _dct_blocks(g: np.ndarray, oy: int, ox: int, limit: int | None = None) -> np
     return _DCT @ (b - 128.0) @ _DCT.T
 
 
+def _grid_offset(g: np.ndarray, oy: int | None, ox: int | None, limit: int) -> int:
+    """The offset (0–7) along the axis given as None where the high frequencies across it are most often
+    zero: the first ``limit`` blocks of each trial grid, trials of the same grid size in one transform."""
+    h, w = g.shape
+    crops = {}
+    for o in range(8):
+        y0, x0 = (oy, o) if ox is None else (o, ox)
+        hh, ww = (h - y0) // 8 * 8, (w - x0) // 8 * 8
+        hh = min(hh, -(-limit // max(ww // 8, 1)) * 8)  # only the block rows the first blocks lie in
+        crops[o] = g[y0 : y0 + hh, x0 : x0 + ww]
+    zeros = np.zeros(8)
+    for shape in {c.shape for c in crops.values()}:
+        group = [o for o, c in crops.items() if c.shape == shape]
+        hh, ww = shape
+        b = np.stack([crops[o] for o in group]).reshape(len(group), hh // 8, 8, ww // 8, 8)
+        b = b.transpose(0, 1, 3, 2, 4).reshape(len(group), -1, 8, 8)[:, :limit]
+        c = _DCT @ (b - 128.0) @ _DCT.T
+        hf = c[:, :, :, 5:] if ox is None else c[:, :, 5:, :]
+        zeros[group] = (np.abs(hf) < 0.6).reshape(len(group), -1).mean(axis=1)
+    return int(np.argmax(zeros))
+
+
 def estimate_jpeg(gray: np.ndarray, max_blocks: int = 256) -> tuple[float, float]:
     """JPEG quality (100: no compression found) and the strength of its quantisation grid (0–1).
 
@@ -227,28 +249,35 @@ def estimate_jpeg(gray: np.ndarray, max_blocks: int = 256) -> tuple[float, float
         return 100.0, 0.0
     # The grid offset along x shows in the horizontal high frequencies even when y is off, and vice versa:
     # 8 + 8 trials instead of 64.
-    ox = max(range(8), key=lambda o: float(np.mean(np.abs(_dct_blocks(g, 0, o, max_blocks)[:, :, 5:]) < 0.6)))
-    oy = max(range(8), key=lambda o: float(np.mean(np.abs(_dct_blocks(g, o, ox, max_blocks)[:, 5:, :]) < 0.6)))
-    offset = (oy, ox)
-    c = _dct_blocks(g, *offset, max_blocks).reshape(-1, 64)
+    ox = _grid_offset(g, 0, None, max_blocks)
+    oy = _grid_offset(g, None, ox, max_blocks)
+    c = _dct_blocks(g, oy, ox, max_blocks).reshape(-1, 64)
     scores = np.full(len(JPEG_QUALITIES), -1.0)
 
-    def score(i: int) -> None:
-        coef = c[:, _TABLE_INDEX[i]]
-        step = _TABLE_STEPS[i]
+    def score(tables: Sequence[int]) -> None:
+        # all of ``tables`` in one pass: the coefficients each is scored on, side by side
+        idx = np.concatenate([_TABLE_INDEX[i] for i in tables])
+        step = np.concatenate([_TABLE_STEPS[i] for i in tables])
+        which = np.repeat(np.arange(len(tables)), [len(_TABLE_INDEX[i]) for i in tables])
+        coef = c[:, idx]
         big = np.abs(coef) >= 0.5 * step  # zeros are multiples of every step: they prove nothing
-        if int(big.sum()) < 50:
-            scores[i] = 0.0
-            return
-        scores[i] = float(np.cos(2 * np.pi * (coef / step)[big]).mean())
+        n = big.sum(axis=0)
+        cos = np.where(big, np.cos(2 * np.pi * (coef / step)), 0.0).sum(axis=0)
+        n_t = np.bincount(which, weights=n, minlength=len(tables))
+        cos_t = np.bincount(which, weights=cos, minlength=len(tables))
+        for j, i in enumerate(tables):
+            scores[i] = float(cos_t[j] / n_t[j]) if n_t[j] >= 50 else 0.0
 
     # Scores change smoothly with quality: every 5th table first, then every table near the best two.
-    for i in range(0, len(JPEG_QUALITIES), 5):
-        score(i)
-    for centre in np.argsort(scores)[-2:]:
-        for i in range(max(0, centre - 4), min(len(JPEG_QUALITIES), centre + 5)):
-            if scores[i] < -0.5:
-                score(i)
+    score(range(0, len(JPEG_QUALITIES), 5))
+    fine = {
+        i
+        for centre in np.argsort(scores)[-2:]
+        for i in range(max(0, centre - 4), min(len(JPEG_QUALITIES), centre + 5))
+        if scores[i] < -0.5
+    }
+    if fine:
+        score(sorted(fine))
     k = int(np.argmax(scores))  # neighbouring qualities share most steps: their scores come close
     score = float(max(scores[k], 0.0))
     return (float(JPEG_QUALITIES[k]) if score >= JPEG_SCORE_MIN else 100.0), score

@@ -317,7 +317,17 @@ def score_estimates(
         mixed = has & ~alone
         rho_mixed = float(spearmanr(true[mixed], est[mixed])[0]) if mixed.sum() > 2 else float("nan")
         flagged = np.array([f[flag_key[name]] for f in flags])
+        # how the other defects confound this one: ρ where each other defect is on top, and how often the
+        # tiles with only other defects are flagged for this one
+        others = {k: v[0] > 0 for k, v in columns.items() if k != name}
+        with_other = {}
+        for other, present in others.items():
+            both = has & present
+            with_other[other] = float(spearmanr(true[both], est[both])[0]) if both.sum() > 2 else float("nan")
+        only_others = ~pos & ~clean
         out[name] = {
+            "spearman_with": with_other,
+            "flagged_without_it": float(flagged[only_others].mean()) if only_others.any() else float("nan"),
             "positives": int(pos.sum()),
             "auc": roc_auc(detector, pos),
             "spearman": rho,

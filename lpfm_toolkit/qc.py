@@ -439,7 +439,8 @@ _CMAP = np.array([[20, 20, 80], [60, 40, 160], [180, 50, 140], [240, 120, 40], [
 
 
 def _colour(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    t = np.clip((values - lo) / max(hi - lo, 1e-9), 0, 1) * (len(_CMAP) - 1)
+    span = hi - lo if abs(hi - lo) > 1e-9 else 1e-9  # hi < lo: a falling scale (JPEG quality 100 → 20)
+    t = np.clip((values - lo) / span, 0, 1) * (len(_CMAP) - 1)
     i = np.minimum(t.astype(int), len(_CMAP) - 2)
     f = (t - i)[..., None]
     return (_CMAP[i] * (1 - f) + _CMAP[i + 1] * f).astype(np.uint8)

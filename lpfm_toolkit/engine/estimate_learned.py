@@ -1,14 +1,18 @@
-"""The learned degradation estimator: a tiny CNN of its own, trained on the blind degradation model.
+"""The learned degradation estimator: a small MLP on cheap per-tile spectral features.
 
-Labels come for free: :func:`lpfm_toolkit.engine.degrade.blind_degrade` returns, with each degraded crop,
-the blur kernel's RMS width, the noise σ actually added and the JPEG quality. The network sees the tile's
-pixels (three strided convolutions, global average pooling) *and* the classical estimator's five numbers
-(blur σ, noise σ, JPEG quality and grid score, tissue fraction), so it starts from the baseline and learns
-where the baseline is wrong — noise hidden by JPEG, blur under noise, defocus and motion kernels.
+:func:`tile_features` describes a tile by the *shape* of its luminance power spectrum (normalised by its
+own low-frequency level, so the tissue's contrast drops out: blur shows as how fast the power falls, noise
+as a flat floor), the chroma's spectrum, the 8-px block grid's harmonics, Donoho's noise σ, the classical
+JPEG table fit, tissue fraction and contrast — no classical blur estimate, which is the costly part.
+:class:`EstimatorMLP` maps them to the added blur σ (px), the noise σ (0–255), and whether the tile went
+through JPEG with its quality.
 
-Outputs: the added blur σ (px), the noise σ (0–255), and whether the tile went through JPEG with its
-quality. It is shipped as ``estimator/config.json`` + ``estimator/model.safetensors`` in the default bundle
-and loaded without pickle. Importing this module imports torch.
+Labels come for free: training crops of the training sources are degraded by a scanner's Gaussian blur →
+noise → JPEG with known parameters, or by :func:`lpfm_toolkit.engine.degrade.blind_degrade`, which returns
+the kernel's RMS width, the noise σ actually added and the JPEG quality. It is shipped as
+``estimator/config.json`` + ``estimator/model.safetensors`` in the default bundle and loaded without
+pickle; the older :class:`EstimatorNet` (a CNN joined with the classical numbers) still loads. Importing
+this module imports torch.
 """
 
 from __future__ import annotations
@@ -34,10 +38,8 @@ ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "bundles" / "lpfm-tiny" / 
 #: σ of a sharp scan's own point-spread function (px), added in quadrature to the predicted extra blur so
 #: the learned blur σ is on the classical estimator's (effective σ) scale
 SHARP_SIGMA = 0.8
+#: classical numbers the older EstimatorNet takes
 N_FEATURES = 6
-#: the blind model's task recipes drawn for training crops. Its free mixture alone; adding its blur- and
-#: noise-dominated recipes ("any", "any", "deblur", "denoise") was tried and ranked σ no better (docs/qc.md).
-TASK_MIX = ("any",)
 
 
 def classical_features(est: TileEstimate) -> list[float]:
@@ -96,20 +98,20 @@ def _geometry(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
         r = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])
         band = np.minimum((r / 0.5 * N_BANDS).astype(np.int64), N_BANDS)
         chroma = np.minimum((r / 0.5 * N_CHROMA).astype(np.int64), N_CHROMA)
-        band[0, 0] = chroma[0, 0] = -1
+        band[0, 0], chroma[0, 0] = N_BANDS + 1, N_CHROMA + 1  # DC: a bin of its own, dropped
         _GEOMETRY[key] = (
             win,
             band.ravel(),
             chroma.ravel(),
-            np.maximum(np.bincount(band.ravel()[band.ravel() >= 0], minlength=N_BANDS + 1), 1),
-            np.maximum(np.bincount(chroma.ravel()[chroma.ravel() >= 0], minlength=N_CHROMA + 1), 1),
+            np.maximum(np.bincount(band.ravel(), minlength=N_BANDS + 2)[: N_BANDS + 1], 1),
+            np.maximum(np.bincount(chroma.ravel(), minlength=N_CHROMA + 2)[: N_CHROMA + 1], 1),
         )
     return _GEOMETRY[key]
 
 
 def _log_bands(p: np.ndarray, index: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    sel = index >= 0
-    return np.log10(np.bincount(index[sel], weights=p.ravel()[sel], minlength=len(counts)) / counts + 1e-12)
+    sums = np.bincount(index, weights=p.ravel(), minlength=len(counts) + 1)[: len(counts)]
+    return np.log10(sums / counts + 1e-12)
 
 
 def tile_features(tile: np.ndarray) -> tuple[np.ndarray, float, int]:
@@ -129,7 +131,10 @@ def tile_features(tile: np.ndarray) -> tuple[np.ndarray, float, int]:
     tissue = float(mask.mean())
     gray = luminance(tile)
     win, band, chroma_band, counts, chroma_counts = _geometry(h, w)
-    p = np.abs(np.fft.rfft2((gray - gray.mean()) * win)) ** 2
+    chroma = tile[..., 2] - tile[..., 0] if tile.shape[-1] == 3 else gray
+    both = np.fft.rfft2(np.stack([(gray - gray.mean()) * win, (chroma - chroma.mean()) * win]))
+    power = both.real**2 + both.imag**2
+    p, pc = power[0], power[1]
     spec = _log_bands(p, band, counts)
     level = float(spec[1:4].mean())
     import pywt
@@ -137,8 +142,6 @@ def tile_features(tile: np.ndarray) -> tuple[np.ndarray, float, int]:
     hh = pywt.dwt2(gray, "db2", mode="symmetric")[1][2]
     noise = float(np.median(np.abs(hh))) / 0.6745
     log_noise = math.log10(noise**2 + 1e-8)
-    chroma = tile[..., 2] - tile[..., 0] if tile.shape[-1] == 3 else gray
-    pc = np.abs(np.fft.rfft2((chroma - chroma.mean()) * win)) ** 2
     cspec = _log_bands(pc, chroma_band, chroma_counts)
     clevel = float(cspec[1:3].mean())
     # 8-px block grid: power along the harmonics k/8 of both axes against the bins 3 away

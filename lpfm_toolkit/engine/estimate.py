@@ -69,7 +69,7 @@ class TileEstimate:
     noise_sigma: float  # noise σ on the 0–255 scale
     jpeg_quality: float  # estimated JPEG quality (100: no compression found)
     jpeg_score: float  # strength of the JPEG quantisation grid, 0 (none) to 1
-    edges: int = 0  # edge pixels the blur estimate used
+    edges: int = 0  # edge pixels the classical blur estimate used (0 from the learned estimator)
 
     def flags(self, thresholds: Thresholds = Thresholds(), min_tissue: float = 0.25) -> dict[str, bool]:
         """``out_of_focus``, ``noisy``, ``compressed`` for this tile (only tiles with enough tissue are judged)."""

@@ -320,7 +320,7 @@ class LearnedEstimator:
             return []
         out = self.net(torch.from_numpy(np.stack([r[0] for r in rows]))).numpy().astype(np.float64)
         res = []
-        for (feats, tissue, pixels), o in zip(rows, out):
+        for (feats, tissue, _), o in zip(rows, out):
             added = max(math.exp(o[0]) - 0.5, 0.0)
             res.append(
                 TileEstimate(
@@ -329,7 +329,7 @@ class LearnedEstimator:
                     noise_sigma=max(math.exp(o[1]) - 1.0, 0.0),
                     jpeg_quality=_quality(o, feats),
                     jpeg_score=float(1 / (1 + math.exp(-o[2]))),
-                    edges=pixels,
+                    edges=0,  # no edge selection: the spectrum covers the whole tile
                 )
             )
         return res

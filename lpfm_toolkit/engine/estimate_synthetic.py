@@ -186,8 +186,10 @@ def synthetic_slide(
 
 
 def sample_tissue(part: str = "holdout") -> np.ndarray:
-    """Real tissue from the bundled sample slide: its bottom 20 % (``holdout``, what the QC numbers are
-    measured on) or the rest (``train``, what the learned estimator is trained on), 8-bit RGB."""
+    """Real tissue from the bundled sample slide (which is in the wheel): its bottom 20 % (``holdout``) or
+    the rest (``train``), 8-bit RGB — for tests and pictures that need tissue without the repository. The
+    learned estimator is trained on the whole slide; its numbers are measured on :func:`source_tissue`
+    ``("eval")``."""
     from importlib import resources
 
     from lpfm_toolkit.sources import open_image

@@ -657,6 +657,16 @@ class AutoRun:
             **kwargs,
         )
 
+    def outcome(self, label: str, handle: ImageHandle, sink: Any, done: Callable[[Any, dict], Any], **kwargs: Any) -> Any:
+        """One item of a batch (:mod:`lpfm_toolkit.batch`): ``nothing to do`` when QC flags nothing, else
+        ``done(result, report)`` — the connector's :class:`~lpfm_toolkit.batch.Outcome` of a written result."""
+        from lpfm_toolkit.batch import Outcome, Status
+
+        res = self(handle, sink, **kwargs)
+        if res.result is None:
+            return Outcome(label, Status.NOTHING, error="QC flags nothing here", detail={"qc": res.report})
+        return done(res.result, res.report)
+
 
 @dataclass
 class AutoTile:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lpfm_toolkit.batch import BatchProgressFn, Outcome, Status
+from lpfm_toolkit.batch import BatchProgressFn, Outcome
 from lpfm_toolkit.engine.estimate import Thresholds
 from lpfm_toolkit.errors import LpfmError, RegionError
 from lpfm_toolkit.integrations.omero.session import (
@@ -303,21 +303,11 @@ def auto_enhance_omero(
     auto = AutoRun(options, estimator=estimator, thresholds=thresholds)
     ids = images_to_run(session, image_ids, dataset_id)
 
+    run = {"level": level, "seed": seed, "tile_size": tile_size, "overlap": overlap, "force": force}
+
     def enhance_one(item: Any, handle: Any, sink: Any, tiles: Callable[[int, int], None]) -> Outcome:
-        res = auto(
-            handle,
-            sink,
-            level=level,
-            annotation=item.annotation,
-            seed=seed,
-            tile_size=tile_size,
-            overlap=overlap,
-            force=force,
-            progress=tiles,
-        )
-        if res.result is None:
-            return Outcome(item.label, Status.NOTHING, error="QC flags nothing here", detail={"qc": res.report})
-        return result_outcome(item, res.result, qc=res.report)
+        done = lambda result, report: result_outcome(item, result, qc=report)  # noqa: E731
+        return auto.outcome(item.label, handle, sink, done, annotation=item.annotation, progress=tiles, **run)
 
     return run_image_items(session, ids, roi_classes, output, target_dataset, enhance_one,
                            time_budget_s=time_budget_s, progress=progress)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lpfm_toolkit.batch import BatchProgressFn, Outcome, Status
+from lpfm_toolkit.batch import BatchProgressFn, Outcome
 from lpfm_toolkit.engine.estimate import Thresholds
 from lpfm_toolkit.errors import LpfmError, ProjectError
 from lpfm_toolkit.integrations.qupath.entries import (
@@ -242,21 +242,13 @@ def auto_enhance_project(
     if items is None:
         items = select_items(project, images=images, classes=classes, annotation_refs=annotation_refs, level=level)
 
+    run = {"seed": seed, "tile_size": tile_size, "overlap": overlap, "force": force}
+
     def enhance_one(item: Any, handle: Any, sink: Any, tiles: Callable[[int, int], None]) -> Outcome:
-        res = auto(
-            handle,
-            sink,
-            level=item.level,
-            annotation=item.annotation,
-            seed=seed,
-            tile_size=tile_size,
-            overlap=overlap,
-            force=force,
-            progress=tiles,
+        done = lambda result, report: result_outcome(item, result, qc=report)  # noqa: E731
+        return auto.outcome(
+            item.label, handle, sink, done, level=item.level, annotation=item.annotation, progress=tiles, **run
         )
-        if res.result is None:
-            return Outcome(item.label, Status.NOTHING, error="QC flags nothing here", detail={"qc": res.report})
-        return result_outcome(item, res.result, qc=res.report)
 
     return run_entry_items(
         project, items, _open_entry(project, output_dir, compression, tiff_tile), enhance_one, progress=progress

@@ -267,18 +267,16 @@ def enhance(
         from lpfm_toolkit.cli.qc import run_auto
         from lpfm_toolkit.errors import ConfigError
 
-        if not auto or prompt is not None or preview or name is not None:
+        if not auto or prompt is not None or preview:
             what = (
                 "no prompt given"
                 if prompt is None and not auto
                 else "give -p PROMPT or --auto, not both"
                 if prompt is not None
                 else "--preview is not available with --auto"
-                if preview
-                else "--name is not available with --auto (its outputs are named {stem}_{task}_{engine}_{region})"
             )
-            raise ConfigError(what, 'e.g. -p "sr x2", -p denoise, or --auto without -p, --preview and --name')
-        run_auto(slide, mpp=mpp, **common)
+            raise ConfigError(what, 'e.g. -p "sr x2", -p denoise, or --auto without -p and --preview')
+        run_auto(slide, mpp=mpp, name=name, **common)
         return
     run_and_report(slide, prompt, mpp=mpp, preview=preview, verify=verify, name=name, **common)
 

@@ -339,14 +339,17 @@ def run_auto(
     settings: Any,
     force: bool,
     mpp: float | None = None,
+    name: str | None = None,
 ) -> Any:
     """``lpfm enhance --auto``: QC the region, enhance the flagged tiles with their tasks, print before/after.
 
     ``options``: the :class:`~lpfm_toolkit.options.EngineOptions` of ``lpfm enhance``; ``settings``: seed, tiling
-    and output settings. Everything that needs no model is checked before one loads.
+    and output settings; ``name``: the file name template (``--name``). Everything that needs no model is checked
+    before one loads.
     """
-    from lpfm_toolkit.cli.local import check_out, report
+    from lpfm_toolkit.cli.local import check_name, check_out, report
     from lpfm_toolkit.config import check_mpp
+    from lpfm_toolkit.errors import ConfigError
     from lpfm_toolkit.prompts import Task, TaskKind
     from lpfm_toolkit.qc import auto_enhance, check_auto_options, engine_factory, get_estimator
     from lpfm_toolkit.sinks.ometiff import OmeTiffSink
@@ -355,14 +358,17 @@ def run_auto(
     check_mpp(mpp)
     region = Region.parse(region_text) if region_text else None
     check_auto_options(options)
+    check_name(name)
     target, is_file = check_out(out or settings.output_dir, Task(TaskKind.RESTORE), force, False)
+    if is_file and name is not None:
+        raise ConfigError(f"--name and --out {target.name} both name the file", "give --out a folder, or drop --name")
     with open_image(slide, mpp=mpp) as handle:
         # every task --auto may choose, checked against the engine options before any model loads
         build = engine_factory(options, handle.channel_names)
         if is_file:
             sink = OmeTiffSink(path=target, compression=settings.compression, tile=settings.tiff_tile, overwrite=force)
         else:
-            sink = OmeTiffSink(target, compression=settings.compression, tile=settings.tiff_tile)
+            sink = OmeTiffSink(target, compression=settings.compression, tile=settings.tiff_tile, name=name)
         estimator = get_estimator("auto", brightfield=handle.is_rgb)
         with progress_bar(f"qc · {handle.name}") as qc_update, progress_bar(f"auto · {handle.name}") as update:
             res = auto_enhance(

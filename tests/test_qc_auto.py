@@ -102,6 +102,14 @@ def test_cli_enhance_auto(slide: tuple[Path, np.ndarray, np.ndarray], tmp_path: 
     assert set(prov["engine"]["engines"]) >= {"denoise"}
     (tiff,) = out.glob("*.ome.tiff")
     assert "[lpfm auto]" in prov["output"]["name"] and tiff.name.startswith("degraded_auto_")
+    # --name names the --auto output as any other (the same key: the file name is not part of it)
+    named = tmp_path / "named"
+    args = ["enhance", str(path), "--auto", "--engine", "classical", "--out", str(named), "--name", "{stem}-qc-{key}"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    (renamed,) = named.glob("*.ome.tiff")
+    key = prov["idempotency_key"][:10]
+    assert renamed.name == f"degraded-qc-{key}.ome.tiff", renamed.name
 
 
 @pytest.mark.parametrize(
@@ -112,6 +120,8 @@ def test_cli_enhance_auto(slide: tuple[Path, np.ndarray, np.ndarray], tmp_path: 
         (["--auto", "--preview", "p.png"], "--preview is not available"),
         (["--auto", "--engine", "classical", "--method", "nlm"], "--method"),
         (["--auto", "--samples", "2"], "--samples"),
+        (["--auto", "--name", "{stem}/{task}"], "path separator"),
+        (["--auto", "--name", "{nosuch}"], "--name"),
     ],
 )
 def test_cli_enhance_auto_bad_input(args: list[str], message: str, sample_slide: Path, tmp_path: Path) -> None:

@@ -100,35 +100,9 @@ def test_auto_job_bad_input(args: list[str], message: str, noisy: Path, tmp_path
     assert message in res.output and "Traceback" not in res.output
 
 
-def test_qupath_entry_flagged_auto_becomes_an_auto_entry(noisy: Path, tmp_path: Path) -> None:
+def test_qupath_entry_flagged_auto_becomes_an_auto_entry(qp, noisy: Path, tmp_path: Path) -> None:
     """A QuPath entry flagged ``lpfm.enhance = auto`` is an --auto job; its result is added as a new entry."""
-    from lpfm_toolkit.integrations.qupath import uri_from_path
-
-    folder = tmp_path / "project"
-    folder.mkdir()
-    builder = {
-        "builderType": "uri",
-        "providerClassName": "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder",
-        "uri": uri_from_path(noisy.resolve()),
-        "args": [],
-        "metadata": {"name": noisy.name},
-    }
-    entry = {
-        "serverBuilder": builder,
-        "entryID": 1,
-        "randomizedName": "0e1f2a3b-4c5d-4e6f-8a7b-9c0d1e2f3a4b",
-        "imageName": noisy.name,
-        "metadata": {"lpfm.enhance": "auto"},
-    }
-    project = {
-        "version": "0.5.1",
-        "createTimestamp": 1700000000000,
-        "modifyTimestamp": 1700000000000,
-        "uri": uri_from_path((folder / "project.qpproj").resolve()),
-        "lastID": 1,
-        "images": [entry],
-    }
-    (folder / "project.qpproj").write_text(json.dumps(project, indent=2), encoding="utf-8")
+    folder = qp.write_project(tmp_path / "project", noisy, entry_metadata={"lpfm.enhance": "auto"}, bioformats=True)
     store = tmp_path / "jobs.sqlite"
     res = _jobs(store, "add-qupath", str(folder), "--engine", "classical")
     assert res.exit_code == 0 and "added 1 job(s)" in res.output, res.output

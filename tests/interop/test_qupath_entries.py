@@ -22,7 +22,7 @@ import tifffile
 from click.testing import CliRunner
 
 from lpfm_toolkit.cli.main import cli
-from lpfm_toolkit.integrations.qupath.uris import as_local, path_from_uri, uri_from_path
+from lpfm_toolkit.integrations.qupath.uris import as_local, path_from_uri
 from lpfm_toolkit.provenance import NAMESPACE
 
 #: ../shared/fixtures/qupath beside the checkout (real QuPath-written projects)
@@ -42,76 +42,6 @@ QUPATH_PIXEL_TYPES = {
 }
 
 
-def _box(x: int, y: int, w: int, h: int, cls: str, name: str, ident: str) -> dict:
-    ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
-    return {
-        "type": "Feature",
-        "id": ident,
-        "geometry": {"type": "Polygon", "coordinates": [ring]},
-        "properties": {"objectType": "annotation", "name": name, "classification": {"name": cls, "color": [200, 0, 0]}},
-    }
-
-
-def _rgb_project(folder: Path, slide: Path) -> Path:
-    """A QuPath 0.5.1-shaped project with one entry (the bundled slide, under a non-ASCII name)."""
-    folder.mkdir(parents=True)
-    w, h = 2220, 2967
-    metadata = {
-        "name": slide.name,
-        "width": w,
-        "height": h,
-        "sizeZ": 1,
-        "sizeT": 1,
-        "channelType": "DEFAULT",
-        "isRGB": True,
-        "pixelType": "UINT8",
-        "levels": [{"downsample": 1.0, "width": w, "height": h}],
-        "channels": [
-            {"name": "Red", "color": -65536},
-            {"name": "Green", "color": -16711936},
-            {"name": "Blue", "color": -16776961},
-        ],
-        "pixelCalibration": {
-            "pixelWidth": {"value": 0.499, "unit": "µm"},
-            "pixelHeight": {"value": 0.499, "unit": "µm"},
-            "zSpacing": {"value": 1.0, "unit": "z-slice"},
-            "timeUnit": "SECONDS",
-            "timepoints": [],
-        },
-        "preferredTileWidth": 240,
-        "preferredTileHeight": 240,
-    }
-    builder = {
-        "builderType": "uri",
-        "providerClassName": "qupath.lib.images.servers.openslide.OpenslideServerBuilder",
-        "uri": uri_from_path(slide.resolve()),
-        "args": [],
-        "metadata": metadata,
-    }
-    entry = {
-        "serverBuilder": builder,
-        "entryID": 1,
-        "randomizedName": "0e1f2a3b-4c5d-4e6f-8a7b-9c0d1e2f3a4b",
-        "imageName": slide.name,
-        "metadata": {},
-    }
-    project = {
-        "version": "0.5.1",
-        "createTimestamp": 1700000000000,
-        "modifyTimestamp": 1700000000000,
-        "uri": uri_from_path((folder / "project.qpproj").resolve()),
-        "lastID": 1,
-        "images": [entry],
-    }
-    (folder / "project.qpproj").write_text(json.dumps(project, ensure_ascii=False), encoding="utf-8")
-    (folder / "annotations").mkdir()
-    feats = [_box(900, 1200, 300, 260, "Tümor µ", "région ×1 → 細胞", "00000000-0000-4000-8000-000000000001")]
-    (folder / "annotations" / "1.geojson").write_text(
-        json.dumps({"type": "FeatureCollection", "features": feats}), encoding="utf-8"
-    )
-    return folder
-
-
 def _enhance(*args: str) -> Any:
     return CliRunner().invoke(cli, ["qupath", "enhance", *args], env={"COLUMNS": "250"}, catch_exceptions=False)
 
@@ -122,7 +52,9 @@ def _added(project: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def projects(tmp_path_factory: pytest.TempPathFactory, sample_slide: Path, interop_strict: bool) -> dict[str, Path]:
+def projects(
+    qp, tmp_path_factory: pytest.TempPathFactory, sample_slide: Path, interop_strict: bool
+) -> dict[str, Path]:
     fixture = SHARED_FIXTURES / FOCI
     if not fixture.is_dir():
         msg = f"{fixture} not present: the real QuPath 0.4.0 project was NOT read"
@@ -135,7 +67,9 @@ def projects(tmp_path_factory: pytest.TempPathFactory, sample_slide: Path, inter
     slides.mkdir()
     slide = slides / "cas µ×1 → 細胞.svs"
     os.symlink(sample_slide, slide)
-    rgb = _rgb_project(root / "projet µ×→ü 細胞", slide)
+    # a 0.5.1-shaped project with one entry (the bundled slide, under a non-ASCII name) and a non-ASCII annotation
+    box = qp.box_feature(900, 1200, 300, 260, "Tümor µ", "région ×1 → 細胞", "00000000-0000-4000-8000-000000000001")
+    rgb = qp.write_project(root / "projet µ×→ü 細胞", slide, annotations=[box])
     result = _enhance(str(rgb), "--class", "Tümor µ", "--engine", "identity", "-p", "sr x2", "--tiff-tile", "256")
     assert result.exit_code == 0 and "1 done" in result.output, result.output
     # the real QuPath 0.4.0 project: single-channel 16-bit images, no pixel size
@@ -150,7 +84,7 @@ def projects(tmp_path_factory: pytest.TempPathFactory, sample_slide: Path, inter
         json.dumps(
             {
                 "type": "FeatureCollection",
-                "features": [_box(300, 400, 600, 520, "Nucleus", "n1", "00000000-0000-4000-8000-0000000000f1")],
+                "features": [qp.box_feature(300, 400, 600, 520, "Nucleus", "n1", "00000000-0000-4000-8000-0000000000f1")],
             }
         ),
         encoding="utf-8",

@@ -11,7 +11,7 @@ import tifffile
 from click.testing import CliRunner
 
 from lpfm_toolkit.cli.main import cli
-from lpfm_toolkit.integrations.qupath import QuPathProject, uri_from_path
+from lpfm_toolkit.integrations.qupath import QuPathProject
 from lpfm_toolkit.sources import open_image
 
 T1 = (900, 1200, 120, 100)
@@ -55,35 +55,11 @@ def test_qupath_enhance_name_template_and_bad_template(project: Path) -> None:
     assert "1 skipped" in run(*args, "--name", "{region}_{stem}_{key}").output
 
 
-def test_qupath_job_with_a_name_template_gets_its_entry(sample_slide: Path, tmp_path: Path) -> None:
+def test_qupath_job_with_a_name_template_gets_its_entry(qp, sample_slide: Path, tmp_path: Path) -> None:
     image = tmp_path / "slide.svs.tif"  # an extension inside the name, as QuPath images often have
     with open_image(sample_slide) as handle:
         tifffile.imwrite(image, handle.read_region(0, *T1), photometric="rgb")
-    folder = tmp_path / "project"
-    folder.mkdir()
-    builder = {
-        "builderType": "uri",
-        "providerClassName": "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder",
-        "uri": uri_from_path(image.resolve()),
-        "args": [],
-        "metadata": {"name": image.name},
-    }
-    entry = {
-        "serverBuilder": builder,
-        "entryID": 1,
-        "randomizedName": "0e1f2a3b-4c5d-4e6f-8a7b-9c0d1e2f3a4b",
-        "imageName": image.name,
-        "metadata": {"lpfm.enhance": "sr x2"},
-    }
-    project = {
-        "version": "0.5.1",
-        "createTimestamp": 1700000000000,
-        "modifyTimestamp": 1700000000000,
-        "uri": uri_from_path((folder / "project.qpproj").resolve()),
-        "lastID": 1,
-        "images": [entry],
-    }
-    (folder / "project.qpproj").write_text(json.dumps(project, indent=2), encoding="utf-8")
+    folder = qp.write_project(tmp_path / "project", image, entry_metadata={"lpfm.enhance": "sr x2"}, bioformats=True)
     store = str(tmp_path / "jobs.sqlite")
     add = run(
         "jobs", "add-qupath", str(folder), "--engine", "identity", "--name", "{stem}-{task}.{key}", "--store", store

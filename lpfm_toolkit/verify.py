@@ -519,11 +519,12 @@ def engine_for_record(desc: dict[str, Any], model: str | None = None, trust_pick
 
 def source_path(uri: str) -> Path:
     """A local path from a recorded source URI (a plain path or a ``file:`` URI, as QuPath projects store them)."""
-    if uri.startswith("file:"):
-        from urllib.parse import unquote, urlparse
+    if not uri.startswith("file:"):
+        return Path(uri)
+    from lpfm_toolkit.integrations.qupath.uris import as_local, path_from_uri  # QuPath's own URI rules (no paquo)
 
-        return Path(unquote(urlparse(uri).path))
-    return Path(uri)
+    pure = path_from_uri(uri)  # a Windows or UNC path recorded elsewhere cannot exist here: it is reported missing
+    return as_local(pure) or Path(str(pure))
 
 
 def is_omero_uri(output: str | Path) -> bool:

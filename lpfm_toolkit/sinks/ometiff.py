@@ -52,14 +52,18 @@ _SUBSAMPLING = {"4:4:4": ((1, 1), "RGB"), "4:2:2": ((2, 1), "YCBCR"), "4:2:0": (
 _TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
 
 
+def _spell_signs(text: str) -> str:
+    """The signs lpfm's names use, spelled for file names: ``×`` → ``x``, ``→`` → ``-to-``, ``&`` → ``and``."""
+    return text.replace("×", "x").replace("→", "-to-").replace("&", "and")
+
+
 def safe_filename(name: str) -> str:
     """A portable file name from a result name: ``CMU-1 [lpfm sr×2]`` → ``CMU-1_lpfm_srx2``.
 
     How outputs were named before name templates (:data:`DEFAULT_NAME`); still looked up, so re-runs find
     results written by older versions (:meth:`OmeTiffSink.find_spec`).
     """
-    name = name.replace("×", "x").replace("→", "-to-").replace("&", "and")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", _spell_signs(name)).strip("._")
     return name[:120] or "lpfm-output"
 
 
@@ -96,8 +100,7 @@ def _ascii(text: str) -> str:
     """``Färbung ×2 → H&E`` → ``Farbung x2 -to- HandE``: accents dropped, the signs lpfm names use spelled out."""
     import unicodedata
 
-    text = text.replace("×", "x").replace("→", "-to-").replace("&", "and")
-    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return "".join(c for c in unicodedata.normalize("NFKD", _spell_signs(text)) if not unicodedata.combining(c))
 
 
 def _slug(text: str, limit: int = 48) -> str:

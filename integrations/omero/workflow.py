@@ -23,6 +23,7 @@ from lpfm_toolkit.integrations.omero.session import (
     is_session_lost,
     server_error_types,
 )
+from lpfm_toolkit.sources.base import of_classes
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,6 @@ def _text(exc: BaseException) -> str:
 def _halt(exc: BaseException) -> str | None:
     """Why the rest of a batch cannot run after ``exc`` (the session is gone), or None."""
     return SESSION_LOST if isinstance(exc, SessionLostError) or is_session_lost(exc) else None
-
-
-def select_annotations(annotations: Sequence[Any], roi_classes: Sequence[str]) -> list[Any]:
-    """Annotations whose class is one of ``roi_classes`` (compared without case)."""
-    wanted = {c.strip().lower() for c in roi_classes}
-    return [a for a in annotations if a.class_name and a.class_name.strip().lower() in wanted]
 
 
 @dataclass(frozen=True)
@@ -109,7 +104,7 @@ def select_items(session: OmeroSession, image_ids: Sequence[int], roi_classes: S
             continue
         try:
             name, rois = list_rois(session, image_id)
-            anns = select_annotations(roi_annotations(rois, image_uri(session, image_id)), roi_classes)
+            anns = of_classes(roi_annotations(rois, image_uri(session, image_id)), roi_classes)
         except (LpfmError, *server_error_types()) as exc:
             items.append(ImageItem(image_id, f"image {image_id}", error=exc))
             lost = _halt(exc) is not None

@@ -49,16 +49,9 @@ def _selections(handle: Any, spec: Any) -> list[dict[str, Any]]:
     from lpfm_toolkit.sources import Region
 
     if spec.roi_classes:
-        from lpfm_toolkit.errors import RegionError
+        from lpfm_toolkit.jobs.spec import job_rois
 
-        wanted = {c.strip().lower() for c in spec.roi_classes}
-        anns = [a for a in handle.annotations() if a.class_name and a.class_name.strip().lower() in wanted]
-        if not anns:
-            raise RegionError(
-                f"{handle.name} has no ROI of class {', '.join(spec.roi_classes)}",
-                "draw or class ROIs, or queue the whole image",
-            )
-        return [{"annotation": a} for a in anns]
+        return [{"annotation": a} for a in job_rois(handle, spec)]
     region = Region(*spec.region) if spec.region is not None else None
     if region is not None:
         handle.check_region(spec.level, region)

@@ -189,6 +189,19 @@ def _source(spec: JobSpec) -> Any:
     return source_for(spec.kind)
 
 
+def job_rois(handle: ImageHandle, spec: JobSpec) -> list[Any]:
+    """The ROIs of ``spec.roi_classes`` in ``handle``; none is an error (the job would do nothing)."""
+    from lpfm_toolkit.sources.base import of_classes
+
+    anns = of_classes(handle.annotations(), spec.roi_classes)
+    if not anns:
+        from lpfm_toolkit.errors import RegionError
+
+        raise RegionError(f"{handle.name} has no ROI of class {', '.join(spec.roi_classes)}",
+                          "draw or class ROIs, or queue the whole image")
+    return anns
+
+
 def _items(handle: ImageHandle, spec: JobSpec) -> list[Any]:
     """The work items of a job: its region, or one per ROI of ``roi_classes`` (sources that have ROIs)."""
     from lpfm_toolkit.pipeline import plan
@@ -197,14 +210,7 @@ def _items(handle: ImageHandle, spec: JobSpec) -> list[Any]:
 
     task = parse_prompt(spec.prompt)
     if spec.roi_classes:
-        wanted = {c.strip().lower() for c in spec.roi_classes}
-        anns = [a for a in handle.annotations() if a.class_name and a.class_name.strip().lower() in wanted]
-        if not anns:
-            from lpfm_toolkit.errors import RegionError
-
-            raise RegionError(f"{handle.name} has no ROI of class {', '.join(spec.roi_classes)}",
-                              "draw or class ROIs, or queue the whole image")
-        return plan(handle, task, level=spec.level, annotations=anns, seed=spec.seed)
+        return plan(handle, task, level=spec.level, annotations=job_rois(handle, spec), seed=spec.seed)
     region = Region(*spec.region) if spec.region is not None else None
     return plan(handle, task, level=spec.level, region=region, seed=spec.seed)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,3 +239,9 @@ class StoredMetadataHandle(ImageHandle):
         if mpp is not None and not all(math.isfinite(v) and 0 < v < 1e6 for v in mpp):
             return None
         return mpp
+
+
+def of_classes(annotations: Sequence[Annotation], classes: Sequence[str]) -> list[Annotation]:
+    """The annotations (ROIs) whose class is one of ``classes``, compared without case or surrounding spaces."""
+    wanted = {c.strip().lower() for c in classes}
+    return [a for a in annotations if a.class_name and a.class_name.strip().lower() in wanted]

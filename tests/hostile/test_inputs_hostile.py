@@ -644,20 +644,8 @@ def test_unicode_and_dash_paths_work(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- QuPath projects
-def _qupath_helpers():
-    """The project writer of tests/qupath (its conftest cannot be imported by name under importlib mode)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "qupath" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("qupath_project_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("kind", ["garbage-qpproj", "no-qpproj", "slide-moved-away"])
-def test_hostile_qupath_projects(kind: str, tmp_path: Path) -> None:
-    qp = _qupath_helpers()
+def test_hostile_qupath_projects(qp, kind: str, tmp_path: Path) -> None:
     feats = [qp.box_feature(100, 100, 64, 64, "Tumor", "a", "00000000-0000-4000-8000-00000000000a")]
     work = tmp_path / "lab ✓"
     project = qp.write_project(
